@@ -1,0 +1,255 @@
+"""One typed config tree for every stage, loaded from defaults < YAML preset < dotted CLI overrides.
+
+    cfg = load_config(["--config", "configs/tiny.yaml", "--train.lr=3e-4"])
+
+Every section is a pydantic model that forbids unknown keys and casts values by their declared
+type (PyYAML reads `1e-3` as a string; the CLI gives strings). Errors are `ValueError`s naming the
+dotted key and the value. `cfg.to_dict()` is what gets saved next to every artifact, and
+`Config.from_dict` reads it back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deepkiln.model import PRESETS, ModelArgs
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class RunArgs(Section):
+    name: str = "deepkiln"
+    """Run name; artifacts go to <run_dir>/<name>."""
+    run_dir: str = "runs"
+    """Local folder or pyarrow.fs URI (s3://, gs://) that every stage reads and writes under."""
+    seed: int = 0
+    """Seed for data order, init and sampling."""
+
+
+class DataArgs(Section):
+    input: str = "builtin"
+    """Raw text: a file, folder or URI of txt/jsonl/parquet, or `builtin` for the built-in corpus."""
+    text_field: str = "text"
+    """Field holding the text in jsonl and Parquet inputs."""
+    num_shards: int = 2
+    """Shards, one ShardOwner actor each."""
+
+
+class TokenizerArgs(Section):
+    vocab_size: int = 4096
+    """SentencePiece vocabulary size; must not exceed model.vocab_size."""
+    character_coverage: float = 0.9995
+    """SentencePiece character coverage (about 0.9995 for CJK text)."""
+
+
+class TrainArgs(Section):
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Global batch, in sequences per optimizer step."""
+    seq_len: int = 128
+    """Training sequence length in tokens; must not exceed model.max_seq_len."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage, 0-3."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Training precision."""
+    num_workers: int = 2
+    """Ray Train workers (DeepSpeed ranks)."""
+    log_every: int = 10
+    """Steps between progress lines."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints."""
+
+
+class TuneArgs(Section):
+    num_samples: int = 4
+    """Trials."""
+    max_steps: int = 50
+    """Training steps per trial at most (ASHA stops the weak ones earlier)."""
+
+
+class PrivacyArgs(Section):
+    enabled: bool = False
+    """Differentially private fine-tune with Opacus."""
+    target_epsilon: float = 8.0
+    """Privacy budget epsilon to spend over the whole fine-tune."""
+    delta: float = 1e-5
+    """Privacy delta; keep below 1/number of private examples."""
+    max_grad_norm: float = 1.0
+    """Per-sample gradient clip."""
+
+
+class FairnessArgs(Section):
+    group_field: str = "group"
+    """Field naming each audit example's sensitive group."""
+    max_perplexity_ratio: float = 1.5
+    """Gate: worst group perplexity / best group perplexity at most this."""
+
+
+class QuantArgs(Section):
+    format: Literal["bf16", "int8", "nf4"] = "nf4"
+    """Serving weight format."""
+    keep: list[str] = ["embed", "head", "gate"]
+    """Module names kept in bf16."""
+
+
+class ServeArgs(Section):
+    host: str = "127.0.0.1"
+    """HTTP bind address."""
+    port: int = 8000
+    """HTTP port."""
+    max_batch: int = 8
+    """Sequences decoded together by one replica."""
+    max_tokens: int = 256
+    """Default and upper bound on completion tokens per request."""
+
+
+class OnlineArgs(Section):
+    buffer_size: int = 10000
+    """Replay buffer capacity in examples."""
+    feedback_fraction: float = 0.5
+    """Share of each update batch drawn from feedback rather than base data."""
+
+
+class Config(Section):
+    run: RunArgs = Field(default_factory=RunArgs)
+    data: DataArgs = Field(default_factory=DataArgs)
+    tokenizer: TokenizerArgs = Field(default_factory=TokenizerArgs)
+    model: ModelArgs = Field(default_factory=lambda: PRESETS["tiny"].model_copy())
+    train: TrainArgs = Field(default_factory=TrainArgs)
+    tune: TuneArgs = Field(default_factory=TuneArgs)
+    privacy: PrivacyArgs = Field(default_factory=PrivacyArgs)
+    fairness: FairnessArgs = Field(default_factory=FairnessArgs)
+    quant: QuantArgs = Field(default_factory=QuantArgs)
+    serve: ServeArgs = Field(default_factory=ServeArgs)
+    online: OnlineArgs = Field(default_factory=OnlineArgs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_model_preset(cls, data: Any) -> Any:
+        # `model: {preset: small, n_layers: 4}` starts from the named preset, then applies the keys.
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            model = dict(data["model"])
+            preset = model.pop("preset", "tiny")
+            if preset not in PRESETS:
+                raise ValueError(f"model.preset={preset!r} is not one of {sorted(PRESETS)}")
+            data = {**data, "model": {**PRESETS[preset].model_dump(), **model}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Config:
+        t, m = self.train, self.model
+        if self.privacy.enabled and t.zero_stage > 0:
+            raise ValueError(f"privacy.enabled=True needs train.zero_stage=0 (got {t.zero_stage}): "
+                             "Opacus does not support DeepSpeed ZeRO")
+        if not 0 <= t.zero_stage <= 3:
+            raise ValueError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+        if t.seq_len > m.max_seq_len:
+            raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if self.tokenizer.vocab_size > m.vocab_size:
+            raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds "
+                             f"model.vocab_size={m.vocab_size}")
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every"):
+            if getattr(t, key) < 1:
+                raise ValueError(f"train.{key}={getattr(t, key)} must be >= 1")
+        if t.batch_size % t.grad_accum:
+            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by "
+                             f"train.grad_accum={t.grad_accum}")
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        return _validate(data)
+
+
+def _validate(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except pydantic.ValidationError as e:
+        # Flatten pydantic's report into one line per key: "train.lr: <what is wrong> (got 'abc')".
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "config"
+            got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
+            lines.append(f"{key}: {err['msg']}{got}")
+        raise ValueError("invalid config: " + "; ".join(lines)) from None
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--{key}: {p} is not a config section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
+    """Split argv into the --config path and a nested dict of --a.b=v overrides (values as strings)."""
+    path, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: use --config FILE and --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ValueError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        if key == "config":
+            path = value
+        else:
+            # Lists and mappings come as YAML flow syntax ("[a, b]"); scalars stay strings and are cast
+            # by the declared field type, so "1e-3" is a float and "on" is not silently a bool.
+            _set_dotted(overrides, key, yaml.safe_load(value) if value[:1] in "[{" else value)
+        i += 1
+    return path, overrides
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Defaults < YAML file named by --config < dotted --section.key=value overrides."""
+    path, overrides = parse_overrides(list(argv or []))
+    data: dict = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"--config {path}: no such file")
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"--config {path}: expected a mapping of sections, got {type(data).__name__}")
+    return _validate(_merge(data, overrides))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -1,0 +1,95 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from deepkiln.config import Config, load_config, save_config
+from deepkiln.model import PRESETS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1e-3\n  steps: 7\n")
+    cfg = load_config(["--config", path, "--train.lr=5e-4"])
+    assert cfg.train.lr == 5e-4            # CLI beats YAML
+    assert cfg.train.steps == 7            # YAML beats default
+    assert cfg.train.warmup_steps == 20    # default
+    assert load_config([]).train.lr == 3e-3
+
+
+def test_yaml_scientific_notation_is_cast_to_float(tmp_path):
+    cfg = load_config(["--config", write(tmp_path, "train:\n  lr: 1e-3\n")])
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1e-3
+
+
+def test_cli_space_separated_and_list_values():
+    cfg = load_config(["--train.steps", "12", "--quant.keep=[head, gate]"])
+    assert cfg.train.steps == 12 and cfg.quant.keep == ["head", "gate"]
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--train.lrr=1"], "train.lrr"),
+    (["--bogus.x=1"], "bogus"),
+    (["--model.dimm=8"], "model.dimm"),
+])
+def test_unknown_key_is_named(argv, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(argv)
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"serve\.prot"):
+        load_config(["--config", write(tmp_path, "serve:\n  prot: 1\n")])
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ValueError, match=r"train\.lr.*'fast'"):
+        load_config(["--train.lr=fast"])
+    with pytest.raises(ValueError, match=r"train\.steps.*'2\.5'"):
+        load_config(["--train.steps=2.5"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--privacy.enabled=true", "--train.zero_stage=2"], r"privacy\.enabled.*zero_stage"),
+    (["--model.n_activated_experts=9"], r"model\.n_activated_experts=9.*n_routed_experts=8"),
+    (["--model.n_limited_groups=3"], r"model\.n_limited_groups=3"),
+    (["--train.seq_len=4096"], r"train\.seq_len=4096.*max_seq_len"),
+    (["--train.zero_stage=4"], r"train\.zero_stage=4"),
+    (["--model.preset=huge"], r"model\.preset='huge'"),
+])
+def test_impossible_combinations_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(argv)
+
+
+def test_model_preset_then_field_overrides(tmp_path):
+    cfg = load_config(["--config", write(tmp_path, "model:\n  preset: small\n"), "--model.n_layers=4"])
+    assert cfg.model.n_layers == 4
+    assert cfg.model.dim == PRESETS["small"].dim
+    assert cfg.model.vocab_size == PRESETS["small"].vocab_size
+
+
+def test_round_trip_through_json(tmp_path):
+    cfg = load_config(["--model.preset=small", "--train.lr=1e-4", "--quant.format=int8"])
+    save_config(cfg, tmp_path / "config.json")
+    back = Config.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    assert back == cfg
+    assert back.to_dict() == cfg.to_dict()
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="nope.yaml"):
+        load_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "v2-lite"])
+def test_shipped_presets_load(preset):
+    cfg = load_config(["--config", str(CONFIGS / f"{preset}.yaml")])
+    assert cfg.model.vocab_size >= cfg.tokenizer.vocab_size

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from deepkiln.engine import Engine, LatentCache, SamplingParams, sample
+from deepkiln.model import PRESETS, Transformer
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture
+def model():
+    return Transformer(TINY.model_copy(update={"init_std": 0.05})).eval()
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_incremental_decode_matches_full_forward_for_ragged_batch(model, absorb):
+    # fp32; tolerance 1e-5 of the logit scale (observed differences are ~1e-7).
+    seqs = [torch.randint(0, TINY.vocab_size, (n,)) for n in (11, 7, 15)]
+    prompt_lens = [4, 2, 6]
+    full = [model(s[None])[0][0] for s in seqs]
+    cache = LatentCache(model.args, max_batch=4, max_len=32)
+    got = [[] for _ in seqs]
+    with torch.no_grad():
+        for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
+            cache.select([i + 1])  # slots need not start at 0
+            got[i].append(model(s[None, :p], cache=cache, absorb=absorb)[0][0])
+        for t in range(min(prompt_lens), max(len(s) for s in seqs)):
+            rows = [i for i, (s, p) in enumerate(zip(seqs, prompt_lens)) if p <= t < len(s)]
+            cache.select([i + 1 for i in rows])
+            logits, _ = model(torch.stack([seqs[i][t:t + 1] for i in rows]), cache=cache, absorb=absorb)
+            for j, i in enumerate(rows):
+                got[i].append(logits[j])
+    for i in range(len(seqs)):
+        scale = full[i].abs().max().item()
+        torch.testing.assert_close(torch.cat(got[i]), full[i], rtol=0, atol=1e-5 * scale)
+    assert cache.lens.tolist() == [0, 11, 7, 15]
+
+
+def test_cache_holds_only_latent_and_rope_key():
+    args = PRESETS["small"]
+    cache = LatentCache(args, max_batch=2, max_len=16, dtype=torch.bfloat16)
+    per_token = args.n_layers * (args.kv_lora_rank + args.qk_rope_head_dim)
+    assert cache.values_per_token() == per_token
+    total = cache.kv.numel() + cache.pe.numel()
+    assert total == 2 * 16 * per_token
+    assert cache.bytes_per_token() == per_token * 2
+
+
+def greedy_reference(model, prompt, n):
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(model(torch.tensor([tokens]))[0][0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_greedy_generation_matches_full_forward_argmax(model):
+    prompts = [[5, 6, 7], [100, 200, 300, 400, 500], [42]]
+    engine = Engine(model, max_batch=2, max_len=64)   # fewer slots than prompts: one waits
+    reqs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+    for req, prompt in zip(reqs, prompts):
+        assert req.output == greedy_reference(model, prompt, 8)
+        assert req.finish_reason == "length"
+    assert sorted(engine.free) == [0, 1]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=200, top_p=0.95, seed=7)
+    alone = Engine(model, max_batch=4, max_len=64).generate([[1, 2, 3]], params)[0].output
+    crowd = Engine(model, max_batch=4, max_len=64).generate(
+        [[9, 9], [1, 2, 3], [4, 4, 4, 4]], params)[1].output
+    other = Engine(model, max_batch=4, max_len=64).generate(
+        [[1, 2, 3]], SamplingParams(max_tokens=12, temperature=1.0, top_k=200, top_p=0.95, seed=8))[0].output
+    assert alone == crowd
+    assert alone != other
+
+
+def test_stop_token_ends_generation_and_is_not_returned(model):
+    expected = greedy_reference(model, [3, 1, 4], 6)
+    stop = expected[3]
+    first = expected.index(stop)
+    req = Engine(model, max_len=64).generate(
+        [[3, 1, 4]], SamplingParams(max_tokens=6, temperature=0, stop_token_ids=(stop,)))[0]
+    assert req.output == expected[:first] and req.finish_reason == "stop"
+
+
+def test_generation_stops_at_cache_length(model):
+    req = Engine(model, max_len=10).generate([[1, 2, 3, 4]], SamplingParams(max_tokens=50, temperature=0))[0]
+    assert req.finish_reason == "length" and len(req.prompt) + len(req.output) == 10
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(500)
+    best = int(logits.argmax())
+    gen = torch.Generator().manual_seed(0)
+    assert all(sample(logits, SamplingParams(top_k=1), gen) == best for _ in range(20))
+    assert all(sample(logits, SamplingParams(top_p=1e-6), gen) == best for _ in range(20))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens")])
+def test_bad_sampling_params_are_named(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_refused(model):
+    engine = Engine(model, max_len=8)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add([])
+    with pytest.raises(ValueError, match="limit is max_len - 1 = 7"):
+        engine.add(list(range(8)))
+    with pytest.raises(ValueError, match="outside"):
+        engine.add([TINY.vocab_size])

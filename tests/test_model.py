@@ -1,0 +1,183 @@
+import pytest
+import torch
+
+from deepkiln.model import PRESETS, Gate, ModelArgs, MoE, Transformer, count_params, rope_angles
+
+TINY = PRESETS["tiny"]
+
+
+def tiny(**changes) -> Transformer:
+    return Transformer(TINY.model_copy(update=changes))
+
+
+def test_forward_shapes_and_losses():
+    model = tiny()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16))
+    logits, aux = model(tokens, tokens)
+    assert logits.shape == (2, 16, TINY.vocab_size)
+    assert set(aux) == {"lm", "mtp", "balance", "loss"}
+    expected = aux["lm"] + TINY.mtp_loss_weight * aux["mtp"] + aux["balance"]
+    torch.testing.assert_close(aux["loss"], expected)
+    assert aux["balance"] > 0 and aux["mtp"] > 0
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_causal_future_tokens_never_change_past_logits(absorb):
+    model = tiny().eval()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = torch.randint(0, TINY.vocab_size, (2, 8))
+    a, _ = model(tokens, absorb=absorb)
+    b, _ = model(changed, absorb=absorb)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_tiny_overfits_one_batch():
+    model = tiny()
+    tokens = torch.randint(0, TINY.vocab_size, (4, 33))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    losses = []
+    for _ in range(150):
+        _, aux = model(x, y)
+        opt.zero_grad()
+        aux["loss"].backward()
+        opt.step()
+        model.update_expert_bias()
+        losses.append(aux["lm"].item())
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("preset, total, active", [("v2-lite", 15.7e9, 2.4e9), ("v3", 671e9, 37e9)])
+def test_published_parameter_counts_on_meta(preset, total, active):
+    with torch.device("meta"):
+        model = Transformer(PRESETS[preset])
+    n_total, n_active = count_params(model)
+    assert abs(n_total / total - 1) < 0.02, n_total
+    assert abs(n_active / active - 1) < 0.03, n_active
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 32])
+def test_naive_and_absorbed_attention_agree(q_lora_rank):
+    # Same math in a different association order; fp32 agreement to 1e-5 relative to the logit scale.
+    model = tiny(q_lora_rank=q_lora_rank, init_std=0.05).eval()
+    tokens = torch.randint(0, TINY.vocab_size, (3, 24))
+    naive, _ = model(tokens, absorb=False)
+    absorbed, _ = model(tokens, absorb=True)
+    torch.testing.assert_close(absorbed, naive, rtol=0, atol=1e-5 * naive.abs().max().item())
+
+
+def gate_for(**changes) -> Gate:
+    return Gate(TINY.model_copy(update=changes)).eval()
+
+
+def test_group_mask_is_minus_inf_not_zero():
+    # Sigmoid scores are positive; a strongly negative bias makes every biased score negative, so a
+    # group mask of 0 would win over the kept experts. With -inf only the kept group is chosen.
+    gate = gate_for(n_routed_experts=8, n_expert_groups=4, n_limited_groups=1, n_activated_experts=2)
+    gate.bias.fill_(-5.0)
+    _, idx, _ = gate(torch.randn(64, TINY.dim))
+    groups = idx // 2
+    assert (groups[:, 0] == groups[:, 1]).all()
+
+
+def test_groups_are_ranked_by_top2_sum_for_sigmoid():
+    gate = gate_for(n_routed_experts=8, n_expert_groups=2, n_limited_groups=1, n_activated_experts=2)
+    x = torch.randn(256, TINY.dim)
+    _, idx, scores = gate(x)
+    top2 = scores.view(-1, 2, 4).topk(2, dim=-1).values.sum(-1)  # (N, G)
+    assert torch.equal(idx[:, 0] // 4, top2.argmax(-1))
+
+
+def test_bias_changes_selection_but_never_gate_weights():
+    gate = gate_for(n_expert_groups=1, n_limited_groups=1, route_scale=2.5)
+    x = torch.randn(128, TINY.dim)
+    w0, idx0, scores0 = gate(x)
+    gate.bias.copy_(torch.linspace(-0.5, 0.5, TINY.n_routed_experts))
+    w1, idx1, scores1 = gate(x)
+    assert not torch.equal(idx0.sort(-1).values, idx1.sort(-1).values)   # selection moved
+    torch.testing.assert_close(scores0, scores1)                          # affinities untouched
+    unbiased = scores1.gather(1, idx1)
+    torch.testing.assert_close(w1, 2.5 * unbiased / unbiased.sum(-1, keepdim=True))
+    same = (idx0.sort(-1).values == idx1.sort(-1).values).all(-1)
+    assert same.any()
+    torch.testing.assert_close(w0[same].sort(-1).values, w1[same].sort(-1).values)
+
+
+def test_sigmoid_gate_weights_sum_to_route_scale():
+    w, _, _ = gate_for(route_scale=2.5)(torch.randn(64, TINY.dim))
+    torch.testing.assert_close(w.sum(-1), torch.full((64,), 2.5))
+
+
+def test_softmax_gate_weights_are_topk_probabilities():
+    w, idx, scores = gate_for(score_func="softmax", n_expert_groups=1)(torch.randn(64, TINY.dim))
+    torch.testing.assert_close(w, scores.gather(1, idx))
+    assert (w.sum(-1) < 1).all()
+
+
+def test_bias_stays_fp32_and_zero_mean_after_updates_and_casts():
+    model = tiny()
+    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    model.train()
+    for _ in range(5):
+        model(torch.randint(0, TINY.vocab_size, (2, 32)), torch.randint(0, TINY.vocab_size, (2, 32)))
+        model.update_expert_bias()
+    before = [g.bias.clone() for g in gates]
+    assert any(b.abs().sum() > 0 for b in before)
+    model.to(torch.bfloat16)
+    for g, b in zip(gates, before):
+        assert g.bias.dtype == torch.float32
+        assert torch.equal(g.bias, b)                    # not rounded through bf16
+        assert abs(g.bias.mean().item()) < 1e-6
+        assert g.proj.weight.dtype == torch.bfloat16
+
+
+def test_bias_moves_against_load():
+    gate = gate_for(n_expert_groups=1).train()
+    gate.counts.copy_(torch.tensor([10, 0, 0, 0, 0, 0, 0, 6]))
+    gate.update_bias()
+    assert gate.bias[0] < 0 and gate.bias[7] < 0 and gate.bias[1] > 0
+    assert gate.counts.sum() == 0
+
+
+def test_bmm_moe_equals_loop_forward_and_backward():
+    args = TINY.model_copy(update={"init_std": 0.05})
+    loop = MoE(args.model_copy(update={"moe_impl": "loop"})).train()
+    fast = MoE(args.model_copy(update={"moe_impl": "bmm"})).train()
+    fast.load_state_dict(loop.state_dict())
+    x = torch.randn(3, 10, args.dim, requires_grad=True)
+    y0, l0 = loop(x)
+    (y0.square().sum() + l0).backward()
+    g0 = {n: p.grad.clone() for n, p in loop.named_parameters()}
+    gx0 = x.grad.clone()
+    x.grad = None
+    y1, l1 = fast(x)
+    (y1.square().sum() + l1).backward()
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(x.grad, gx0)
+    for n, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, g0[n], msg=n)
+
+
+def test_yarn_keeps_high_frequencies_and_stretches_low_ones():
+    plain = TINY.model_copy(update={"rope_factor": 1.0})
+    yarn = TINY.model_copy(update={"qk_rope_head_dim": 64, "max_seq_len": 8192, "original_seq_len": 1024})
+    plain = plain.model_copy(update={"qk_rope_head_dim": 64})
+    pos = torch.tensor([[1]])
+    _, s_plain = rope_angles(plain, pos)
+    _, s_yarn = rope_angles(yarn, pos)
+    torch.testing.assert_close(s_yarn[..., 0], s_plain[..., 0])           # fastest rotation kept
+    ratio = torch.asin(s_plain[..., -1]) / torch.asin(s_yarn[..., -1])
+    torch.testing.assert_close(ratio, torch.tensor([[yarn.rope_factor]]), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"n_activated_experts": 9}, "n_activated_experts"),
+    ({"n_routed_experts": 6, "n_expert_groups": 4}, "n_routed_experts"),
+    ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
+    ({"n_dense_layers": 5}, "n_dense_layers"),
+])
+def test_impossible_model_args_are_refused(changes, field):
+    with pytest.raises(ValueError, match=f"model.{field}"):
+        ModelArgs(**{**TINY.model_dump(), **changes})
