@@ -1,0 +1,30 @@
+import pytest
+
+from bench import model as bench_model
+from deepkiln.model import PRESETS
+
+
+@pytest.mark.slow
+def test_bench_model_prints_its_figures(capsys):
+    r = bench_model.main(["--preset", "tiny", "--steps", "1", "--batch", "2", "--seq-len", "32"])
+    for key in ("tokens_per_s", "model_flops_per_token", "gemm_peak_flops", "mfu",
+                "mla_cache_bytes_per_token", "mha_cache_bytes_per_token"):
+        assert r[key] > 0, key
+    a = PRESETS["tiny"]
+    assert r["mla_cache_bytes_per_token"] == a.n_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 2
+    assert r["mha_cache_bytes_per_token"] == a.n_layers * 2 * a.n_heads * a.v_head_dim * 2
+    assert '"mfu"' in capsys.readouterr().out
+
+
+def test_flops_per_token_counts_mtp_and_attention():
+    import torch
+
+    with torch.device("meta"):
+        m = bench_model.Transformer(PRESETS["small"])
+        no_mtp = bench_model.Transformer(PRESETS["small"].model_copy(update={"n_mtp_layers": 0}))
+    _, active = bench_model.count_params(m)
+    f, f0 = bench_model.model_flops_per_token(m, 256), bench_model.model_flops_per_token(no_mtp, 256)
+    a = PRESETS["small"]
+    attn = 3 * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * 256
+    assert f0 == 6 * active + a.n_layers * attn
+    assert f > f0 + 6 * m.head.weight.numel()
