@@ -238,9 +238,27 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+def describe() -> str:
+    """Every key with its default and doc: what --help prints."""
+    cfg = Config()
+    lines = ["usage: --config FILE.yaml --section.key=value ...",
+             "model.preset picks a named model shape: " + ", ".join(PRESETS)]
+    for name in Config.model_fields:
+        section = getattr(cfg, name)
+        lines.append(f"{name}:")
+        for key, info in type(section).model_fields.items():
+            lines.append(f"  --{name}.{key}={getattr(section, key)!r}  {info.description or ''}")
+    return "\n".join(lines)
+
+
 def load_config(argv: list[str] | None = None) -> Config:
-    """Defaults < YAML file named by --config < dotted --section.key=value overrides."""
-    path, overrides = parse_overrides(list(argv or []))
+    """Defaults < YAML file named by --config < dotted --section.key=value overrides.
+    `--help` prints every key and exits."""
+    argv = list(argv or [])
+    if "--help" in argv or "-h" in argv:
+        print(describe())
+        raise SystemExit(0)
+    path, overrides = parse_overrides(argv)
     data: dict = {}
     if path is not None:
         if not Path(path).is_file():

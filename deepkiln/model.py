@@ -196,10 +196,10 @@ class MLA(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads, self.rank = args.n_heads, args.kv_lora_rank
+        self.n_heads, self.rank, self.q_lora_rank = args.n_heads, args.kv_lora_rank, args.q_lora_rank
         self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         qk_dim = self.nope + self.rope
-        if args.q_lora_rank == 0:
+        if self.q_lora_rank == 0:
             self.wq = nn.Linear(args.dim, self.n_heads * qk_dim, bias=False)
         else:
             self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)
@@ -216,7 +216,7 @@ class MLA(nn.Module):
 
     def forward(self, x, rope, cache=None, absorb: bool = False):
         B, T, _ = x.shape
-        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope(q_pe, *rope)
         c_kv, k_pe = self.wkv_a(x).split([self.rank, self.rope], dim=-1)
@@ -466,7 +466,7 @@ class Transformer(nn.Module):
             return logits, aux
         lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         mtp = torch.zeros((), device=tokens.device)
-        if self.mtp and T > 1:
+        if self.mtp and cache is None and T > 1:
             # Position t sees token t+1 (= tokens[:, t+1]) and predicts token t+2 (= targets[:, t+1]).
             cos, sin = rope
             m, b = self.mtp[0](h[:, :-1], self.embed(tokens[:, 1:]), (cos[:, :-1], sin[:, :-1]))

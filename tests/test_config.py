@@ -93,3 +93,12 @@ def test_missing_config_file_is_named(tmp_path):
 def test_shipped_presets_load(preset):
     cfg = load_config(["--config", str(CONFIGS / f"{preset}.yaml")])
     assert cfg.model.vocab_size >= cfg.tokenizer.vocab_size
+
+
+def test_help_lists_every_key_with_its_doc(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--train.lr=0.003  Peak learning rate." in out
+    assert "--model.kv_lora_rank=32" in out and "--online.buffer_size=10000" in out

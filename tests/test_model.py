@@ -181,3 +181,29 @@ def test_yarn_keeps_high_frequencies_and_stretches_low_ones():
 def test_impossible_model_args_are_refused(changes, field):
     with pytest.raises(ValueError, match=f"model.{field}"):
         ModelArgs(**{**TINY.model_dump(), **changes})
+
+
+def _bias_update_rank(rank, world, init_file, counts, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        gate = Gate(TINY.model_copy(update={"n_expert_groups": 1}))
+        gate.counts.copy_(torch.tensor(counts[rank]))
+        gate.update_bias()
+        torch.save(gate.bias, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bias_update_sums_counts_across_data_parallel_ranks(tmp_path):
+    # Rank 0 alone would push expert 0 down and rank 1 alone would push it up; summed, expert 0
+    # (load 11) is above the mean (4) and every rank must move it down by the same step.
+    counts = [[10, 0, 0, 0, 0, 6, 0, 0], [1, 5, 5, 5, 5, 0, 0, 0]]
+    torch.multiprocessing.spawn(_bias_update_rank, args=(2, tmp_path / "init", counts, tmp_path / "bias"),
+                                nprocs=2, join=True)
+    b0, b1 = (torch.load(tmp_path / f"bias.{r}") for r in range(2))
+    assert torch.equal(b0, b1)
+    load = torch.tensor(counts, dtype=torch.float32).sum(0)
+    step = TINY.bias_update_rate * torch.sign(load.mean() - load)
+    torch.testing.assert_close(b0, step - step.mean())
