@@ -41,6 +41,26 @@ class DataArgs(Section):
     """Field holding the text in jsonl and Parquet inputs."""
     num_shards: int = 2
     """Shards, one ShardOwner actor each."""
+    shard_cpus: float = 1.0
+    """CPUs reserved by each ShardOwner actor (fractional is fine)."""
+    min_units: int = 32
+    """Length filter: fewest words (CJK characters count one each) a document may have."""
+    max_units: int = 2048
+    """Length filter: most words a document may have."""
+    remove_urls: bool = True
+    """Strip http(s):// and www. URLs from the text."""
+    shingle_size: int = 5
+    """MinHash shingle: this many consecutive words (CJK: characters)."""
+    num_perm: int = 128
+    """MinHash permutations (signature length)."""
+    bands: int = 20
+    """LSH bands; bands x rows must not exceed num_perm."""
+    rows: int = 6
+    """Signature values per LSH band."""
+    near_dup_threshold: float = 0.7
+    """Candidate pairs are duplicates when their estimated Jaccard similarity reaches this."""
+    bucket_owners: int = 2
+    """LshBucketOwner actors, each owning a slice of the band space."""
 
 
 class TokenizerArgs(Section):
@@ -48,6 +68,8 @@ class TokenizerArgs(Section):
     """SentencePiece vocabulary size; must not exceed model.vocab_size."""
     character_coverage: float = 0.9995
     """SentencePiece character coverage (about 0.9995 for CJK text)."""
+    sample_docs: int = 20000
+    """Documents drawn evenly from the prepared shards to train the tokenizer on."""
 
 
 class TrainArgs(Section):
@@ -166,6 +188,14 @@ class Config(Section):
             raise ValueError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        d = self.data
+        if d.bands * d.rows > d.num_perm:
+            raise ValueError(f"data.bands x data.rows = {d.bands * d.rows} exceeds data.num_perm={d.num_perm}")
+        if not 0 < d.min_units <= d.max_units:
+            raise ValueError(f"data.min_units={d.min_units} must be in 1..data.max_units={d.max_units}")
+        for key in ("num_shards", "shingle_size", "bands", "rows", "bucket_owners"):
+            if getattr(d, key) < 1:
+                raise ValueError(f"data.{key}={getattr(d, key)} must be >= 1")
         if self.tokenizer.vocab_size > m.vocab_size:
             raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds "
                              f"model.vocab_size={m.vocab_size}")

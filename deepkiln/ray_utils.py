@@ -1,0 +1,31 @@
+"""The one place the library touches Ray: connecting a job's driver."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import ray
+
+
+def init_ray() -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS, set by `ray job submit`), else start
+    a local Ray for this process. A no-op when Ray is already initialised (tests, notebooks)."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False)
+
+
+def cpus_per_actor(wanted: float, actors: int, field: str) -> float:
+    """CPUs to reserve per actor so that `actors` of them fit in the cluster at once: Ray actors
+    hold their CPUs for life, so asking for more than exist would leave some never scheduled."""
+    total = ray.cluster_resources().get("CPU", 1.0)
+    if wanted * actors <= total:
+        return wanted
+    fitted = total / actors
+    warnings.warn(f"{field}={wanted} x {actors} actors exceeds the cluster's {total:g} CPUs; "
+                  f"using {fitted:.3g} CPUs each", stacklevel=2)
+    return fitted

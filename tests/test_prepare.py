@@ -1,0 +1,133 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from deepkiln.corpus import doc_id, list_inputs, plan_shards
+from pipelines import prepare
+from tests.corpus_factory import make_corpus, near_copy, paragraph, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def run(tmp_path, data, name="t", *extra):
+    return prepare.main(["--run.run_dir", str(tmp_path / "runs"), "--run.name", name,
+                         "--data.input", str(data), "--data.num_shards=2", *extra])
+
+
+def outputs(tmp_path, name="t"):
+    shards = sorted((tmp_path / "runs" / name / "prepare" / "shards").glob("*.parquet"))
+    rows = [r for s in shards for r in pq.read_table(s).to_pylist()]
+    return shards, {r["id"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    facts = make_corpus(root / "raw")
+    return root / "raw", facts
+
+
+def test_prepare_curates_dedups_across_shards_and_reports(tmp_path, corpus):
+    raw, facts = corpus
+    files, _ = list_inputs(str(raw))
+    rel = [f[1] for f in files]
+    a, b = rel.index("a.jsonl"), rel.index("b.jsonl")
+    shard_of = {s.file_idx: k for k, shard in enumerate(plan_shards(files, 0, 2)) for s in shard}
+    assert shard_of[a] != shard_of[b]                      # the planted pairs straddle shards
+
+    report = run(tmp_path, raw)
+    _, rows = outputs(tmp_path)
+    # near duplicate b[3] of a[3] and exact duplicate b[5] of a[5]: the lowest id (in a) stays
+    assert doc_id(a, 4) in rows and doc_id(b, 4) not in rows
+    assert doc_id(a, 6) in rows and doc_id(b, 6) not in rows
+    assert report["exact_duplicates_removed"] >= 1 and report["near_duplicates_removed"] >= 2
+    assert doc_id(a, 9) not in rows                        # junk dropped by a quality rule
+    masked = rows[doc_id(a, 8)]["text"]
+    assert "<EMAIL>" in masked and "<PHONE>" in masked and "<CARD>" in masked
+    assert "jane.doe" not in masked and "4111" not in masked
+    assert len(rows) == report["docs_out"] == len(set(r["text"] for r in rows.values()))
+    # bad input is reported with file and line, not a crash
+    problems = [p for s in report["shards"] for p in s["problems"]]
+    assert {"file": "b.jsonl", "line": facts["malformed_line"]} in [
+        {k: p.get(k) for k in ("file", "line")} for p in problems]
+    assert any(p["file"] == "b.jsonl" and p.get("line") == facts["missing_field_line"] for p in problems)
+    assert any(p["file"] == "blob.txt" and "binary" in p["error"] for p in problems)
+    assert any(p["file"] == "latin1.txt" and "UTF-8" in p["error"] for p in problems)
+    assert report["skipped_files"][0]["file"] == "notes.csv"
+    dropped = {k: v for s in report["shards"] for k, v in s["dropped"].items()}
+    assert sum(dropped.values()) >= 1
+    pii = {}
+    for s in report["shards"]:
+        for k, v in s["pii_masked"].items():
+            pii[k] = pii.get(k, 0) + v
+    assert pii["EMAIL"] >= 1 and pii["CARD"] >= 1
+    assert 0.5 < report["dedup"]["jaccard_threshold_estimate"] < 0.8
+    saved = json.loads((tmp_path / "runs" / "t" / "prepare" / "prepare_report.json").read_text())
+    assert saved["docs_out"] == report["docs_out"] and saved["config"]["data"]["input"] == str(raw)
+
+
+def test_prepare_twice_gives_identical_files(tmp_path, corpus):
+    raw, _ = corpus
+    run(tmp_path, raw, "one")
+    run(tmp_path, raw, "two")
+    one, _ = outputs(tmp_path, "one")
+    two, _ = outputs(tmp_path, "two")
+    assert [p.name for p in one] == [p.name for p in two] and one
+    for x, y in zip(one, two):
+        assert x.read_bytes() == y.read_bytes()
+
+
+@pytest.mark.slow
+def test_killed_shard_owner_resumes_and_output_is_unchanged(tmp_path, corpus, ray_local):
+    raw, _ = corpus
+    run(tmp_path, raw, "calm")
+    ray_local.unlink()                                     # arm: the next owner past 100 docs dies
+    report = run(tmp_path, raw, "killed")
+    assert ray_local.exists()                              # the SIGKILL happened
+    calm, calm_rows = outputs(tmp_path, "calm")
+    killed, killed_rows = outputs(tmp_path, "killed")
+    assert sorted(killed_rows) == sorted(calm_rows)        # same ids: none missing, none extra
+    for x, y in zip(calm, killed):
+        assert x.read_bytes() == y.read_bytes()
+    assert report["docs_out"] == len(killed_rows)
+
+
+def test_incremental_run_dedups_new_files_against_prepared_ones(tmp_path):
+    import random
+
+    rng = random.Random(1)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    old = [paragraph(rng) for _ in range(20)]
+    write_jsonl(raw / "a.jsonl", old)
+    first = run(tmp_path, raw)
+    before, rows_before = outputs(tmp_path)
+    snapshot = {p.name: p.read_bytes() for p in before}
+
+    fresh = paragraph(rng)
+    write_jsonl(raw / "b.jsonl", [near_copy(old[2], rng), old[4], fresh])
+    second = run(tmp_path, raw)
+    assert second["generation"] == 1 and first["generation"] == 0
+    assert second["files"] == 1 and second["docs_in"] == 3 and second["docs_out"] == 1
+    after, rows_after = outputs(tmp_path)
+    assert {p.name: p.read_bytes() for p in after if p.name in snapshot} == snapshot
+    new_texts = [r["text"] for i, r in rows_after.items() if i not in rows_before]
+    assert new_texts == [fresh]
+    third = run(tmp_path, raw)                              # nothing new: the report is returned as is
+    assert third["generation"] == 1
+
+
+def test_missing_or_empty_input_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no such file or directory"):
+        run(tmp_path, tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .* files found"):
+        run(tmp_path, tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_builtin_corpus_needs_nothing_but_the_preset(tmp_path):
+    report = prepare.main(["--config", "configs/tiny.yaml", "--run.run_dir", str(tmp_path)])
+    assert report["input"] == "builtin" and report["docs_out"] > 1000
+    assert report["docs_out"] < report["docs_in"]
