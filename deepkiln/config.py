@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deepkiln.model import PRESETS, ModelArgs
+from deepkiln.tokenizer import MIN_VOCAB_SIZE
 
 
 class Section(BaseModel):
@@ -196,6 +197,9 @@ class Config(Section):
         for key in ("num_shards", "shingle_size", "bands", "rows", "bucket_owners"):
             if getattr(d, key) < 1:
                 raise ValueError(f"data.{key}={getattr(d, key)} must be >= 1")
+        if self.tokenizer.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is below {MIN_VOCAB_SIZE}: "
+                             "byte fallback needs 256 byte pieces plus the special tokens")
         if self.tokenizer.vocab_size > m.vocab_size:
             raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds "
                              f"model.vocab_size={m.vocab_size}")

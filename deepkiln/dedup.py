@@ -119,7 +119,7 @@ def minhash(texts: list[str], num_perm: int = 128, shingle_size: int = 5, seed: 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """LSH band keys (N, Bd) uint64: a hash of each band's `rows` signature values."""
     if bands * rows > sig.shape[1]:
-        raise ValueError(f"dedup.bands x dedup.rows = {bands * rows} exceeds dedup.num_perm = {sig.shape[1]}")
+        raise ValueError(f"data.bands x data.rows = {bands * rows} exceeds data.num_perm = {sig.shape[1]}")
     v = sig[:, :bands * rows].reshape(len(sig), bands, rows).astype(np.uint64)
     with np.errstate(over="ignore"):
         h = np.zeros(v.shape[:2], dtype=np.uint64)

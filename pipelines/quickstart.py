@@ -77,8 +77,6 @@ def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(cfg.run.seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    if cfg.model.vocab_size < 256:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size}: the byte-level quickstart needs >= 256")
     out = Path(cfg.run.run_dir) / cfg.run.name / "quickstart"
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")

@@ -62,6 +62,9 @@ def test_wrong_type_names_key_and_value():
     (["--model.n_limited_groups=3"], r"model\.n_limited_groups=3"),
     (["--train.seq_len=4096"], r"train\.seq_len=4096.*max_seq_len"),
     (["--train.zero_stage=4"], r"train\.zero_stage=4"),
+    (["--tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100 is below 265"),
+    (["--tokenizer.vocab_size=8000"], r"tokenizer\.vocab_size=8000 exceeds model\.vocab_size=4096"),
+    (["--data.bands=30", "--data.rows=5"], r"data\.bands x data\.rows = 150 exceeds data\.num_perm=128"),
     (["--model.preset=huge"], r"model\.preset='huge'"),
 ])
 def test_impossible_combinations_are_refused(argv, message):

@@ -16,13 +16,6 @@ def test_quickstart_trains_checkpoints_and_samples(tmp_path, capsys):
     assert "step 40/40" in capsys.readouterr().out
 
 
-def test_byte_level_quickstart_needs_256_tokens(tmp_path):
-    import pytest
-
-    with pytest.raises(ValueError, match="model.vocab_size=100"):
-        quickstart.main(["--run.run_dir", str(tmp_path), "--model.vocab_size=100", "--tokenizer.vocab_size=100"])
-
-
 def test_lr_schedule_warms_up_then_decays_to_floor():
     from deepkiln.config import TrainArgs
 

@@ -1,0 +1,43 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from deepkiln.tokenizer import EOS_ID, Tokenizer
+from pipelines import prepare, tokenizer
+from tests.corpus_factory import make_corpus
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def test_tokenizer_stage_trains_and_packs_every_shard(tmp_path):
+    make_corpus(tmp_path / "raw")
+    argv = ["--run.run_dir", str(tmp_path / "runs"), "--data.input", str(tmp_path / "raw"),
+            "--data.num_shards=2", "--tokenizer.vocab_size=600", "--tokenizer.sample_docs=200"]
+    prepare.main(argv)
+    index = tokenizer.main(argv)
+
+    out = tmp_path / "runs" / "deepkiln" / "tokenizer"
+    tok = Tokenizer.load(out / "tokenizer.model")
+    assert index == json.loads((out / "tokens" / "index.json").read_text()) | {"config": index["config"]}
+    assert index["dtype"] == "uint16" and index["vocab_size"] == tok.vocab_size <= 600
+    texts = [t for s in sorted((tmp_path / "runs" / "deepkiln" / "prepare" / "shards").glob("*.parquet"))
+             for t in pq.read_table(s).column("text").to_pylist()]
+    expected = sum(len(tok.encode(t)) + 1 for t in texts)   # + EOS per document
+    assert index["total_tokens"] == expected and index["total_docs"] == len(texts)
+    total = 0
+    for shard in index["shards"]:
+        ids = np.fromfile(out / "tokens" / shard["bin"], dtype=np.uint16)
+        offsets = np.load(out / "tokens" / shard["idx"])
+        assert len(ids) == shard["tokens"] == offsets[-1] and len(offsets) == shard["docs"] + 1
+        assert (ids[offsets[1:] - 1] == EOS_ID).all()
+        first = ids[offsets[0]:offsets[1] - 1].tolist()
+        assert tok.decode(first) in texts
+        total += len(ids)
+    assert total == expected
+
+
+def test_tokenizer_stage_needs_prepared_shards(tmp_path):
+    with pytest.raises(ValueError, match="run pipelines.prepare first"):
+        tokenizer.main(["--run.run_dir", str(tmp_path)])
