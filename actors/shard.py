@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import time
 from collections import Counter
 
@@ -24,21 +22,9 @@ import ray
 from deepkiln import dedup, text
 from deepkiln.config import Config
 from deepkiln.corpus import Split, read_bytes, read_split, read_table, write_atomic
+from deepkiln.faults import kill_once
 
 MINHASH_BATCH = 512  # documents per vectorised MinHash call
-
-
-def _fault_point() -> None:
-    """Fault injection for the kill tests: with DEEPKILN_KILL_ONCE=<marker file> set, the first
-    process to get here creates the marker and SIGKILLs itself; every later one carries on."""
-    marker = os.environ.get("DEEPKILN_KILL_ONCE")
-    if marker:
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ShardOwner:
@@ -75,7 +61,7 @@ class ShardOwner:
                 docs_in += 1
                 self.docs_seen += 1
                 if self.docs_seen == 100:
-                    _fault_point()
+                    kill_once()  # no-op unless a kill test armed it
                 clean = text.normalize(rec["text"])
                 if d.remove_urls:
                     clean, n = text.remove_urls(clean)

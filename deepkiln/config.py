@@ -102,6 +102,24 @@ class TrainArgs(Section):
     """Steps between progress lines."""
     checkpoint_every: int = 100
     """Steps between checkpoints."""
+    eval_every: int = 50
+    """Steps between validation-loss evaluations."""
+    eval_batches: int = 4
+    """Held-out batches per evaluation."""
+    val_fraction: float = 0.05
+    """Share of the token windows held out for validation."""
+    tokens: str = ""
+    """Token shards folder; empty means <run_dir>/<run.name>/tokenizer/tokens."""
+    cpus_per_worker: float = 1.0
+    """CPUs per Ray Train worker (torch threads follow it)."""
+    max_failures: int = 2
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+    keep_checkpoints: int = 2
+    """Reported checkpoints kept in storage."""
+    stop_after: int = 0
+    """Stop (with a checkpoint) after this many steps, keeping the schedule of `steps`; 0 runs to the end."""
+    resume: bool = False
+    """Continue the run of the same name from its last checkpoint instead of starting fresh."""
 
 
 class TuneArgs(Section):
@@ -203,7 +221,8 @@ class Config(Section):
         if self.tokenizer.vocab_size > m.vocab_size:
             raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds "
                              f"model.vocab_size={m.vocab_size}")
-        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every"):
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every",
+                    "eval_every", "eval_batches", "num_workers"):
             if getattr(t, key) < 1:
                 raise ValueError(f"train.{key}={getattr(t, key)} must be >= 1")
         if t.batch_size % t.grad_accum:

@@ -92,7 +92,7 @@ class ModelArgs(BaseModel):
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     init_std: float = 0.006
-    """Std of the normal init of every linear and embedding weight."""
+    """Std of the normal init of every linear and embedding weight (DeepSeek's; tiny uses 0.02)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelArgs:
@@ -128,7 +128,7 @@ RUNTIME_FIELDS = frozenset({"moe_impl"})
 
 PRESETS: dict[str, ModelArgs] = {
     # Trains on a CPU in seconds; every feature on (q compression, groups, sigmoid, MTP). Tests use it.
-    "tiny": ModelArgs(),
+    "tiny": ModelArgs(init_std=0.02),
     # One GPU node; also the CPU benchmark shape.
     "small": ModelArgs(
         vocab_size=32768, dim=512, n_layers=8, n_dense_layers=1, n_heads=8, max_seq_len=2048,

@@ -10,7 +10,6 @@ and trains in one process. It writes <run_dir>/<run.name>/quickstart/{config.jso
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -19,9 +18,10 @@ from pathlib import Path
 import torch
 
 from deepkiln.checkpoint import load_model, save_checkpoint
-from deepkiln.config import Config, TrainArgs, load_config, save_config
+from deepkiln.config import Config, load_config, save_config
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.model import Transformer
+from pipelines.train import lr_at
 
 PROMPT = "The for statement"
 
@@ -32,15 +32,6 @@ def builtin_bytes() -> torch.Tensor:
 
     text = "\n\n".join(topics[k] for k in sorted(topics))
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
-
-
-def lr_at(step: int, t: TrainArgs) -> float:
-    """Linear warmup to t.lr, then cosine down to t.lr * t.min_lr_ratio at t.steps."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    floor = t.lr * t.min_lr_ratio
-    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def train(cfg: Config, data: torch.Tensor) -> tuple[Transformer, list[float]]:

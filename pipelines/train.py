@@ -1,0 +1,240 @@
+"""Train: Ray Train TorchTrainer whose workers are DeepSpeed ranks (pretraining and fine-tuning).
+
+    python -m pipelines.train --config configs/tiny.yaml [--train.steps=300 --train.zero_stage=2]
+    ray job submit --working-dir . -- python -m pipelines.train --config configs/small.yaml
+
+Reads the tokenizer stage's token shards (<run_dir>/<run.name>/tokenizer/tokens/, or train.tokens).
+Each rank builds the model and calls deepspeed.initialize (ZeRO 0-3, bf16, gradient accumulation,
+clipping, AdamW with warmup + cosine); gloo on CPU, NCCL on GPU. Every train.checkpoint_every steps
+and at the end every rank saves its DeepSpeed state, all pass a barrier, and only then is the
+checkpoint reported to Ray Train, together with a consolidated safetensors export (model/). Worker
+failures restart from the last reported checkpoint (train.max_failures); `--train.resume=true`
+continues the run of the same name on purpose. Rank 0 writes TensorBoard events, loss.png and a
+progress line per log step. The final model is exported to <run_dir>/<run.name>/train/model/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deepkiln.config import Config, TrainArgs, load_config
+from deepkiln.data import TokenWindows
+
+TAG = "deepspeed"            # DeepSpeed checkpoint tag inside every reported checkpoint
+STATE = "train_state.json"   # step, samples, world size: written by rank 0 after the barrier
+
+
+def lr_at(step: int, t: TrainArgs) -> float:
+    """Linear warmup to t.lr, then cosine down to t.lr * t.min_lr_ratio at t.steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def tokens_dir(cfg: Config) -> str:
+    return cfg.train.tokens or f"{cfg.run.run_dir.rstrip('/')}/{cfg.run.name}/tokenizer/tokens"
+
+
+def train_dir(cfg: Config) -> str:
+    return f"{cfg.run.run_dir.rstrip('/')}/{cfg.run.name}/train"
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    t = cfg.train
+    return {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.batch_size // (world * t.grad_accum),
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": t.dtype == "bfloat16"},
+        "zero_optimization": {"stage": t.zero_stage},
+        "steps_per_print": 1 << 30,
+    }
+
+
+def check_inputs(cfg: Config, world: int) -> TokenWindows:
+    """Errors a user can cause, raised in the driver before any worker starts."""
+    t = cfg.train
+    if t.batch_size % (world * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.num_workers={world} "
+                         f"x train.grad_accum={t.grad_accum}")
+    data = TokenWindows(tokens_dir(cfg), t.seq_len, t.val_fraction, cfg.run.seed)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer's vocabulary ({data.vocab_size}, {tokens_dir(cfg)}/index.json) "
+                         f"exceeds model.vocab_size={cfg.model.vocab_size}")
+    return data
+
+
+def _tensorboard(path: str):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(path)
+
+
+def plot_losses(history: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train")
+    val = [h for h in history if "val_loss" in h]
+    ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_loop(config: dict) -> None:
+    """One DeepSpeed rank. Depends only on `config` (the resolved Config as a dict)."""
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from deepkiln.checkpoint import save_checkpoint
+    from deepkiln.faults import kill_once
+    from deepkiln.model import MoE, Transformer
+
+    cfg = Config.from_dict(config)
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    torch.manual_seed(cfg.run.seed)  # same init on every rank
+    data = TokenWindows(tokens_dir(cfg), t.seq_len, t.val_fraction, cfg.run.seed)
+    model = Transformer(cfg.model)
+    if t.zero_stage == 3:
+        set_z3_leaf_modules(model, [MoE])  # experts run in data-dependent order: gather MoE whole
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, t) / t.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, world))
+
+    step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / STATE).read_text())
+            engine.load_checkpoint(d, tag=TAG)
+            step, history = state["step"], state["history"]
+    micro = t.batch_size // (world * t.grad_accum)
+    writer = _tensorboard(f"{train_dir(cfg)}/tensorboard") if rank == 0 else None
+    start, tokens_done = time.perf_counter(), 0
+    stop = t.stop_after or t.steps
+    if rank == 0:
+        with open(f"{train_dir(cfg)}/progress.jsonl", "a") as f:
+            f.write(json.dumps({"event": "start", "step": step, "world": world}) + "\n")
+    while step < stop:
+        engine.train()
+        for m in range(t.grad_accum):
+            first = step * t.batch_size + (m * world + rank) * micro
+            x, y = data.train_batch(first, micro)
+            _, aux = engine(x, y)
+            engine.backward(aux["loss"])
+            engine.step()
+        engine.module.update_expert_bias()
+        step += 1
+        if rank == world - 1 and step == max(1, t.steps // 2):
+            kill_once()  # no-op unless a kill test armed it
+        tokens_done += t.batch_size * t.seq_len
+        loss = aux["lm"].detach().clone()
+        dist.all_reduce(loss)
+        metrics = {"step": step, "loss": loss.item() / world, "lr": lr_at(step - 1, t),
+                   "tokens_per_s": tokens_done / (time.perf_counter() - start)}
+        last = step == stop
+        if step % t.eval_every == 0 or last:
+            metrics["val_loss"] = evaluate(engine, data, micro, t.eval_batches)
+        if rank == 0 and (step % t.log_every == 0 or last or "val_loss" in metrics):
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
+                  flush=True)
+            for k, v in metrics.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, step)
+        if rank == 0:  # append-only log of every step taken, restarts included
+            with open(f"{train_dir(cfg)}/progress.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        history.append(metrics)
+        if step % t.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag=TAG)
+                if rank == 0:
+                    save_checkpoint(Path(tmp) / "model", engine.module, cfg.to_dict(), step=step,
+                                    tokens=step * t.batch_size * t.seq_len)
+                    (Path(tmp) / STATE).write_text(json.dumps({"step": step, "world": world, "history": history}))
+                    plot_losses(history, os.path.join(tmp, "loss.png"))
+                dist.barrier()  # every rank has saved before anyone reports
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if writer:
+        writer.close()
+
+
+@torch.no_grad()
+def evaluate(engine, data: TokenWindows, batch: int, max_batches: int) -> float:
+    """Mean LM loss over the held-out windows (every rank evaluates the same ones)."""
+    engine.eval()
+    losses = [engine(x, y)[1]["lm"].item() for x, y in data.val_batches(batch, max_batches)]
+    engine.train()
+    return sum(losses) / len(losses)
+
+
+def main(argv=None):
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from deepkiln.ray_utils import init_ray
+
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    if "://" not in cfg.run.run_dir:  # workers run in their own folders: hand them absolute paths
+        cfg.run.run_dir = os.path.abspath(cfg.run.run_dir)
+    t = cfg.train
+    if t.tokens and "://" not in t.tokens:
+        t.tokens = os.path.abspath(t.tokens)
+    check_inputs(cfg, t.num_workers)
+    init_ray()
+    out = train_dir(cfg)
+    os.makedirs(out, exist_ok=True)
+    storage = f"{out}/ray"
+    if not t.resume and os.path.isdir(os.path.join(storage, cfg.run.name)):
+        shutil.rmtree(os.path.join(storage, cfg.run.name))  # reusing a run name continues it: start fresh
+    use_gpu = torch.cuda.is_available()
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        export = Path(out) / "model"
+        shutil.rmtree(export, ignore_errors=True)
+        shutil.copytree(Path(d) / "model", export)
+        shutil.copy(Path(d) / "loss.png", Path(out) / "loss.png")
+        state = json.loads((Path(d) / STATE).read_text())
+    summary = {"steps": state["step"], "history": state["history"], "model": str(export),
+               "checkpoint": result.checkpoint.path, "final": result.metrics}
+    (Path(out) / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"train: {state['step']} steps, final loss {state['history'][-1]['loss']:.3f}, "
+          f"val loss {state['history'][-1].get('val_loss', float('nan')):.3f} -> {export}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
