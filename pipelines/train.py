@@ -128,6 +128,7 @@ def train_loop(config: dict) -> None:
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
+        checkpoint = complete_checkpoint(checkpoint)
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / STATE).read_text())
             engine.load_checkpoint(d, tag=TAG)
@@ -175,12 +176,58 @@ def train_loop(config: dict) -> None:
                 if rank == 0:
                     save_checkpoint(Path(tmp) / "model", engine.module, cfg.to_dict(), step=step,
                                     tokens=step * t.batch_size * t.seq_len)
-                    (Path(tmp) / STATE).write_text(json.dumps({"step": step, "world": world, "history": history}))
                     plot_losses(history, os.path.join(tmp, "loss.png"))
+                # Every rank's files and sizes go into the state file, so a resume can tell a
+                # complete checkpoint from one that lost a rank's upload or was cut short.
+                files = [None] * world
+                dist.all_gather_object(files, {str(p.relative_to(tmp)): p.stat().st_size
+                                               for p in Path(tmp).rglob("*") if p.is_file()})
+                if rank == 0:
+                    state = {"step": step, "world": world, "history": history,
+                             "files": {k: v for f in files for k, v in f.items()}}
+                    (Path(tmp) / STATE).write_text(json.dumps(state))
                 dist.barrier()  # every rank has saved before anyone reports
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if writer:
         writer.close()
+
+
+def is_complete(d: str | Path) -> bool:
+    """A checkpoint folder holds every file its state lists, at full size, and valid weights."""
+    from deepkiln.checkpoint import load_checkpoint
+
+    d = Path(d)
+    if not (d / STATE).is_file():
+        return False
+    files = json.loads((d / STATE).read_text())["files"]
+    if not all((d / f).is_file() and (d / f).stat().st_size == n for f, n in files.items()):
+        return False
+    try:
+        load_checkpoint(d / "model")
+    except ValueError:
+        return False
+    return True
+
+
+def complete_checkpoint(latest):
+    """The newest complete checkpoint of the run, starting from the one Ray Train registered last;
+    older ones are tried when it is incomplete or corrupt. Raises ValueError naming the path."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+    infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.path <= latest.path), reverse=True)
+    for path in names:
+        candidate = ray.train.Checkpoint(path, filesystem=latest.filesystem)
+        with candidate.as_directory() as d:
+            if is_complete(d):
+                if path != latest.path:
+                    print(f"train: checkpoint {latest.path} is incomplete or corrupt; resuming from {path}",
+                          flush=True)
+                return candidate
+    raise ValueError(f"no complete checkpoint to resume from under {parent} (latest: {latest.path})")
 
 
 @torch.no_grad()
