@@ -20,33 +20,10 @@ import time
 import torch
 
 from deepkiln.engine import LatentCache
-from deepkiln.model import PRESETS, ModelArgs, Transformer, count_params
+from deepkiln.flops import gemm_peak, model_flops_per_token
+from deepkiln.model import PRESETS, ModelArgs, Transformer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def gemm_peak(dtype: torch.dtype, sizes=(1024, 2048, 4096), seconds: float = 1.0) -> float:
-    """Best FLOP/s of an n x n x n matmul over `sizes`, each timed for about `seconds`."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm up
-        reps, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds or reps < 3:
-            a @ b
-            reps += 1
-        best = max(best, 2 * n**3 * reps / elapsed)
-    return best
-
-
-def model_flops_per_token(model: Transformer, seq_len: int) -> int:
-    a = model.args
-    _, active = count_params(model)
-    mtp = sum(p.numel() * (a.n_activated_experts / a.n_routed_experts if ".experts." in n else 1)
-              for n, p in model.mtp.named_parameters())
-    head = model.head.weight.numel() * a.n_mtp_layers  # the shared head runs again for MTP
-    attn = 3 * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * seq_len
-    return int(6 * (active + mtp + head) + attn * (a.n_layers + a.n_mtp_layers))
 
 
 def train_throughput(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype, steps: int) -> float:

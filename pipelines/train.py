@@ -106,9 +106,12 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
     from deepspeed.utils import set_z3_leaf_modules
 
+    from ray.util.metrics import Gauge
+
     from deepkiln.checkpoint import save_checkpoint
     from deepkiln.faults import kill_once
-    from deepkiln.model import MoE, Transformer
+    from deepkiln.flops import gemm_peak, model_flops_per_token
+    from deepkiln.model import Gate, MoE, Transformer
 
     cfg = Config.from_dict(config)
     t = cfg.train
@@ -125,6 +128,7 @@ def train_loop(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, world))
 
+    gates = [m for m in engine.module.modules() if isinstance(m, Gate)]
     step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -134,7 +138,16 @@ def train_loop(config: dict) -> None:
             engine.load_checkpoint(d, tag=TAG)
             step, history = state["step"], state["history"]
     micro = t.batch_size // (world * t.grad_accum)
-    writer = _tensorboard(f"{train_dir(cfg)}/tensorboard") if rank == 0 else None
+    writer = gauges = None
+    if rank == 0:
+        writer = _tensorboard(f"{train_dir(cfg)}/tensorboard")
+        gauges = {k: Gauge(f"deepkiln_train_{k}", description=f"training {k} (rank 0)", tag_keys=("run",))
+                  for k in ("step", "loss", "tokens_per_s", "mfu")}
+        dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
+        # A short GEMM timing on this worker: the MFU denominator (the benchmark times it longer).
+        peak = gemm_peak(dtype, sizes=(1024,), seconds=0.3) * world
+        with torch.device("meta"):
+            flops_per_token = model_flops_per_token(Transformer(cfg.model), t.seq_len)
     start, tokens_done = time.perf_counter(), 0
     stop = t.stop_after or t.steps
     if rank == 0:
@@ -148,6 +161,9 @@ def train_loop(config: dict) -> None:
             _, aux = engine(x, y)
             engine.backward(aux["loss"])
             engine.step()
+        # Busiest expert over the mean, worst layer, before the bias update resets the counts.
+        imbalance = max(((g.counts.max() / g.counts.float().mean().clamp(min=1)).item() for g in gates),
+                        default=1.0)
         engine.module.update_expert_bias()
         step += 1
         if rank == world - 1 and step == max(1, t.steps // 2):
@@ -156,10 +172,15 @@ def train_loop(config: dict) -> None:
         loss = aux["lm"].detach().clone()
         dist.all_reduce(loss)
         metrics = {"step": step, "loss": loss.item() / world, "lr": lr_at(step - 1, t),
-                   "tokens_per_s": tokens_done / (time.perf_counter() - start)}
+                   "tokens_per_s": tokens_done / (time.perf_counter() - start), "expert_imbalance": imbalance,
+                   "elapsed": time.perf_counter() - start}
         last = step == stop
         if step % t.eval_every == 0 or last:
             metrics["val_loss"] = evaluate(engine, data, micro, t.eval_batches)
+        if rank == 0:
+            metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak
+            for k, g in gauges.items():
+                g.set(metrics[k], tags={"run": cfg.run.name})
         if rank == 0 and (step % t.log_every == 0 or last or "val_loss" in metrics):
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
                   flush=True)

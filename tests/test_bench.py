@@ -1,7 +1,8 @@
 import pytest
 
 from bench import model as bench_model
-from deepkiln.model import PRESETS
+from deepkiln.flops import model_flops_per_token
+from deepkiln.model import PRESETS, Transformer, count_params
 
 
 @pytest.mark.slow
@@ -20,10 +21,10 @@ def test_flops_per_token_counts_mtp_and_attention():
     import torch
 
     with torch.device("meta"):
-        m = bench_model.Transformer(PRESETS["small"])
-        no_mtp = bench_model.Transformer(PRESETS["small"].model_copy(update={"n_mtp_layers": 0}))
-    _, active = bench_model.count_params(m)
-    f, f0 = bench_model.model_flops_per_token(m, 256), bench_model.model_flops_per_token(no_mtp, 256)
+        m = Transformer(PRESETS["small"])
+        no_mtp = Transformer(PRESETS["small"].model_copy(update={"n_mtp_layers": 0}))
+    _, active = count_params(m)
+    f, f0 = model_flops_per_token(m, 256), model_flops_per_token(no_mtp, 256)
     a = PRESETS["small"]
     attn = 3 * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * 256
     assert f0 == 6 * active + a.n_layers * attn

@@ -50,6 +50,8 @@ def test_tiny_trains_on_builtin_corpus_with_zero2_bf16(tmp_path, tokens):
     out = tmp_path / "zero2" / "train"
     assert (out / "loss.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    last = summary["history"][-1]
+    assert 0 < last["mfu"] < 1 and last["tokens_per_s"] > 0 and last["expert_imbalance"] >= 1
     ckpt = load_checkpoint(out / "model")
     assert ckpt.manifest["step"] == 300 and ckpt.config["train"]["zero_stage"] == 2
 
