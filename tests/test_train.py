@@ -1,4 +1,10 @@
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +126,45 @@ def test_zero_stages_give_the_same_loss_curve(tmp_path, tokens):
     assert len(curves[2]) == 16 and curves[2][-1] < curves[2][0] - 0.5
     np.testing.assert_allclose(curves[0], curves[2], atol=1e-3, rtol=0)
     np.testing.assert_allclose(curves[3], curves[2], atol=1e-3, rtol=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path, tokens):
+    repo = Path(__file__).resolve().parents[1]
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, check=False)
+    dashboard = free_port()
+    url = f"http://127.0.0.1:{dashboard}"
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(  # --block: the head lives as long as this process, which we end by pid
+        [ray_cli, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--disable-usage-stats", f"--temp-dir={tempfile.mkdtemp(prefix='rayhead-', dir='/tmp')}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray_cli, "job", "list", "--address", url], env=env,
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()
+            time.sleep(2)
+        job = subprocess.run(
+            [ray_cli, "job", "submit", "--address", url, "--working-dir", str(repo), "--",
+             sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
+             "--train.tokens", str(tokens), "--tokenizer.vocab_size=2048", "--run.run_dir", str(tmp_path),
+             "--run.name", "job", "--train.steps=10", "--train.checkpoint_every=5", "--train.log_every=5"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0 and "SUCCEEDED" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
+        out = tmp_path / "job" / "train"
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+        assert (out / "loss.png").stat().st_size > 1000
+        assert load_checkpoint(out / "model").manifest["step"] == 10
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+        log.close()

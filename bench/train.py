@@ -1,0 +1,120 @@
+"""Training throughput of pipelines.train (DeepSpeed ranks under Ray Train) with 1 and 2 workers,
+against a plain single-process PyTorch loop on the same model, batch and dtype, in one JSON object.
+
+    python -m bench.train                         # small preset, bf16, batch 16 x 256, ZeRO-2
+    python -m bench.train --preset tiny --steps 6
+
+Tokens are random ids written as a token-shard folder (throughput does not depend on them).
+Steady-state tokens/s skips the first two steps; MFU divides by the GEMM peak measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepkiln.config import load_config
+from deepkiln.data import TokenWindows
+from deepkiln.flops import gemm_peak, model_flops_per_token
+from deepkiln.model import Transformer
+from pipelines import train
+
+WARMUP = 2
+
+
+def write_tokens(folder: Path, vocab: int, n_tokens: int) -> None:
+    folder.mkdir(parents=True)
+    ids = np.random.default_rng(0).integers(8, vocab, n_tokens, dtype=np.uint16)
+    ids.tofile(folder / "bench.bin")
+    shard = {"shard": "bench", "docs": 1, "tokens": n_tokens, "dtype": "uint16", "bin": "bench.bin"}
+    (folder / "index.json").write_text(json.dumps({"vocab_size": vocab, "dtype": "uint16", "shards": [shard]}))
+
+
+def plain_tokens_per_s(cfg, tokens: Path, steps: int) -> float:
+    """The same model, batch and dtype in one process: autocast, AdamW, clipping, bias update."""
+    t = cfg.train
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    data = TokenWindows(tokens, t.seq_len)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
+    for step in range(WARMUP + steps):
+        if step == WARMUP:
+            start = time.perf_counter()
+        x, y = data.train_batch(step * t.batch_size, t.batch_size)
+        with autocast:
+            loss = model(x, y)[1]["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_expert_bias()
+    return steps * t.batch_size * t.seq_len / (time.perf_counter() - start)
+
+
+def pipeline_tokens_per_s(argv: list[str], workers: int, steps: int, out: Path) -> float:
+    cpus = (os.cpu_count() or 1) / workers
+    train.main(argv + [f"--train.num_workers={workers}", f"--train.cpus_per_worker={cpus}",
+                       f"--train.steps={WARMUP + steps}", "--run.run_dir", str(out), "--run.name", f"w{workers}"])
+    log = [json.loads(line) for line in (out / f"w{workers}" / "train" / "progress.jsonl").read_text().splitlines()]
+    timed = [e for e in log if e.get("step", 0) >= WARMUP and "elapsed" in e]
+    t0, t1 = timed[0], timed[-1]
+    return (t1["step"] - t0["step"]) * tokens_per_step(argv) / (t1["elapsed"] - t0["elapsed"])
+
+
+def tokens_per_step(argv: list[str]) -> int:
+    t = load_config(argv).train
+    return t.batch_size * t.seq_len
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--zero-stage", type=int, default=2)
+    opts = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = Path(tmp) / "tokens"
+        args = ["--model.preset", opts.preset, f"--train.batch_size={opts.batch}", f"--train.seq_len={opts.seq_len}",
+                f"--train.zero_stage={opts.zero_stage}", "--train.dtype=bfloat16", "--train.tokens", str(tokens),
+                "--train.checkpoint_every=100000", "--train.eval_every=100000", "--train.eval_batches=1",
+                "--train.warmup_steps=1", "--train.log_every=1"]
+        cfg = load_config(args + ["--tokenizer.vocab_size=265"])
+        args.append("--tokenizer.vocab_size=265")
+        write_tokens(tokens, cfg.model.vocab_size, (WARMUP + opts.steps + 2) * opts.batch * opts.seq_len * 2)
+        peak = gemm_peak(torch.bfloat16)
+        with torch.device("meta"):
+            flops = model_flops_per_token(Transformer(cfg.model), opts.seq_len)
+        plain = plain_tokens_per_s(cfg, tokens, opts.steps)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            one = pipeline_tokens_per_s(args, 1, opts.steps, Path(tmp))
+            two = pipeline_tokens_per_s(args, 2, opts.steps, Path(tmp))
+        finally:
+            ray.shutdown()
+    result = {
+        "preset": opts.preset, "batch": opts.batch, "seq_len": opts.seq_len, "zero_stage": opts.zero_stage,
+        "dtype": "bfloat16", "gemm_peak_flops": round(peak), "model_flops_per_token": flops,
+        "tokens_per_s": round(one, 1), "tokens_per_s_2": round(two, 1), "tokens_per_s_plain": round(plain, 1),
+        "mfu": round(one * flops / peak, 4), "mfu_2": round(two * flops / peak, 4),
+        "mfu_plain": round(plain * flops / peak, 4),
+        "overhead_vs_plain": round(plain / one, 3), "scaling_2_vs_1": round(two / one, 3),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
