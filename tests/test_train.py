@@ -144,7 +144,10 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path, tokens):
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(  # --block: the head lives as long as this process, which we end by pid
         [ray_cli, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}",
          "--disable-usage-stats", f"--temp-dir={tempfile.mkdtemp(prefix='rayhead-', dir='/tmp')}"],
         env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -153,13 +156,16 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path, tokens):
                              capture_output=True).returncode != 0:
             assert time.monotonic() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()
             time.sleep(2)
-        job = subprocess.run(
-            [ray_cli, "job", "submit", "--address", url, "--working-dir", str(repo), "--",
-             sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
-             "--train.tokens", str(tokens), "--tokenizer.vocab_size=2048", "--run.run_dir", str(tmp_path),
-             "--run.name", "job", "--train.steps=10", "--train.checkpoint_every=5", "--train.log_every=5"],
-            env=env, capture_output=True, text=True, timeout=600)
-        assert job.returncode == 0 and "SUCCEEDED" in job.stdout, job.stdout[-4000:] + job.stderr[-4000:]
+        submit = [ray_cli, "job", "submit", "--address", url, "--working-dir", str(repo), "--",
+                  sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
+                  "--train.tokens", str(tokens), "--tokenizer.vocab_size=2048", "--run.run_dir", str(tmp_path),
+                  "--run.name", "job", "--train.steps=10", "--train.checkpoint_every=5", "--train.log_every=5"]
+        while True:  # the head's job agent comes up a little after its HTTP server
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert job.returncode == 0 and "succeeded" in job.stdout.lower(), job.stdout[-4000:] + job.stderr[-4000:]
         out = tmp_path / "job" / "train"
         assert list((out / "tensorboard").glob("events.out.tfevents.*"))
         assert (out / "loss.png").stat().st_size > 1000
