@@ -260,21 +260,19 @@ def evaluate(engine, data: TokenWindows, batch: int, max_batches: int) -> float:
     return sum(losses) / len(losses)
 
 
-def main(argv=None):
-    import ray.train
+def make_trainer(cfg: Config, callbacks=None):
+    """The TorchTrainer for a resolved config: validated inputs, absolute local paths, storage under
+    the run's train folder. A run name already in storage continues unless train.resume is off."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from deepkiln.ray_utils import init_ray
-
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    cfg = cfg.model_copy(deep=True)
     if "://" not in cfg.run.run_dir:  # workers run in their own folders: hand them absolute paths
         cfg.run.run_dir = os.path.abspath(cfg.run.run_dir)
     t = cfg.train
     if t.tokens and "://" not in t.tokens:
         t.tokens = os.path.abspath(t.tokens)
     check_inputs(cfg, t.num_workers)
-    init_ray()
     out = train_dir(cfg)
     os.makedirs(out, exist_ok=True)
     storage = f"{out}/ray"
@@ -286,9 +284,18 @@ def main(argv=None):
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
+    return trainer, out
+
+
+def main(argv=None):
+    from deepkiln.ray_utils import init_ray
+
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    trainer, out = make_trainer(cfg)
+    init_ray()
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         export = Path(out) / "model"

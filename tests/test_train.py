@@ -174,3 +174,4 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path, tokens):
         head.terminate()
         head.wait(timeout=120)
         log.close()
+
