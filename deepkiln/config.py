@@ -322,5 +322,10 @@ def load_config(argv: list[str] | None = None) -> Config:
     return _validate(_merge(data, overrides))
 
 
+def stage_dir(cfg: Config, stage: str) -> str:
+    """<run_dir>/<run.name>/<stage>: where a stage writes its outputs (a local path or a URI)."""
+    return f"{cfg.run.run_dir.rstrip('/')}/{cfg.run.name}/{stage}"
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from deepkiln.checkpoint import load_model, save_checkpoint
-from deepkiln.config import Config, load_config, save_config
+from deepkiln.config import Config, load_config, save_config, stage_dir
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.model import Transformer
 from pipelines.train import lr_at
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     torch.manual_seed(cfg.run.seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    out = Path(cfg.run.run_dir) / cfg.run.name / "quickstart"
+    out = Path(stage_dir(cfg, "quickstart"))
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
 

@@ -20,20 +20,16 @@ from itertools import chain
 import ray
 
 from actors.shard import ShardOwnerActor
-from deepkiln.config import Config, load_config
+from deepkiln.config import load_config, stage_dir
 from deepkiln.corpus import write_atomic
 from deepkiln.ray_utils import cpus_per_actor, init_ray
 from deepkiln.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, train_tokenizer
-from pipelines.prepare import load_registry, prepare_dir
-
-
-def tokenizer_dir(cfg: Config) -> str:
-    return f"{cfg.run.run_dir.rstrip('/')}/{cfg.run.name}/tokenizer"
+from pipelines.prepare import load_registry
 
 
 def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    prep, out = prepare_dir(cfg), tokenizer_dir(cfg)
+    prep, out = stage_dir(cfg, "prepare"), stage_dir(cfg, "tokenizer")
     names = [n for g in load_registry(prep)["generations"] for n in g["shards"]]
     if not names:
         raise ValueError(f"no prepared shards under {prep}: run pipelines.prepare first")

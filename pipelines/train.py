@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from deepkiln.config import Config, TrainArgs, load_config
+from deepkiln.config import Config, TrainArgs, load_config, stage_dir
 from deepkiln.data import TokenWindows
 
 TAG = "deepspeed"            # DeepSpeed checkpoint tag inside every reported checkpoint
@@ -43,11 +43,7 @@ def lr_at(step: int, t: TrainArgs) -> float:
 
 
 def tokens_dir(cfg: Config) -> str:
-    return cfg.train.tokens or f"{cfg.run.run_dir.rstrip('/')}/{cfg.run.name}/tokenizer/tokens"
-
-
-def train_dir(cfg: Config) -> str:
-    return f"{cfg.run.run_dir.rstrip('/')}/{cfg.run.name}/train"
+    return cfg.train.tokens or f"{stage_dir(cfg, 'tokenizer')}/tokens"
 
 
 def deepspeed_config(cfg: Config, world: int) -> dict:
@@ -140,7 +136,7 @@ def train_loop(config: dict) -> None:
     micro = t.batch_size // (world * t.grad_accum)
     writer = gauges = None
     if rank == 0:
-        writer = _tensorboard(f"{train_dir(cfg)}/tensorboard")
+        writer = _tensorboard(f"{stage_dir(cfg, 'train')}/tensorboard")
         gauges = {k: Gauge(f"deepkiln_train_{k}", description=f"training {k} (rank 0)", tag_keys=("run",))
                   for k in ("step", "loss", "tokens_per_s", "mfu")}
         dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
@@ -151,7 +147,7 @@ def train_loop(config: dict) -> None:
     start, tokens_done = time.perf_counter(), 0
     stop = t.stop_after or t.steps
     if rank == 0:
-        with open(f"{train_dir(cfg)}/progress.jsonl", "a") as f:
+        with open(f"{stage_dir(cfg, 'train')}/progress.jsonl", "a") as f:
             f.write(json.dumps({"event": "start", "step": step, "world": world}) + "\n")
     while step < stop:
         engine.train()
@@ -188,7 +184,7 @@ def train_loop(config: dict) -> None:
                 if k != "step":
                     writer.add_scalar(f"train/{k}", v, step)
         if rank == 0:  # append-only log of every step taken, restarts included
-            with open(f"{train_dir(cfg)}/progress.jsonl", "a") as f:
+            with open(f"{stage_dir(cfg, 'train')}/progress.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         history.append(metrics)
         if step % t.checkpoint_every == 0 or last:
@@ -273,7 +269,7 @@ def make_trainer(cfg: Config, callbacks=None):
     if t.tokens and "://" not in t.tokens:
         t.tokens = os.path.abspath(t.tokens)
     check_inputs(cfg, t.num_workers)
-    out = train_dir(cfg)
+    out = stage_dir(cfg, "train")
     os.makedirs(out, exist_ok=True)
     storage = f"{out}/ray"
     if not t.resume and os.path.isdir(os.path.join(storage, cfg.run.name)):
