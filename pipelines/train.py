@@ -126,9 +126,8 @@ def train_loop(config: dict) -> None:
 
     gates = [m for m in engine.module.modules() if isinstance(m, Gate)]
     step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_checkpoint(cfg, ray.train.get_checkpoint())
     if checkpoint:
-        checkpoint = complete_checkpoint(checkpoint)
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / STATE).read_text())
             engine.load_checkpoint(d, tag=TAG)
@@ -226,25 +225,32 @@ def is_complete(d: str | Path) -> bool:
     return True
 
 
-def complete_checkpoint(latest):
-    """The newest complete checkpoint of the run, starting from the one Ray Train registered last;
-    older ones are tried when it is incomplete or corrupt. Raises ValueError naming the path."""
+def resume_checkpoint(cfg: Config, registered):
+    """The newest complete checkpoint in this run's storage, or None for a fresh start.
+
+    Ray Train's registered checkpoint can lag behind storage: a worker that dies soon after a
+    report may leave a complete, newer folder unregistered, and restarting from the older one would
+    repeat steps. So every folder is checked against its own manifest, newest first; a partial or
+    corrupt one is skipped. With a registered checkpoint and nothing complete: ValueError naming it.
+    """
     import pyarrow.fs as pafs
     import ray.train
 
-    parent = latest.path.rstrip("/").rsplit("/", 1)[0]
-    infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    from deepkiln.corpus import resolve
+
+    fs, parent = resolve(f"{stage_dir(cfg, 'train')}/ray/{cfg.run.name}")
+    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
     names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.path <= latest.path), reverse=True)
+                    and i.base_name.startswith("checkpoint_")), reverse=True)
     for path in names:
-        candidate = ray.train.Checkpoint(path, filesystem=latest.filesystem)
+        candidate = ray.train.Checkpoint(path, filesystem=fs)
         with candidate.as_directory() as d:
             if is_complete(d):
-                if path != latest.path:
-                    print(f"train: checkpoint {latest.path} is incomplete or corrupt; resuming from {path}",
-                          flush=True)
                 return candidate
-    raise ValueError(f"no complete checkpoint to resume from under {parent} (latest: {latest.path})")
+        print(f"train: checkpoint {path} is incomplete or corrupt; trying an older one", flush=True)
+    if registered is not None:
+        raise ValueError(f"no complete checkpoint to resume from under {parent} (latest: {registered.path})")
+    return None
 
 
 @torch.no_grad()
