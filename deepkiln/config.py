@@ -127,6 +127,10 @@ class TuneArgs(Section):
     """Trials."""
     max_steps: int = 50
     """Training steps per trial at most (ASHA stops the weak ones earlier)."""
+    reports: int = 4
+    """Validation-loss reports (and checkpoints) per trial: the rungs where ASHA may stop a trial."""
+    max_failures: int = 1
+    """Times a failed trial is retried, continuing from its own last checkpoint."""
 
 
 class PrivacyArgs(Section):
@@ -225,6 +229,12 @@ class Config(Section):
                     "eval_every", "eval_batches", "num_workers"):
             if getattr(t, key) < 1:
                 raise ValueError(f"train.{key}={getattr(t, key)} must be >= 1")
+        tu = self.tune
+        for key in ("num_samples", "max_steps", "reports"):
+            if getattr(tu, key) < 1:
+                raise ValueError(f"tune.{key}={getattr(tu, key)} must be >= 1")
+        if tu.reports > tu.max_steps:
+            raise ValueError(f"tune.reports={tu.reports} exceeds tune.max_steps={tu.max_steps}")
         if t.batch_size % t.grad_accum:
             raise ValueError(f"train.batch_size={t.batch_size} is not divisible by "
                              f"train.grad_accum={t.grad_accum}")

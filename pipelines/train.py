@@ -262,7 +262,7 @@ def evaluate(engine, data: TokenWindows, batch: int, max_batches: int) -> float:
     return sum(losses) / len(losses)
 
 
-def make_trainer(cfg: Config):
+def make_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer for a resolved config: validated inputs, absolute local paths, storage under
     the run's train folder. A run name already in storage continues unless train.resume is off."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -288,7 +288,8 @@ def make_trainer(cfg: Config):
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             callbacks=callbacks))
     return trainer, out
 
 

@@ -1,10 +1,4 @@
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +8,7 @@ import torch
 from deepkiln.checkpoint import load_checkpoint
 from deepkiln.data import TokenWindows
 from pipelines import prepare, tokenizer, train
+from tests.ray_cluster import submit_job
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -128,50 +123,12 @@ def test_zero_stages_give_the_same_loss_curve(tmp_path, tokens):
     np.testing.assert_allclose(curves[3], curves[2], atol=1e-3, rtol=0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path, tokens):
-    repo = Path(__file__).resolve().parents[1]
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
-    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, check=False)
-    dashboard = free_port()
-    url = f"http://127.0.0.1:{dashboard}"
-    log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(  # --block: the head lives as long as this process, which we end by pid
-        [ray_cli, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
-         f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}",
-         "--disable-usage-stats", f"--temp-dir={tempfile.mkdtemp(prefix='rayhead-', dir='/tmp')}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([ray_cli, "job", "list", "--address", url], env=env,
-                             capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline and head.poll() is None, (tmp_path / "head.log").read_text()
-            time.sleep(2)
-        submit = [ray_cli, "job", "submit", "--address", url, "--working-dir", str(repo), "--",
-                  sys.executable, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
-                  "--train.tokens", str(tokens), "--tokenizer.vocab_size=2048", "--run.run_dir", str(tmp_path),
-                  "--run.name", "job", "--train.steps=10", "--train.checkpoint_every=5", "--train.log_every=5"]
-        while True:  # the head's job agent comes up a little after its HTTP server
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent" not in job.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(2)
-        assert job.returncode == 0 and "succeeded" in job.stdout.lower(), job.stdout[-4000:] + job.stderr[-4000:]
-        out = tmp_path / "job" / "train"
-        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-        assert (out / "loss.png").stat().st_size > 1000
-        assert load_checkpoint(out / "model").manifest["step"] == 10
-    finally:
-        head.terminate()
-        head.wait(timeout=120)
-        log.close()
-
+def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path, tokens, ray_head):
+    job = submit_job(ray_head, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
+                     "--train.tokens", str(tokens), "--tokenizer.vocab_size=2048", "--run.run_dir", str(tmp_path),
+                     "--run.name", "job", "--train.steps=10", "--train.checkpoint_every=5", "--train.log_every=5")
+    assert job.returncode == 0 and "succeeded" in job.stdout.lower(), job.stdout[-4000:] + job.stderr[-4000:]
+    out = tmp_path / "job" / "train"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "loss.png").stat().st_size > 1000
+    assert load_checkpoint(out / "model").manifest["step"] == 10

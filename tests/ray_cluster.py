@@ -1,0 +1,33 @@
+"""Helpers for tests that talk to a `ray start --head` cluster (the ray_head fixture)."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def submit_job(head, *argv: str, runtime_env: dict | None = None, timeout: float = 900):
+    """`ray job submit --working-dir <repo> -- python <argv>` against `head`; waits for the result.
+    Retries while the head's job agent is still starting. Returns the CompletedProcess."""
+    url, env = head
+    cmd = [RAY_CLI, "job", "submit", "--address", url, "--working-dir", str(REPO)]
+    if runtime_env:
+        cmd += ["--runtime-env-json", json.dumps(runtime_env)]
+    cmd += ["--", sys.executable, *argv]
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent comes up a little after its HTTP server
+        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in job.stderr or time.monotonic() > deadline:
+            return job
+        time.sleep(2)
