@@ -9,11 +9,13 @@ E routed experts, K experts per token, N = B*T tokens, C expert capacity (padded
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
@@ -68,8 +70,10 @@ class ModelArgs(BaseModel):
     """Auxiliary-loss-free balancing step gamma for the per-expert selection bias."""
     seq_aux_loss_weight: float = 1e-4
     """Weight of the sequence-wise balance loss."""
-    moe_impl: Literal["loop", "bmm"] = "bmm"
-    """Routed expert compute: the reference loop, or one padded batched matmul (same output)."""
+    moe_impl: Literal["loop", "grouped", "bmm"] = "grouped"
+    """Routed expert compute, same output each: the reference loop; `grouped`, tokens sorted by expert
+    and each expert run on its own contiguous slice (no padding, cost independent of imbalance); or
+    one batched matmul over a block padded to the busiest expert."""
     # rope and yarn
     rope_theta: float = 10000.0
     """RoPE base."""
@@ -270,6 +274,21 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+# Off while activation checkpointing recomputes a block in the backward pass: the routes were
+# already counted in the forward, and the bias update must see each token once.
+_COUNT_ROUTES = True
+
+
+@contextlib.contextmanager
+def _routes_not_counted():
+    global _COUNT_ROUTES
+    saved, _COUNT_ROUTES = _COUNT_ROUTES, False
+    try:
+        yield
+    finally:
+        _COUNT_ROUTES = saved
+
+
 class Gate(nn.Module):
     """Router: affinities from an nn.Linear, top-k selection on affinity + balancing bias, weights
     from the un-biased affinities. The bias is fp32, moved only by `update_bias`, never by gradients."""
@@ -301,7 +320,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, idx)
         if a.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.training:
+        if self.training and _COUNT_ROUTES:
             self.counts += torch.bincount(idx.flatten(), minlength=a.n_routed_experts)
         return (weights * a.route_scale).type_as(x), idx, scores
 
@@ -343,7 +362,7 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)                                      # (N, D)
         weights, idx, scores = self.gate(flat)
-        routed = self._routed_loop if self.args.moe_impl == "loop" else self._routed_bmm
+        routed = {"loop": self._routed_loop, "grouped": self._routed_grouped, "bmm": self._routed_bmm}[self.args.moe_impl]
         y = routed(flat, weights, idx) + self.shared(flat)
         return y.view(B, T, D), self._balance_loss(scores, idx, B, T)
 
@@ -355,6 +374,21 @@ class MoE(nn.Module):
                 tok, slot = torch.where(idx == e)
                 y.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None])
         return y
+
+    def _routed_grouped(self, x, weights, idx):
+        """Same result as the loop: assignments sorted by expert once, then one MLP call per expert
+        on its contiguous slice of the sorted tokens; no padding, so a busy expert costs only its own
+        tokens."""
+        K = idx.size(1)
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // K
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        # Every expert runs, even on an empty slice: its weights then get a (zero) gradient on every
+        # rank, so data-parallel ranks reduce the same set of gradients whatever the routing.
+        outs = [expert(chunk) for expert, chunk in zip(self.experts, x[token].split(counts))]
+        out = torch.cat(outs) * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token, out)
 
     def _routed_bmm(self, x, weights, idx):
         """Same result as the loop: tokens sorted into a zero-padded (E, C, D) block and every expert
@@ -433,6 +467,9 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from embed
         self.mtp = nn.ModuleList(MTP(args) for _ in range(args.n_mtp_layers))
+        self.checkpoint_blocks = False
+        """Activation checkpointing: keep only each block's input in training and recompute the
+        block in the backward pass (less memory, about one more forward of compute)."""
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -455,8 +492,14 @@ class Transformer(nn.Module):
         rope = rope_angles(self.args, positions)
         h = self.embed(tokens)
         balance = torch.zeros((), device=tokens.device)
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
-            h, b = layer(h, rope, cache, absorb)
+            if recompute:
+                h, b = torch.utils.checkpoint.checkpoint(
+                    layer, h, rope, use_reentrant=False,
+                    context_fn=lambda: (contextlib.nullcontext(), _routes_not_counted()))
+            else:
+                h, b = layer(h, rope, cache, absorb)
             balance = balance + b
         if cache is not None:
             cache.advance(T)

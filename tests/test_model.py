@@ -141,10 +141,11 @@ def test_bias_moves_against_load():
     assert gate.counts.sum() == 0
 
 
-def test_bmm_moe_equals_loop_forward_and_backward():
+@pytest.mark.parametrize("impl", ["grouped", "bmm"])
+def test_fast_moe_equals_loop_forward_and_backward(impl):
     args = TINY.model_copy(update={"init_std": 0.05})
     loop = MoE(args.model_copy(update={"moe_impl": "loop"})).train()
-    fast = MoE(args.model_copy(update={"moe_impl": "bmm"})).train()
+    fast = MoE(args.model_copy(update={"moe_impl": impl})).train()
     fast.load_state_dict(loop.state_dict())
     x = torch.randn(3, 10, args.dim, requires_grad=True)
     y0, l0 = loop(x)
@@ -207,3 +208,35 @@ def test_bias_update_sums_counts_across_data_parallel_ranks(tmp_path):
     load = torch.tensor(counts, dtype=torch.float32).sum(0)
     step = TINY.bias_update_rate * torch.sign(load.mean() - load)
     torch.testing.assert_close(b0, step - step.mean())
+
+
+def test_activation_checkpointing_gives_the_same_grads_and_counts_each_route_once():
+    torch.manual_seed(0)
+    plain = Transformer(TINY).train()
+    ckpt = Transformer(TINY).train()
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.checkpoint_blocks = True
+    tokens = torch.randint(0, TINY.vocab_size, (2, 17))
+    grads, counts = [], []
+    for model in (plain, ckpt):
+        loss = model(tokens[:, :-1], tokens[:, 1:])[1]["loss"]
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        counts.append([m.counts.clone() for m in model.modules() if isinstance(m, Gate)])
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+    for a, b in zip(*counts):
+        assert torch.equal(a, b) and a.sum() > 0
+
+
+@pytest.mark.parametrize("impl", ["grouped", "bmm"])
+def test_every_expert_gets_a_gradient_even_when_no_token_chose_it(impl):
+    # Data-parallel ranks must reduce the same gradients whatever their routing.
+    moe = MoE(TINY.model_copy(update={"moe_impl": impl})).train()
+    with torch.no_grad():
+        moe.gate.bias.copy_(torch.tensor([10.0, 10.0] + [-10.0] * (TINY.n_routed_experts - 2)))
+    y, _ = moe(torch.randn(1, 4, TINY.dim))
+    y.sum().backward()
+    assert all(p.grad is not None for p in moe.parameters())
+    assert moe.experts[5].w1.weight.grad.abs().sum() == 0
