@@ -94,6 +94,15 @@ class TrainArgs(Section):
     """Global gradient-norm clip; 0 disables."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage, 0-3."""
+    offload: bool = False
+    """ZeRO CPU offload of the optimizer state (and, at stage 3, of the parameters); needs zero_stage >= 1."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass instead of keeping its activations."""
+    seq_len_start: int = 0
+    """Sequence-length curriculum: start at this many tokens and grow linearly to seq_len over
+    curriculum_steps (multiples of 8); 0 trains at seq_len throughout."""
+    curriculum_steps: int = 0
+    """Steps over which the curriculum grows the sequence length to seq_len."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Training precision."""
     num_workers: int = 2
@@ -229,6 +238,15 @@ class Config(Section):
                     "eval_every", "eval_batches", "num_workers"):
             if getattr(t, key) < 1:
                 raise ValueError(f"train.{key}={getattr(t, key)} must be >= 1")
+        if t.offload and t.zero_stage == 0:
+            raise ValueError("train.offload=True needs train.zero_stage >= 1 (got 0): "
+                             "ZeRO offloads the optimizer state it partitions")
+        if t.seq_len_start:
+            if not 8 <= t.seq_len_start <= t.seq_len:
+                raise ValueError(f"train.seq_len_start={t.seq_len_start} must be in 8..train.seq_len={t.seq_len}")
+            if t.curriculum_steps < 1:
+                raise ValueError(f"train.curriculum_steps={t.curriculum_steps} must be >= 1 "
+                                 "with train.seq_len_start set")
         tu = self.tune
         for key in ("num_samples", "max_steps", "reports"):
             if getattr(tu, key) < 1:

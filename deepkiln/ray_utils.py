@@ -8,16 +8,17 @@ import warnings
 import ray
 
 
-def init_ray(dashboard: bool = False) -> None:
+def init_ray() -> None:
     """Join the cluster a job was submitted to (RAY_ADDRESS, set by `ray job submit`), else start
     a local Ray for this process. A no-op when Ray is already initialised (tests, notebooks).
-    `dashboard` starts the local dashboard too: Ray's state API, which some libraries need, lives there."""
+    The local one starts its dashboard on 127.0.0.1: Ray's state API lives there, and Ray Train's
+    placement-group cleaner (which frees the workers of a stopped Tune trial) needs it."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1")
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def cpus_per_actor(wanted: float, actors: int, field: str) -> float:

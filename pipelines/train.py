@@ -42,19 +42,35 @@ def lr_at(step: int, t: TrainArgs) -> float:
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def seq_len_at(step: int, t: TrainArgs) -> int:
+    """The curriculum's sequence length for `step`: seq_len_start growing linearly to seq_len over
+    curriculum_steps, in multiples of 8; seq_len when the curriculum is off."""
+    if not t.seq_len_start or step >= t.curriculum_steps:
+        return t.seq_len
+    grown = t.seq_len_start + (t.seq_len - t.seq_len_start) * step / t.curriculum_steps
+    return min(t.seq_len, max(8, int(grown) // 8 * 8))
+
+
 def tokens_dir(cfg: Config) -> str:
     return cfg.train.tokens or f"{stage_dir(cfg, 'tokenizer')}/tokens"
 
 
 def deepspeed_config(cfg: Config, world: int) -> dict:
     t = cfg.train
+    zero = {"stage": t.zero_stage}
+    if t.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if t.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": t.batch_size // (world * t.grad_accum),
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": t.dtype == "bfloat16"},
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
+        # Offloaded state is stepped by our torch AdamW (fused), not DeepSpeed's compiled CPU Adam.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
     }
 
@@ -117,9 +133,12 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.run.seed)  # same init on every rank
     data = TokenWindows(tokens_dir(cfg), t.seq_len, t.val_fraction, cfg.run.seed)
     model = Transformer(cfg.model)
+    model.checkpoint_blocks = t.activation_checkpointing
     if t.zero_stage == 3:
         set_z3_leaf_modules(model, [MoE])  # experts run in data-dependent order: gather MoE whole
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
+    # fused: one pass over each parameter tensor (several times faster than the default on CPU).
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay,
+                            fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, t) / t.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, world))
@@ -150,10 +169,11 @@ def train_loop(config: dict) -> None:
             f.write(json.dumps({"event": "start", "step": step, "world": world}) + "\n")
     while step < stop:
         engine.train()
+        length = seq_len_at(step, t)
         for m in range(t.grad_accum):
             first = step * t.batch_size + (m * world + rank) * micro
             x, y = data.train_batch(first, micro)
-            _, aux = engine(x, y)
+            _, aux = engine(x[:, :length], y[:, :length])
             engine.backward(aux["loss"])
             engine.step()
         # Busiest expert over the mean, worst layer, before the bias update resets the counts.
@@ -163,10 +183,12 @@ def train_loop(config: dict) -> None:
         step += 1
         if rank == world - 1 and step == max(1, t.steps // 2):
             kill_once()  # no-op unless a kill test armed it
-        tokens_done += t.batch_size * t.seq_len
+        tokens_done += t.batch_size * length
         loss = aux["lm"].detach().clone()
         dist.all_reduce(loss)
-        metrics = {"step": step, "loss": loss.item() / world, "lr": lr_at(step - 1, t),
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {"step": step, "loss": loss.item() / world, "lr": lr_at(step - 1, t), "seq_len": length,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "tokens_per_s": tokens_done / (time.perf_counter() - start), "expert_imbalance": imbalance,
                    "elapsed": time.perf_counter() - start}
         last = step == stop
@@ -191,7 +213,7 @@ def train_loop(config: dict) -> None:
                 engine.save_checkpoint(tmp, tag=TAG)
                 if rank == 0:
                     save_checkpoint(Path(tmp) / "model", engine.module, cfg.to_dict(), step=step,
-                                    tokens=step * t.batch_size * t.seq_len)
+                                    tokens=sum(t.batch_size * seq_len_at(s, t) for s in range(step)))
                     plot_losses(history, os.path.join(tmp, "loss.png"))
                 # Every rank's files and sizes go into the state file, so a resume can tell a
                 # complete checkpoint from one that lost a rank's upload or was cut short.

@@ -91,6 +91,10 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path, tokens):
         run(tmp_path, tokens, "x", "--model.vocab_size=1024", "--tokenizer.vocab_size=1024")
     with pytest.raises(ValueError, match="train.batch_size=6 is not divisible by train.num_workers=2 x train.grad_accum=2"):
         run(tmp_path, tokens, "x", "--train.batch_size=6", "--train.grad_accum=2")
+    with pytest.raises(ValueError, match="train.offload=True needs train.zero_stage >= 1"):
+        run(tmp_path, tokens, "x", "--train.offload=true", "--train.zero_stage=0")
+    with pytest.raises(ValueError, match="train.seq_len_start=256 must be in 8..train.seq_len=128"):
+        run(tmp_path, tokens, "x", "--train.seq_len_start=256", "--train.curriculum_steps=4")
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tokens):
@@ -121,6 +125,27 @@ def test_zero_stages_give_the_same_loss_curve(tmp_path, tokens):
     assert len(curves[2]) == 16 and curves[2][-1] < curves[2][0] - 0.5
     np.testing.assert_allclose(curves[0], curves[2], atol=1e-3, rtol=0)
     np.testing.assert_allclose(curves[3], curves[2], atol=1e-3, rtol=0)
+
+
+def test_offload_and_activation_checkpointing_keep_the_loss_curve(tmp_path, tokens):
+    # Same math, other placement: the optimizer state on the CPU (ZeRO-3 offloads the parameters too)
+    # and blocks recomputed in the backward pass. fp32, so only reduction order may differ.
+    common = ["--train.steps=8", "--train.checkpoint_every=8", "--train.dtype=float32"]
+    base = run(tmp_path, tokens, "base", *common, "--train.zero_stage=3")
+    moved = run(tmp_path, tokens, "moved", *common, "--train.zero_stage=3", "--train.offload=true",
+                "--train.activation_checkpointing=true")
+    a, b = (np.array([h["loss"] for h in r["history"]]) for r in (base, moved))
+    assert a[-1] < a[0] - 0.3
+    np.testing.assert_allclose(b, a, atol=1e-3, rtol=0)
+
+
+def test_sequence_length_curriculum(tmp_path, tokens):
+    r = run(tmp_path, tokens, "curriculum", "--train.steps=8", "--train.checkpoint_every=8",
+            "--train.seq_len_start=32", "--train.curriculum_steps=4")
+    lengths = [h["seq_len"] for h in r["history"]]
+    assert lengths == [32, 56, 80, 104, 128, 128, 128, 128]
+    assert load_checkpoint(r["model"]).manifest["tokens"] == 16 * sum(lengths)
+    assert r["history"][-1]["loss"] < r["history"][0]["loss"]
 
 
 def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path, tokens, ray_head):
