@@ -11,8 +11,8 @@ checkpoint. Writes <run_dir>/<run.name>/tune/: results.csv, best.yaml (the given
 hyperparameters: `python -m pipelines.train --config .../best.yaml`), trials.png, tune_summary.json,
 and each trial's training output under trials/<trial id>/.
 
-Stopped trials' workers are freed by Ray Train's placement-group cleaner, which needs Ray's state API:
-a local run starts the dashboard for it; clusters have one.
+Stopped trials' workers are freed by Ray Train's placement-group cleaner, which needs Ray's state API
+(the dashboard): clusters and local runs (deepkiln.ray_utils.init_ray) have one.
 """
 
 from __future__ import annotations
@@ -98,8 +98,7 @@ def main(argv=None) -> dict:
     base.train.checkpoint_every = base.train.eval_every = max(1, tu.max_steps // tu.reports)
     for size in SEARCH["train.batch_size"][1]:  # every sampled batch must split over the workers
         check_inputs(with_overrides(base, {"train.batch_size": size}), t.num_workers)
-    # Ray Train's placement-group cleaner frees a stopped trial's workers through the state API.
-    init_ray(dashboard=True)
+    init_ray()
     out = Path(stage_dir(cfg, "tune"))
     out.mkdir(parents=True, exist_ok=True)
     samplers = {"loguniform": tune.loguniform, "choice": tune.choice}
