@@ -284,18 +284,25 @@ def evaluate(engine, data: TokenWindows, batch: int, max_batches: int) -> float:
     return sum(losses) / len(losses)
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy of `cfg` whose local run_dir and token folder are absolute: Ray workers and Tune
+    trials run in folders of their own. URIs are left as they are."""
+    cfg = cfg.model_copy(deep=True)
+    if "://" not in cfg.run.run_dir:
+        cfg.run.run_dir = os.path.abspath(cfg.run.run_dir)
+    if cfg.train.tokens and "://" not in cfg.train.tokens:
+        cfg.train.tokens = os.path.abspath(cfg.train.tokens)
+    return cfg
+
+
 def make_trainer(cfg: Config, callbacks: list | None = None):
     """The TorchTrainer for a resolved config: validated inputs, absolute local paths, storage under
     the run's train folder. A run name already in storage continues unless train.resume is off."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = cfg.model_copy(deep=True)
-    if "://" not in cfg.run.run_dir:  # workers run in their own folders: hand them absolute paths
-        cfg.run.run_dir = os.path.abspath(cfg.run.run_dir)
+    cfg = with_absolute_paths(cfg)
     t = cfg.train
-    if t.tokens and "://" not in t.tokens:
-        t.tokens = os.path.abspath(t.tokens)
     check_inputs(cfg, t.num_workers)
     out = stage_dir(cfg, "train")
     os.makedirs(out, exist_ok=True)

@@ -18,7 +18,6 @@ Stopped trials' workers are freed by Ray Train's placement-group cleaner, which 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -85,14 +84,10 @@ def main(argv=None) -> dict:
     from ray.tune.schedulers import ASHAScheduler
 
     from deepkiln.ray_utils import init_ray
-    from pipelines.train import check_inputs
+    from pipelines.train import check_inputs, with_absolute_paths
 
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    cfg = with_absolute_paths(load_config(sys.argv[1:] if argv is None else argv))
     tu, t = cfg.tune, cfg.train
-    if "://" not in cfg.run.run_dir:  # trials run in their own folders
-        cfg.run.run_dir = os.path.abspath(cfg.run.run_dir)
-    if cfg.train.tokens and "://" not in cfg.train.tokens:
-        cfg.train.tokens = os.path.abspath(cfg.train.tokens)
     base = cfg.model_copy(deep=True)
     base.train.steps = tu.max_steps
     base.train.checkpoint_every = base.train.eval_every = max(1, tu.max_steps // tu.reports)

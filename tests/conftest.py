@@ -34,15 +34,14 @@ def ray_head(tmp_path_factory):
     """A `ray start --head` cluster with token auth on (2 CPUs, dashboard and job server on
     127.0.0.1), beside the in-process one: every port picked free so the two never collide.
     Yields (dashboard URL, environment for the `ray` CLI holding the token). Ended by pid."""
-    ray_cli = RAY_CLI
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
-    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, check=False)
+    subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, capture_output=True, check=False)
     dashboard, gcs = free_port(), free_port()
     url = f"http://127.0.0.1:{dashboard}"
     log_path = tmp_path_factory.mktemp("head") / "head.log"
     log = open(log_path, "w")
     head = subprocess.Popen(  # --block: the head lives as long as this process, which we end by pid
-        [ray_cli, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+        [RAY_CLI, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
          f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
@@ -53,7 +52,7 @@ def ray_head(tmp_path_factory):
         env=env | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"}, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while subprocess.run([ray_cli, "job", "list", "--address", url], env=env,
+        while subprocess.run([RAY_CLI, "job", "list", "--address", url], env=env,
                              capture_output=True).returncode != 0:
             assert time.monotonic() < deadline and head.poll() is None, log_path.read_text()
             time.sleep(2)
