@@ -66,6 +66,9 @@ def test_wrong_type_names_key_and_value():
     (["--tokenizer.vocab_size=8000"], r"tokenizer\.vocab_size=8000 exceeds model\.vocab_size=4096"),
     (["--data.bands=30", "--data.rows=5"], r"data\.bands x data\.rows = 150 exceeds data\.num_perm=128"),
     (["--model.preset=huge"], r"model\.preset='huge'"),
+    (["--train.seq_len_start=16"], r"train\.curriculum_steps=0 must be >= 1"),
+    (["--tune.reports=60", "--tune.max_steps=50"], r"tune\.reports=60 exceeds tune\.max_steps=50"),
+    (["--tune.num_samples=0"], r"tune\.num_samples=0 must be >= 1"),
 ])
 def test_impossible_combinations_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
