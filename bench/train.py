@@ -6,6 +6,8 @@ master weights and optimizer state) does more work per step than it, never less.
     python -m bench.train                         # small preset, bf16, batch 16 x 256, ZeRO-2
     python -m bench.train --preset tiny --steps 6
 
+The plain loop runs twice: in a process with the allocator settings the Ray Train workers get
+(`compute_env`, the baseline for `overhead_vs_plain`) and in this one, with glibc's defaults.
 Tokens are random ids written as a token-shard folder (throughput does not depend on them).
 Tokens/s is one step's tokens over the fastest step after two warm-up steps, for all three alike: on a
 shared machine other tenants only ever slow a step down, and by minutes-long stretches, so the best
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ from deepkiln.config import load_config
 from deepkiln.data import TokenWindows
 from deepkiln.flops import gemm_peak, model_flops_per_token
 from deepkiln.model import Transformer
+from deepkiln.ray_utils import compute_env
 from pipelines import train
 
 WARMUP = 2
@@ -64,6 +69,15 @@ def plain_tokens_per_s(cfg, tokens: Path, steps: int) -> float:
     return t.batch_size * t.seq_len / min(times[WARMUP:])
 
 
+def plain_in_worker_env(opts, tokens: Path) -> float:
+    """plain_tokens_per_s in a fresh process started with the training workers' environment."""
+    argv = [sys.executable, "-m", "bench.train", "--plain-only", str(tokens), "--preset", opts.preset,
+            "--batch", str(opts.batch), "--seq-len", str(opts.seq_len), "--steps", str(opts.steps),
+            "--zero-stage", str(opts.zero_stage)]
+    out = subprocess.run(argv, env={**os.environ, **compute_env()}, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.splitlines()[-1])["tokens_per_s_plain"]
+
+
 def pipeline_tokens_per_s(argv: list[str], workers: int, steps: int, out: Path) -> float:
     cpus = (os.cpu_count() or 1) / workers
     train.main(argv + [f"--train.num_workers={workers}", f"--train.cpus_per_worker={cpus}",
@@ -78,6 +92,14 @@ def tokens_per_step(argv: list[str]) -> int:
     return t.batch_size * t.seq_len
 
 
+def run_args(opts, tokens: Path) -> list[str]:
+    """pipelines.train overrides for the benchmarked model, batch and data (no checkpoints, no evals)."""
+    return ["--model.preset", opts.preset, f"--train.batch_size={opts.batch}", f"--train.seq_len={opts.seq_len}",
+            f"--train.zero_stage={opts.zero_stage}", "--train.dtype=bfloat16", "--train.tokens", str(tokens),
+            "--train.checkpoint_every=100000", "--train.eval_every=100000", "--train.eval_batches=1",
+            "--train.warmup_steps=1", "--train.log_every=1", "--tokenizer.vocab_size=265"]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
@@ -85,35 +107,40 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--plain-only", metavar="TOKENS", help=argparse.SUPPRESS)  # the subprocess baseline
     opts = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
+    if opts.plain_only:
+        cfg = load_config(run_args(opts, Path(opts.plain_only)))
+        print(json.dumps({"tokens_per_s_plain": plain_tokens_per_s(cfg, Path(opts.plain_only), opts.steps)}))
+        return {}
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
         tokens = Path(tmp) / "tokens"
-        args = ["--model.preset", opts.preset, f"--train.batch_size={opts.batch}", f"--train.seq_len={opts.seq_len}",
-                f"--train.zero_stage={opts.zero_stage}", "--train.dtype=bfloat16", "--train.tokens", str(tokens),
-                "--train.checkpoint_every=100000", "--train.eval_every=100000", "--train.eval_batches=1",
-                "--train.warmup_steps=1", "--train.log_every=1"]
-        cfg = load_config(args + ["--tokenizer.vocab_size=265"])
-        args.append("--tokenizer.vocab_size=265")
+        args = run_args(opts, tokens)
+        cfg = load_config(args)
         write_tokens(tokens, cfg.model.vocab_size, (WARMUP + opts.steps + 2) * opts.batch * opts.seq_len * 2)
         peak = gemm_peak(torch.bfloat16)
         with torch.device("meta"):
             flops = model_flops_per_token(Transformer(cfg.model), opts.seq_len)
-        plain = plain_tokens_per_s(cfg, tokens, opts.steps)
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        plain = plain_in_worker_env(opts, tokens)
+        plain_default = plain_tokens_per_s(cfg, tokens, opts.steps)
+        started = not ray.is_initialized()  # tests pass their own local Ray
+        if started:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             one = pipeline_tokens_per_s(args, 1, opts.steps, Path(tmp))
             two = pipeline_tokens_per_s(args, 2, opts.steps, Path(tmp))
         finally:
-            ray.shutdown()
+            if started:
+                ray.shutdown()
     result = {
         "preset": opts.preset, "batch": opts.batch, "seq_len": opts.seq_len, "zero_stage": opts.zero_stage,
         "dtype": "bfloat16", "gemm_peak_flops": round(peak), "model_flops_per_token": flops,
         "tokens_per_s": round(one, 1), "tokens_per_s_2": round(two, 1), "tokens_per_s_plain": round(plain, 1),
         "mfu": round(one * flops / peak, 4), "mfu_2": round(two * flops / peak, 4),
-        "mfu_plain": round(plain * flops / peak, 4),
+        "mfu_plain": round(plain * flops / peak, 4), "tokens_per_s_plain_default_malloc": round(plain_default, 1),
         "overhead_vs_plain": round(plain / one, 3), "scaling_2_vs_1": round(two / one, 3),
     }
     print(json.dumps(result))

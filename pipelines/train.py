@@ -301,6 +301,8 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from deepkiln.ray_utils import compute_env
+
     cfg = with_absolute_paths(cfg)
     t = cfg.train
     check_inputs(cfg, t.num_workers)
@@ -318,7 +320,7 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
         run_config=RunConfig(name=cfg.run.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-                             callbacks=callbacks))
+                             callbacks=callbacks, worker_runtime_env={"env_vars": compute_env()}))
     return trainer, out
 
 

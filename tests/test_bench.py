@@ -29,3 +29,15 @@ def test_flops_per_token_counts_mtp_and_attention():
     attn = 3 * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * 256
     assert f0 == 6 * active + a.n_layers * attn
     assert f > f0 + 6 * m.head.weight.numel()
+
+
+@pytest.mark.slow
+def test_bench_train_prints_its_figures(ray_local, capsys):
+    from bench import train as bench_train
+
+    r = bench_train.main(["--preset", "tiny", "--steps", "1", "--batch", "4", "--seq-len", "32"])
+    for key in ("tokens_per_s", "tokens_per_s_2", "tokens_per_s_plain", "tokens_per_s_plain_default_malloc",
+                "mfu", "overhead_vs_plain", "scaling_2_vs_1"):
+        assert r[key] > 0, key
+    assert r["overhead_vs_plain"] == pytest.approx(r["tokens_per_s_plain"] / r["tokens_per_s"], rel=0.01)
+    assert '"overhead_vs_plain"' in capsys.readouterr().out
