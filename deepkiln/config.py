@@ -165,6 +165,10 @@ class QuantArgs(Section):
     """Serving weight format."""
     keep: list[str] = ["embed", "head", "gate"]
     """Module names kept in bf16."""
+    source: str = ""
+    """Checkpoint pipelines.quantize reads; empty: <run_dir>/<run.name>/train/model."""
+    double_quant: bool = False
+    """nf4: quantize the per-block scales too (saves 0.4 bit/weight; adds a 1 KiB table per layer)."""
 
 
 class ServeArgs(Section):
@@ -172,10 +176,34 @@ class ServeArgs(Section):
     """HTTP bind address."""
     port: int = 8000
     """HTTP port."""
+    model_name: str = "deepkiln"
+    """Model id clients name in requests and see in /v1/models."""
+    artifact: str = ""
+    """Quantized artifact the replicas load; empty: <run_dir>/<run.name>/quantize/<quant.format>."""
+    tokenizer: str = ""
+    """Tokenizer model file; empty: <run_dir>/<run.name>/tokenizer/tokenizer.model."""
+    replicas: int = 1
+    """LLMServer replicas."""
+    replica_cpus: float = 1.0
+    """CPUs per LLMServer replica (torch threads follow it)."""
     max_batch: int = 8
     """Sequences decoded together by one replica."""
+    max_step_tokens: int = 0
+    """Tokens one engine step computes at most (decodes + prefills); 0: the context length."""
+    max_queue: int = 64
+    """Requests waiting for a batch slot per replica; beyond it: 503 with Retry-After."""
     max_tokens: int = 256
     """Default and upper bound on completion tokens per request."""
+    max_n: int = 4
+    """Upper bound on completions per request (`n`)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted; beyond it: 413."""
+    request_timeout_s: float = 60.0
+    """A request not finished in this time gets 408 and its generation is cancelled."""
+    api_key_env: str = "DEEPKILN_API_KEY"
+    """Environment variable holding the API key; unset or empty: no key."""
+    api_key_file: str = ""
+    """File holding the API key (wins over the environment variable)."""
 
 
 class OnlineArgs(Section):
@@ -247,6 +275,15 @@ class Config(Section):
             if t.curriculum_steps < 1:
                 raise ValueError(f"train.curriculum_steps={t.curriculum_steps} must be >= 1 "
                                  "with train.seq_len_start set")
+        sv = self.serve
+        for key in ("replicas", "max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes"):
+            if getattr(sv, key) < 1:
+                raise ValueError(f"serve.{key}={getattr(sv, key)} must be >= 1")
+        if sv.replica_cpus <= 0 or sv.request_timeout_s <= 0:
+            raise ValueError(f"serve.replica_cpus={sv.replica_cpus} and serve.request_timeout_s="
+                             f"{sv.request_timeout_s} must be > 0")
+        if sv.max_step_tokens and sv.max_step_tokens < sv.max_batch:
+            raise ValueError(f"serve.max_step_tokens={sv.max_step_tokens} must be 0 or >= serve.max_batch={sv.max_batch}")
         tu = self.tune
         for key in ("num_samples", "max_steps", "reports"):
             if getattr(tu, key) < 1:

@@ -4,8 +4,10 @@
     done = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=32, temperature=0.8, seed=0))
 
 The cache keeps only what MLA needs: per token and layer the normed latent c_kv (kv_lora_rank) and
-the rope key (qk_rope_head_dim). Requests join and leave at any step: a new one is prefilled into
-a free slot on its own, then decoded together with every running request.
+the rope key (qk_rope_head_dim). Requests join and leave at any step (continuous batching): a new
+one is prefilled into a free slot on its own, then decoded together with every running request.
+A step computes at most `max_step_tokens` tokens (decodes first, then prefills in arrival order),
+which bounds its activation memory; `cancel` frees a request's slot at once.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     slot: int = -1
     generator: torch.Generator | None = None
 
@@ -125,10 +127,14 @@ class Engine:
     """Runs requests through a model with a shared LatentCache; `step()` advances every request."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_len: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, max_step_tokens: int | None = None):
         self.model = model.eval()
         param = next(model.parameters())
         self.max_len = max_len or model.args.max_seq_len
+        self.max_step_tokens = max_step_tokens or self.max_len
+        if self.max_step_tokens < max_batch:
+            raise ValueError(f"max_step_tokens={self.max_step_tokens} must be >= max_batch={max_batch}: "
+                             "every running request decodes one token per step")
         self.cache = LatentCache(model.args, max_batch, self.max_len, dtype or param.dtype, param.device)
         self.free = list(range(max_batch))
         self.waiting: deque[Request] = deque()
@@ -140,6 +146,8 @@ class Engine:
             raise ValueError("prompt is empty: it needs at least one token")
         if len(prompt) >= self.max_len:
             raise ValueError(f"prompt has {len(prompt)} tokens; the limit is max_len - 1 = {self.max_len - 1}")
+        if len(prompt) > self.max_step_tokens:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the limit is max_step_tokens = {self.max_step_tokens}")
         if any(not 0 <= t < self.model.args.vocab_size for t in prompt):
             raise ValueError(f"prompt has token ids outside 0..{self.model.args.vocab_size - 1}")
         gen = None
@@ -149,13 +157,27 @@ class Engine:
         self.waiting.append(req)
         return req
 
+    def cancel(self, req: Request) -> None:
+        """Stop `req` now: it leaves the queue, or the batch with its slot freed."""
+        if req.done:
+            return
+        req.finish_reason = "cancelled"
+        if req in self.running:
+            self.running.remove(req)
+            self.free.append(req.slot)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
     @torch.no_grad()
     def step(self) -> list[Request]:
-        """Admit waiting requests into free slots (prefill), then decode one token for the rest.
-        Returns the requests that finished in this step; their slots are free again."""
+        """Decode one token for every running request, and prefill waiting requests into free slots
+        while the step's token budget lasts. Returns the requests that finished in this step; their
+        slots are free again."""
         decoding = list(self.running)
-        while self.waiting and self.free:
+        budget = self.max_step_tokens - len(decoding)
+        while self.waiting and self.free and len(self.waiting[0].prompt) <= budget:
             req = self.waiting.popleft()
+            budget -= len(req.prompt)
             req.slot = self.free.pop()
             self.cache.reset([req.slot])
             self.cache.select([req.slot])

@@ -112,3 +112,44 @@ def test_bad_prompts_are_refused(model):
         engine.add(list(range(8)))
     with pytest.raises(ValueError, match="outside"):
         engine.add([TINY.vocab_size])
+
+
+def test_continuous_batching_short_request_finishes_first_with_its_solo_output(model):
+    greedy = SamplingParams(max_tokens=24, temperature=0)
+    short_params = SamplingParams(max_tokens=4, temperature=0)
+    long_alone = Engine(model, max_batch=2, max_len=64).generate([[9, 8, 7, 6, 5]], greedy)[0].output
+    short_alone = Engine(model, max_batch=2, max_len=64).generate([[11, 12]], short_params)[0].output
+    engine = Engine(model, max_batch=2, max_len=64)
+    long, short = engine.add([9, 8, 7, 6, 5], greedy), engine.add([11, 12], short_params)
+    finished = []
+    while engine.waiting or engine.running:
+        finished += engine.step()
+    assert finished == [short, long]
+    assert long.output == long_alone and short.output == short_alone
+    # A request joining a running batch mid-way decodes as it would alone, too.
+    engine = Engine(model, max_batch=2, max_len=64)
+    long = engine.add([9, 8, 7, 6, 5], greedy)
+    for _ in range(5):
+        engine.step()
+    late = engine.add([11, 12], short_params)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert long.output == long_alone and late.output == short_alone
+
+
+def test_token_budget_bounds_each_step_and_cancel_frees_the_slot(model):
+    engine = Engine(model, max_batch=3, max_len=64, max_step_tokens=10)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    a, b, c = (engine.add(list(range(1, 7)), params) for _ in range(3))  # 6 prompt tokens each
+    engine.step()
+    assert engine.running == [a] and list(engine.waiting) == [b, c]  # 6 + 6 > 10: b waits
+    engine.step()
+    assert engine.running == [a, b]                                   # 1 decode + 6 <= 10
+    engine.cancel(a)
+    assert a.finish_reason == "cancelled" and a not in engine.running and len(engine.free) == 2
+    engine.cancel(c)
+    assert not engine.waiting
+    with pytest.raises(ValueError, match="max_step_tokens = 10"):
+        engine.add(list(range(1, 12)), params)
+    with pytest.raises(ValueError, match="max_batch=3"):
+        Engine(model, max_batch=3, max_step_tokens=2)

@@ -1,0 +1,103 @@
+"""Quantize: the serving artifacts of a trained model in bf16, int8 and nf4, and a report comparing them.
+
+    python -m pipelines.quantize --config configs/tiny.yaml [--quant.source=path/to/checkpoint]
+    ray job submit --working-dir . -- python -m pipelines.quantize --config configs/small.yaml
+
+Reads the training export <run_dir>/<run.name>/train/model (or `quant.source`) and the held-out
+windows of the tokenizer stage's token shards, and writes <run_dir>/<run.name>/quantize/:
+{bf16,int8,nf4}/ (checkpoint folders that `deepkiln.quantize.load_quantized` reads; Serve loads the
+one `quant.format` names) and report.json with, per format, bytes on disk and in memory, the bytes
+of the quantized layers' weights, held-out perplexity and its change against bf16, and greedy
+decode tokens/s on this machine. On CPU quantization buys memory, not speed: the report shows both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from deepkiln.checkpoint import load_checkpoint, save_checkpoint
+from deepkiln.config import Config, QuantArgs, load_config, stage_dir
+from deepkiln.data import TokenWindows
+from deepkiln.engine import Engine, SamplingParams
+from deepkiln.model import Transformer
+from deepkiln.quantize import apply_quantization, linear_weight_bytes, model_bytes, target_names
+
+FORMATS = ("bf16", "int8", "nf4")
+DECODE_PROMPT, DECODE_TOKENS, DECODE_BATCH = 32, 32, 4
+
+
+def source_dir(cfg: Config) -> str:
+    return cfg.quant.source or f"{stage_dir(cfg, 'train')}/model"
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, data: TokenWindows, batch: int, max_batches: int) -> float:
+    """exp of the mean LM loss over the held-out windows."""
+    losses = [model(x, y)[1]["lm"].item() for x, y in data.val_batches(batch, max_batches)]
+    if not losses:
+        raise ValueError("the token shards hold no held-out window: lower train.seq_len or raise train.val_fraction")
+    return math.exp(sum(losses) / len(losses))
+
+
+def decode_tokens_per_s(model: Transformer, data: TokenWindows) -> float:
+    """Greedy decoding of DECODE_BATCH held-out prompts together, in generated tokens per second."""
+    x, _ = next(data.val_batches(DECODE_BATCH, 1))
+    prompts = [row[:DECODE_PROMPT].tolist() for row in x]
+    engine = Engine(model, max_batch=len(prompts), max_len=DECODE_PROMPT + DECODE_TOKENS + 1)
+    engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    start = time.perf_counter()
+    done = engine.generate(prompts, SamplingParams(max_tokens=DECODE_TOKENS, temperature=0))
+    return sum(len(r.output) for r in done) / (time.perf_counter() - start)
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def main(argv=None) -> dict:
+    from pipelines.train import tokens_dir
+
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    src = load_checkpoint(source_dir(cfg), cfg.model)
+    data = TokenWindows(tokens_dir(cfg), cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"token shards hold ids up to {data.vocab_size - 1}: model.vocab_size={cfg.model.vocab_size} is too small")
+    out = Path(stage_dir(cfg, "quantize"))
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"source": source_dir(cfg), "step": src.manifest.get("step"), "formats": {}}
+    with torch.device("meta"):
+        names = target_names(Transformer(cfg.model), cfg.quant.keep)
+    for fmt in FORMATS:
+        args = QuantArgs(**{**cfg.quant.model_dump(), "format": fmt})
+        model = Transformer(cfg.model)
+        model.load_state_dict(src.state_dict, strict=True)
+        model = apply_quantization(model, args)
+        # Saved before any forward: what is served is exactly what was quantized.
+        path = save_checkpoint(out / fmt, model, {**cfg.to_dict(), "quant": args.model_dump()},
+                               step=src.manifest.get("step", 0), tokens=src.manifest.get("tokens", 0))
+        ppl = perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches)
+        report["formats"][fmt] = {
+            "path": str(path), "bytes_on_disk": disk_bytes(path), "bytes_in_memory": model_bytes(model),
+            "linear_bytes": linear_weight_bytes(model, names), "perplexity": round(ppl, 4),
+            "decode_tokens_per_s": round(decode_tokens_per_s(model, data), 1),
+        }
+        print(f"quantize: {fmt} {report['formats'][fmt]}", flush=True)
+    base = report["formats"]["bf16"]
+    for fmt, r in report["formats"].items():
+        r["perplexity_change"] = round(r["perplexity"] / base["perplexity"] - 1, 4)
+        r["linear_bytes_vs_bf16"] = round(base["linear_bytes"] / r["linear_bytes"], 3)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"quantize: report -> {out / 'report.json'}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

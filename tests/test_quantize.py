@@ -1,0 +1,85 @@
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from deepkiln.checkpoint import save_checkpoint
+from deepkiln.config import Config, QuantArgs
+from deepkiln.engine import Engine, SamplingParams
+from deepkiln.model import Transformer
+from deepkiln.quantize import apply_quantization, linear_weight_bytes, load_quantized, quantized_layers
+
+LAYER = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
+
+
+def KEPT(name):  # the default keep list, plus wkv_b (the absorbed attention path reads its matrix)
+    return name == "head" or {"gate", "wkv_b"} & set(name.split("."))
+
+
+def tiny():
+    torch.manual_seed(0)
+    return Transformer(Config().model)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_linear_layers_become_bitsandbytes_layers_except_the_kept_ones(fmt):
+    base = tiny()
+    names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
+    bf16_bytes = linear_weight_bytes(base.to(torch.bfloat16), [n for n in names if not KEPT(n)])
+    model = apply_quantization(tiny(), QuantArgs(format=fmt))
+    quantized = quantized_layers(model)
+    kept = [n for n in names if n not in quantized]
+    assert all(isinstance(m, LAYER[fmt]) for m in quantized.values())
+    assert sorted(kept) == sorted(n for n in names if KEPT(n))
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in kept)
+    weight = next(iter(quantized.values())).weight
+    assert weight.dtype == (torch.int8 if fmt == "int8" else torch.uint8)
+    q_bytes = linear_weight_bytes(model, list(quantized))
+    assert q_bytes < bf16_bytes / (1.8 if fmt == "int8" else 3.0), (q_bytes, bf16_bytes)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_quantized_logits_stay_close_and_the_artifact_round_trips(tmp_path, fmt):
+    tokens = torch.randint(0, 4096, (2, 24))
+    ref = tiny().to(torch.bfloat16).eval()
+    model = apply_quantization(tiny(), QuantArgs(format=fmt))
+    cfg = Config(quant=QuantArgs(format=fmt)).to_dict()
+    with torch.no_grad():
+        b = model(tokens)[0].float()  # a forward before saving must not change what is saved
+    save_checkpoint(tmp_path / "q", model, cfg)
+    loaded, ckpt = load_quantized(tmp_path / "q")
+    assert quantized_layers(loaded).keys() == quantized_layers(model).keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with torch.no_grad():
+        a, c = ref(tokens)[0].float(), loaded(tokens)[0].float()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.5
+    assert (a - b).abs().mean() < 0.1 * a.abs().mean() + 0.05
+    assert torch.equal(c, b)  # the artifact serves exactly what was quantized
+    out = Engine(loaded, max_batch=1, max_len=64).generate([tokens[0, :8].tolist()],
+                                                          SamplingParams(max_tokens=5, temperature=0))
+    assert len(out[0].output) == 5 and out[0].finish_reason == "length"
+
+
+def test_nothing_to_quantize_is_an_error():
+    with pytest.raises(ValueError, match="leaves no linear layer"):
+        apply_quantization(tiny(), QuantArgs(format="nf4", keep=["layers", "head", "mtp"]))
+
+
+def test_pipeline_writes_three_artifacts_and_a_report(tmp_path):
+    import json
+
+    from pipelines import quantize
+    from tests.serving_run import make_run
+
+    report = quantize.main(make_run(tmp_path))
+    formats = report["formats"]
+    assert set(formats) == {"bf16", "int8", "nf4"}
+    assert json.loads((tmp_path / "served" / "quantize" / "report.json").read_text()) == report
+    for fmt, r in formats.items():
+        model, _ = load_quantized(r["path"])
+        assert bool(quantized_layers(model)) == (fmt != "bf16")
+        assert r["decode_tokens_per_s"] > 0 and r["bytes_on_disk"] > 0
+    # The trained model beats chance (vocab 512) by far, and quantization costs little of it.
+    assert formats["bf16"]["perplexity"] < 100
+    assert abs(formats["int8"]["perplexity_change"]) < 0.05 and abs(formats["nf4"]["perplexity_change"]) < 0.2
+    assert formats["nf4"]["linear_bytes_vs_bf16"] > 3 and formats["int8"]["linear_bytes_vs_bf16"] > 1.8
+    assert formats["nf4"]["bytes_in_memory"] < formats["int8"]["bytes_in_memory"] < formats["bf16"]["bytes_in_memory"]
