@@ -69,6 +69,9 @@ def test_wrong_type_names_key_and_value():
     (["--train.seq_len_start=16"], r"train\.curriculum_steps=0 must be >= 1"),
     (["--tune.reports=60", "--tune.max_steps=50"], r"tune\.reports=60 exceeds tune\.max_steps=50"),
     (["--tune.num_samples=0"], r"tune\.num_samples=0 must be >= 1"),
+    (["--serve.max_queue=0"], r"serve\.max_queue=0 must be >= 1"),
+    (["--serve.replica_cpus=0"], r"serve\.replica_cpus=0\.0"),
+    (["--serve.max_step_tokens=4"], r"serve\.max_step_tokens=4 must be 0 or >= serve\.max_batch=8"),
 ])
 def test_impossible_combinations_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,311 @@
+"""The Serve application over real HTTP: the official openai client, greedy equality with the engine,
+quantized replicas, bad input, overload, timeouts and the API key."""
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from openai import OpenAI
+
+from deepkiln.config import load_config
+from deepkiln.engine import Engine, SamplingParams
+from deepkiln.quantize import load_quantized
+from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from pipelines import quantize
+from tests.ray_cluster import free_port
+from tests.serving_run import make_run
+
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
+MODEL = "deepkiln"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A trained tiny model quantized to bf16, int8 and nf4, and its tokenizer."""
+    root = tmp_path_factory.mktemp("serve")
+    argv = make_run(root)
+    report = quantize.main(argv)
+    return {"argv": argv, "report": report, "tokenizer": Tokenizer.load(root / "served/tokenizer/tokenizer.model")}
+
+
+@pytest.fixture(scope="module")
+def http(run):
+    """Serve on a free port of 127.0.0.1 for this module; `deploy(*overrides)` (re)deploys the app
+    with a config and returns the base URL."""
+    from ray import serve
+
+    from serve.app import build
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def deploy(*overrides):
+        cfg = load_config(run["argv"] + ["--serve.replica_cpus=0.5", *overrides])
+        serve.run(build(cfg), name="deepkiln", route_prefix="/")
+        return f"http://127.0.0.1:{port}"
+
+    yield deploy
+    serve.shutdown()
+
+
+def handle(name):
+    from ray import serve
+
+    return serve.get_deployment_handle(name, app_name="deepkiln")
+
+
+def post(url, body, **kw):
+    return requests.post(url, data=body if isinstance(body, bytes) else json.dumps(body),
+                         headers={"Content-Type": "application/json", **kw.pop("headers", {})}, timeout=120, **kw)
+
+
+def test_openai_client_lists_completes_chats_and_streams(http, run):
+    client = OpenAI(base_url=http("--quant.format=bf16") + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+    c = client.completions.create(model=MODEL, prompt="The people", max_tokens=8, temperature=0)
+    assert c.id.startswith("cmpl-") and c.model == MODEL and c.system_fingerprint.startswith("bf16-")
+    prompt_tokens = 1 + len(run["tokenizer"].encode("The people"))
+    assert c.usage.prompt_tokens == prompt_tokens
+    assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 8 or \
+        c.choices[0].finish_reason == "stop" and c.usage.completion_tokens < 8
+
+    messages = [{"role": "user", "content": "Tell me about the river"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert chat.id.startswith("chatcmpl-") and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == len(run["tokenizer"].apply_chat_template(messages))
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert len({ch.id for ch in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-") and chunks[0].id != chat.id
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == chat.choices[0].message.content  # greedy: streamed and whole answers agree
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == chat.usage.model_dump()
+    finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finish == [chat.choices[0].finish_reason]
+
+    raw = post(str(client.base_url).rstrip("/") + "/chat/completions",
+               {"model": MODEL, "messages": messages, "max_tokens": 3, "stream": True})
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_greedy_through_serve_equals_the_engine(http, run):
+    url = http("--quant.format=bf16")
+    tok = run["tokenizer"]
+    model, _ = load_quantized(run["report"]["formats"]["bf16"]["path"])
+    engine = Engine(model, max_batch=2, max_len=model.args.max_seq_len)
+    for prompt in ("The people", "A river and a bridge"):
+        req = engine.generate([[BOS_ID, *tok.encode(prompt)]],
+                              SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(EOS_ID,)))[0]
+        r = post(url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == tok.decode(req.output)
+        assert r.json()["usage"]["completion_tokens"] == len(req.output)
+
+
+@pytest.mark.parametrize("fmt, layer", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
+def test_quantized_replicas_run_bitsandbytes_layers(http, run, fmt, layer):
+    url = http(f"--quant.format={fmt}")
+    info = handle("LLMServer").info.remote().result()
+    assert info["version"].startswith(f"{fmt}-") and info["layers"].get(layer, 0) > 0
+    assert info["weight_bytes"] == run["report"]["formats"][fmt]["bytes_in_memory"]
+    assert info["weight_bytes"] < run["report"]["formats"]["bf16"]["bytes_in_memory"]
+    r = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200 and r.json()["system_fingerprint"] == info["version"]
+
+
+def test_bad_input_is_a_4xx_naming_the_field(http, run):
+    url = http("--quant.format=bf16", "--serve.max_body_bytes=20000", "--serve.max_tokens=64")
+    pid = handle("OpenAIIngress").pid.remote().result()
+    ok = {"model": MODEL, "prompt": "The people"}
+    context = load_config(run["argv"]).model.max_seq_len
+    words = 1
+    while len(run["tokenizer"].encode("river " * words)) < context - 40:
+        words += 1
+    fits = "river " * words  # fits the context alone, not with 64 more tokens
+    cases = [  # body, status, words the message must hold
+        (b'{"model": "deepkiln", "prompt": ', 400, "JSON"),
+        (b'\xff\xfe{"model": 1}', 400, "UTF-8"),
+        (b'[1, 2]', 400, "object"),
+        ({"prompt": "x"}, 400, "model"),
+        ({"model": MODEL}, 400, "prompt"),
+        ({**ok, "prompt": 7}, 400, "prompt"),
+        ({**ok, "max_tokens": "ten"}, 400, "max_tokens"),
+        ({**ok, "model": "gpt-4"}, 404, "gpt-4"),
+        ({**ok, "max_tokens": -1}, 400, "max_tokens"),
+        ({**ok, "max_tokens": 10 ** 9}, 400, "max_tokens"),
+        ({**ok, "temperature": 2.5}, 400, "temperature"),
+        ({**ok, "top_p": 0}, 400, "top_p"),
+        ({**ok, "n": 99}, 400, "n="),
+        ({**ok, "stop": [""]}, 400, "stop"),
+        ({**ok, "prompt": fits * 2}, 400, "context length"),
+        ({**ok, "prompt": "x" * 30000}, 413, "max_body_bytes"),
+    ]
+    for body, status, words in cases:
+        r = post(url + "/v1/completions", body)
+        assert r.status_code == status, (body if isinstance(body, bytes) else str(body)[:80], r.text)
+        err = r.json()["error"]
+        assert words in err["message"] and err["type"], (words, err)
+    messages = {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}
+    r = post(url + "/v1/chat/completions", messages)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+    over = post(url + "/v1/completions", {**ok, "prompt": fits, "max_tokens": 64})
+    assert over.status_code == 400 and "max_tokens is 64" in over.json()["error"]["message"], over.text
+    assert handle("OpenAIIngress").pid.remote().result() == pid  # the replica survived all of it
+    assert post(url + "/v1/completions", {**ok, "max_tokens": 2}).status_code == 200
+
+
+def test_overload_gets_503_quickly_and_the_rest_complete(http):
+    url = http("--quant.format=bf16", "--serve.max_batch=1", "--serve.max_queue=1")
+
+    def one(_):
+        start = time.perf_counter()
+        r = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 48,
+                                           "temperature": 0})
+        return r.status_code, r.headers.get("retry-after"), time.perf_counter() - start
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(12)))
+    codes = [c for c, _, _ in results]
+    assert set(codes) == {200, 503}, codes
+    assert all(ra == "1" for c, ra, _ in results if c == 503)
+    rejected = max(t for c, _, t in results if c == 503)
+    served = sorted(t for c, _, t in results if c == 200)
+    assert rejected < served[-1]  # turned away without waiting for a slot
+
+
+def test_a_request_over_its_time_gets_408(http):
+    url = http("--quant.format=bf16", "--serve.request_timeout_s=0.05")
+    body = {"model": MODEL, "prompt": "The people", "max_tokens": 200, "temperature": 0}
+    r = post(url + "/v1/completions", body)
+    assert r.status_code == 408 and "request_timeout_s" in r.json()["error"]["message"]
+    # Streamed: a 408 if even the first token is late; once the 200 went out, an error event ends it.
+    streamed = post(url + "/v1/completions", {**body, "stream": True})
+    if streamed.status_code != 408:
+        events = [line for line in streamed.text.splitlines() if line]
+        assert streamed.status_code == 200 and "data: [DONE]" not in events
+        assert json.loads(events[-1][len("data: "):])["error"]["code"] == "timeout"
+
+
+def test_api_key_guards_every_route_but_health(http, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("s3cret-key\n")
+    url = http("--quant.format=bf16", f"--serve.api_key_file={key}")
+    body = {"model": MODEL, "prompt": "The people", "max_tokens": 2}
+    assert requests.get(url + "/health", timeout=30).status_code == 200
+    assert requests.get(url + "/v1/models", timeout=30).status_code == 401
+    assert post(url + "/v1/completions", body).status_code == 401
+    wrong = post(url + "/v1/completions", body, headers={"Authorization": "Bearer s3cret-kez"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert post(url + "/v1/completions", body, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+    client = OpenAI(base_url=url + "/v1", api_key="s3cret-key")
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def expected_text(run, fmt, prompt, max_tokens):
+    model, _ = load_quantized(run["report"]["formats"][fmt]["path"])
+    req = Engine(model, max_batch=1).generate([[BOS_ID, *run["tokenizer"].encode(prompt)]],
+                                              SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                             stop_token_ids=(EOS_ID,)))[0]
+    return run["tokenizer"].decode(req.output)
+
+
+def test_version_switch_under_load_drops_nothing(http, run):
+    """Redeployed with serve.run, Serve replaces the replicas (a rolling update); `serve deploy` of a
+    changed user_config reconfigures them in place (test_reconfigure_*)."""
+    from ray import serve
+
+    from serve.app import build
+
+    url = http("--quant.format=bf16")
+    before = handle("LLMServer").info.remote().result()
+    body = {"model": MODEL, "prompt": "The people", "max_tokens": 24, "temperature": 0}
+    want = {fmt: expected_text(run, fmt, "The people", 24) for fmt in ("bf16", "nf4")}
+
+    def one(i):
+        if i == 8:  # publish the nf4 artifact while requests are in flight
+            cfg = load_config(run["argv"] + ["--quant.format=bf16", "--serve.replica_cpus=0.5"])
+            serve.run(build(cfg, artifact=run["report"]["formats"]["nf4"]["path"]), name="deepkiln", route_prefix="/")
+        return post(url + "/v1/completions", body)
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(one, range(20)))
+    assert [r.status_code for r in responses] == [200] * 20
+    after = handle("LLMServer").info.remote().result()
+    assert after["version"].startswith("nf4-")
+    seen = {r.json()["system_fingerprint"] for r in responses}
+    assert before["version"] in seen
+    for r in responses:  # each answer is what the version it names produces
+        fmt = "bf16" if r.json()["system_fingerprint"] == before["version"] else "nf4"
+        assert r.json()["system_fingerprint"] in (before["version"], after["version"])
+        assert r.json()["choices"][0]["text"] == want[fmt]
+    last = post(url + "/v1/completions", body).json()
+    assert last["system_fingerprint"] == after["version"] and last["choices"][0]["text"] == want["nf4"]
+
+
+def test_killed_replica_is_replaced_and_the_load_finishes_with_retries(http):
+    import os
+    import signal
+
+    url = http("--quant.format=bf16")
+    victim = handle("LLMServer").info.remote().result()["pid"]
+    failures = []
+
+    def one(i):
+        if i == 6:
+            os.kill(victim, signal.SIGKILL)
+        for attempt in range(60):  # a client that retries failed requests, as OpenAI's own does
+            try:
+                r = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 16})
+            except requests.ConnectionError as e:
+                failures.append(repr(e))
+            else:
+                if r.status_code == 200:
+                    return attempt
+                assert r.status_code >= 500, r.text  # never a 4xx for a good request
+                failures.append(r.status_code)
+            time.sleep(0.5)
+        raise AssertionError(f"request {i} never succeeded: {failures}")
+
+    with ThreadPoolExecutor(4) as pool:
+        attempts = list(pool.map(one, range(24)))
+    assert len(attempts) == 24
+    assert handle("LLMServer").info.remote().result()["pid"] != victim  # Serve replaced the replica
+
+
+def test_reconfigure_switches_versions_and_in_flight_requests_finish_on_theirs(run):
+    import asyncio
+
+    from serve.app import resolved
+    from serve.llm import LLMServer
+
+    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16"]))
+    prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
+    params = {"max_tokens": 24, "temperature": 0, "stop_token_ids": (EOS_ID,)}
+    want = {fmt: expected_text(run, fmt, "The people", 24) for fmt in ("bf16", "nf4")}
+
+    async def collect(server, started=None):
+        items = []
+        async for batch in server.generate(prompt, params):
+            items += batch
+            if started and any("token" in item for item in batch):
+                started.set()
+        tokens = [i["token"] for i in items if "token" in i]
+        return items[0]["version"], run["tokenizer"].decode(tokens)
+
+    async def scenario():
+        server = LLMServer(cfg.to_dict())
+        started = asyncio.Event()
+        in_flight = asyncio.create_task(collect(server, started))
+        await asyncio.wait_for(started.wait(), 60)  # the bf16 request is decoding
+        await server.reconfigure({"artifact": run["report"]["formats"]["nf4"]["path"]})
+        new = await collect(server)
+        return await in_flight, new, server.info()
+
+    (old_version, old_text), (new_version, new_text), info = asyncio.run(scenario())
+    assert old_version.startswith("bf16-") and old_text == want["bf16"]
+    assert new_version.startswith("nf4-") and new_text == want["nf4"] and info["version"] == new_version
+    assert info["layers"].get("Linear4bit", 0) > 0 and info["running"] == 0
