@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
 
     from pipelines import quantize
     from serve.app import build
+    from tests.ray_cluster import free_port
     from tests.serving_run import make_run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
         result["linear_bytes_ratio_nf4"] = round(report["bf16"]["linear_bytes"] / report["nf4"]["linear_bytes"], 3)
 
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        port = 8000 + os.getpid() % 1000
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             for fmt in opts.formats:

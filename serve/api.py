@@ -38,9 +38,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 @app.exception_handler(APIError)
@@ -308,8 +310,7 @@ class OpenAIIngress:
                 else:
                     yield chunk([{"index": index, "text": delta, "finish_reason": finish, "logprobs": None}])
         except APIError as e:
-            error = {"message": e.message, "type": e.type, "param": e.param, "code": e.code}
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            yield f"data: {json.dumps(e.body())}\n\n"
             return
         self._record(infos, start)
         completion = sum(i["completion_tokens"] for i in infos)

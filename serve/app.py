@@ -19,7 +19,7 @@ import time
 from ray import serve
 
 from deepkiln.config import Config, load_config
-from serve.api import OpenAIIngressDeployment
+from serve.api import OpenAIIngressDeployment, tokenizer_path
 from serve.llm import LLMServerDeployment, artifact_path
 
 
@@ -34,8 +34,6 @@ def llm_options(cfg: Config, artifact: str | None = None) -> dict:
 def resolved(cfg: Config) -> Config:
     """A copy of `cfg` whose artifact and tokenizer are absolute paths: replicas run in folders of
     their own."""
-    from serve.api import tokenizer_path
-
     cfg = cfg.model_copy(deep=True)
     cfg.serve.artifact, cfg.serve.tokenizer = (p if "://" in p else os.path.abspath(p)
                                                for p in (artifact_path(cfg), tokenizer_path(cfg)))

@@ -92,18 +92,27 @@ def test_openai_client_lists_completes_chats_and_streams(http, run):
     assert raw.text.rstrip().endswith("data: [DONE]")
 
 
+def engine_output(run, fmt, prompt, max_tokens) -> list[int]:
+    """Greedy completion token ids of `prompt` from the engine directly, on the `fmt` artifact."""
+    model, _ = load_quantized(run["report"]["formats"][fmt]["path"])
+    req = Engine(model, max_batch=1).generate([[BOS_ID, *run["tokenizer"].encode(prompt)]],
+                                              SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                             stop_token_ids=(EOS_ID,)))[0]
+    return req.output
+
+
+def expected_text(run, fmt, prompt, max_tokens) -> str:
+    return run["tokenizer"].decode(engine_output(run, fmt, prompt, max_tokens))
+
+
 def test_greedy_through_serve_equals_the_engine(http, run):
     url = http("--quant.format=bf16")
-    tok = run["tokenizer"]
-    model, _ = load_quantized(run["report"]["formats"]["bf16"]["path"])
-    engine = Engine(model, max_batch=2, max_len=model.args.max_seq_len)
     for prompt in ("The people", "A river and a bridge"):
-        req = engine.generate([[BOS_ID, *tok.encode(prompt)]],
-                              SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(EOS_ID,)))[0]
+        output = engine_output(run, "bf16", prompt, 12)
         r = post(url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0})
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == tok.decode(req.output)
-        assert r.json()["usage"]["completion_tokens"] == len(req.output)
+        assert r.json()["choices"][0]["text"] == run["tokenizer"].decode(output)
+        assert r.json()["usage"]["completion_tokens"] == len(output)
 
 
 @pytest.mark.parametrize("fmt, layer", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
@@ -203,14 +212,6 @@ def test_api_key_guards_every_route_but_health(http, tmp_path):
     assert post(url + "/v1/completions", body, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
     client = OpenAI(base_url=url + "/v1", api_key="s3cret-key")
     assert [m.id for m in client.models.list()] == [MODEL]
-
-
-def expected_text(run, fmt, prompt, max_tokens):
-    model, _ = load_quantized(run["report"]["formats"][fmt]["path"])
-    req = Engine(model, max_batch=1).generate([[BOS_ID, *run["tokenizer"].encode(prompt)]],
-                                              SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                             stop_token_ids=(EOS_ID,)))[0]
-    return run["tokenizer"].decode(req.output)
 
 
 def test_version_switch_under_load_drops_nothing(http, run):
