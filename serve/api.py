@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import time
 import uuid
@@ -20,6 +21,7 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 
 from deepkiln.config import Config, stage_dir
 from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS, Tokenizer
@@ -28,6 +30,8 @@ from serve.schemas import (ChatChoice, ChatCompletion, ChatMessage, ChatRequest,
                            CompletionRequest, Usage)
 
 app = FastAPI(title="deepkiln", docs_url=None, redoc_url=None)
+logger = logging.getLogger("ray.serve")
+RETRIES = 2  # re-sends of a generate call whose replica failed before its first message
 END_ID = SPECIAL_TOKENS["<|end|>"]
 
 
@@ -229,10 +233,10 @@ class OpenAIIngress:
 
     async def _one(self, index: int, body, prompt: list[int], params: dict, events: asyncio.Queue) -> None:
         params = {**params, "seed": None if params["seed"] is None else params["seed"] + index}
-        gen = self.llm.options(stream=True).generate.remote(prompt, params)
         tokens, sent, info = [], "", {"completion_tokens": 0}
+        gen = None
         try:
-            async for items in gen:  # each message: every item the replica had ready
+            async for items, gen in self._generate(prompt, params):  # each message: every item the replica had ready
                 finish = None
                 for item in items:
                     if "error" in item:
@@ -261,9 +265,29 @@ class OpenAIIngress:
                     await events.put((index, ready[len(sent):], None, info))
                     sent = ready
         except Exception as e:  # never leave the request waiting on a choice that died
+            logger.exception("generation failed")
             await events.put(APIError(500, f"generation failed: {e!r}", type="server_error"))
         finally:
-            gen.cancel()
+            if gen is not None:
+                gen.cancel()
+
+    async def _generate(self, prompt: list[int], params: dict):
+        """Yield (message, stream) from LLMServer.generate. A replica that dies or leaves before
+        its first message (a redeploy, a crash) has done nothing for this request yet: the call
+        goes to another replica, up to RETRIES times. After the first message a failure is final."""
+        for attempt in range(RETRIES + 1):
+            gen = self.llm.options(stream=True).generate.remote(prompt, params)
+            started = False
+            try:
+                async for items in gen:
+                    started = True
+                    yield items, gen
+                return
+            except RayActorError as e:
+                gen.cancel()
+                if started or attempt == RETRIES:
+                    raise
+                logger.warning(f"LLMServer replica failed before answering ({e!r}); retrying on another")
 
     async def _complete(self, body, prompt, events, route, start):
         texts, finishes, infos = [""] * body.n, [None] * body.n, [None] * body.n

@@ -164,7 +164,8 @@ def test_bad_input_is_a_4xx_naming_the_field(http, run):
     over = post(url + "/v1/completions", {**ok, "prompt": fits, "max_tokens": 64})
     assert over.status_code == 400 and "max_tokens is 64" in over.json()["error"]["message"], over.text
     assert handle("OpenAIIngress").pid.remote().result() == pid  # the replica survived all of it
-    assert post(url + "/v1/completions", {**ok, "max_tokens": 2}).status_code == 200
+    r = post(url + "/v1/completions", {**ok, "max_tokens": 2})
+    assert r.status_code == 200, r.text
 
 
 def test_overload_gets_503_quickly_and_the_rest_complete(http):
@@ -310,3 +311,55 @@ def test_reconfigure_switches_versions_and_in_flight_requests_finish_on_theirs(r
     assert old_version.startswith("bf16-") and old_text == want["bf16"]
     assert new_version.startswith("nf4-") and new_text == want["nf4"] and info["version"] == new_version
     assert info["layers"].get("Linear4bit", 0) > 0 and info["running"] == 0
+
+
+def test_a_replica_that_fails_before_its_first_message_is_retried_and_one_after_is_not():
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from serve.api import RETRIES, OpenAIIngress
+
+    class Stream:  # what a streaming DeploymentHandle call returns: messages, then maybe a failure
+        def __init__(self, messages, fail):
+            self.messages, self.fail, self.cancelled = list(messages), fail, False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if self.messages:
+                return self.messages.pop(0)
+            if self.fail:
+                raise ActorDiedError()
+            raise StopAsyncIteration
+
+        def cancel(self):
+            self.cancelled = True
+
+    class Handle:  # LLMServer's handle: each generate call takes the next planned stream
+        def __init__(self, plan):
+            self.plan, self.calls = plan, []
+            self.generate = self
+
+        def options(self, **kw):
+            return self
+
+        def remote(self, prompt, params):
+            self.calls.append(self.plan.pop(0))
+            return self.calls[-1]
+
+    async def messages(plan):
+        ingress = OpenAIIngress.__new__(OpenAIIngress)
+        ingress.llm = Handle(plan)
+        got = [items async for items, _ in ingress._generate([1, 2], {})]
+        return got, ingress.llm.calls
+
+    answer = [[{"version": "v"}], [{"token": 7}, {"finish_reason": "stop"}]]
+    got, calls = asyncio.run(messages([Stream([], True), Stream([], True), Stream(answer, False)]))
+    assert got == answer and len(calls) == 3 and calls[0].cancelled and calls[1].cancelled
+    with pytest.raises(ActorDiedError):  # tokens already went out: not retried
+        asyncio.run(messages([Stream(answer[:1], True), Stream(answer, False)]))
+    with pytest.raises(ActorDiedError):  # a replica failing every time: an error, not a loop
+        asyncio.run(messages([Stream([], True) for _ in range(RETRIES + 1)]))
+
