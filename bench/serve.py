@@ -95,9 +95,11 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--formats", nargs="+", default=["bf16", "nf4"])
     p.add_argument("--replica-cpus", type=float, default=os.cpu_count() or 1)
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides for the served app, e.g. serve.stream_interval_ms=0")
     opts = p.parse_args(argv)
     cpus = opts.replica_cpus
-    result: dict = {"levels": opts.levels, "max_tokens": opts.max_tokens, "replica_cpus": cpus}
+    result: dict = {"levels": opts.levels, "max_tokens": opts.max_tokens, "replica_cpus": cpus, "set": opts.set}
     with tempfile.TemporaryDirectory() as tmp:
         run_argv = make_run(Path(tmp))
         report = quantize.main(run_argv)["formats"]
@@ -114,11 +116,11 @@ def main(argv=None) -> dict:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             for fmt in opts.formats:
-                n = max(8, 2 * max(opts.levels))
-                sequential = sequential_tokens_per_s(report[fmt]["path"], tokenizer, opts.max_tokens, n,
-                                                     max(1, int(cpus)))
                 cfg = load_config(run_argv + [f"--quant.format={fmt}", f"--serve.replica_cpus={cpus}",
-                                              f"--serve.max_batch={max(opts.levels)}"])
+                                              f"--serve.max_batch={max(opts.levels)}", *(f"--{o}" for o in opts.set)])
+                threads = cfg.serve.torch_threads or max(1, int(cpus))  # as many as a replica's engine
+                n = max(8, 2 * max(opts.levels))
+                sequential = sequential_tokens_per_s(report[fmt]["path"], tokenizer, opts.max_tokens, n, threads)
                 serve.run(build(cfg), name="deepkiln", route_prefix="/")
                 url = f"http://127.0.0.1:{port}"
                 one_request(url, "Warm up", 2)

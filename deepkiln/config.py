@@ -185,11 +185,18 @@ class ServeArgs(Section):
     replicas: int = 1
     """LLMServer replicas."""
     replica_cpus: float = 1.0
-    """CPUs per LLMServer replica (torch threads follow it)."""
+    """CPUs per LLMServer replica."""
+    torch_threads: int = 1
+    """Intra-op threads of a replica's engine thread; 0: one per replica CPU. Steps run off the
+    main thread, where PyTorch's OpenMP pays 2-2.5x per step with 2 threads on the tiny model
+    (bench/serve.py notes); 1 thread leaves the replica's other cores to HTTP and tokenizing."""
     max_batch: int = 8
     """Sequences decoded together by one replica."""
     max_step_tokens: int = 0
     """Tokens one engine step computes at most (decodes + prefills); 0: the context length."""
+    stream_interval_ms: float = 50.0
+    """A request's tokens go out together at most this often (the first and last at once): fewer,
+    fuller messages through Serve under load; 0: every engine step."""
     max_queue: int = 64
     """Requests waiting for a batch slot per replica; beyond it: 503 with Retry-After."""
     max_tokens: int = 256
@@ -282,6 +289,10 @@ class Config(Section):
         if sv.replica_cpus <= 0 or sv.request_timeout_s <= 0:
             raise ValueError(f"serve.replica_cpus={sv.replica_cpus} and serve.request_timeout_s="
                              f"{sv.request_timeout_s} must be > 0")
+        if sv.torch_threads < 0:
+            raise ValueError(f"serve.torch_threads={sv.torch_threads} must be >= 0")
+        if sv.stream_interval_ms < 0:
+            raise ValueError(f"serve.stream_interval_ms={sv.stream_interval_ms} must be >= 0")
         if sv.max_step_tokens and sv.max_step_tokens < sv.max_batch:
             raise ValueError(f"serve.max_step_tokens={sv.max_step_tokens} must be 0 or >= serve.max_batch={sv.max_batch}")
         tu = self.tune

@@ -1,14 +1,16 @@
 """LLMServer: one Serve replica running the continuous-batching engine over a quantized artifact.
 
 Requests stream token ids back (`generate` is an async generator, called through a streaming
-deployment handle). One background task per replica steps the engine in a worker thread, so the
-event loop keeps accepting requests while a step runs; requests join and leave between steps.
+deployment handle). The engine runs in a thread of its own that loops without waiting on the event
+loop: it takes new and cancelled requests between steps, steps every engine with work, and hands
+tokens to the event loop in batches: a request's first token at once, then at most one message per
+`serve.stream_interval_ms`, then its finish. Handing over every step instead costs the step thread
+the GIL on every token, which here doubled its CPU time per token under load.
 `reconfigure({"artifact": path})` loads another model version: new requests go to it, requests in
 flight finish on the version they started on, and the old engine is dropped once it is idle.
 
-`generate` yields lists of items, in order: {"version": ...} once the request is queued, or
-{"error": ...} (queue full, or a prompt the engine refuses); then {"token": id} items; then
-{"finish_reason": ...}. A list holds every item that was ready when the caller asked.
+`generate` yields lists of items, in order: {"version": ...} with the first token, or {"error": ...}
+(queue full, or a prompt the engine refuses); then {"token": id} items; then {"finish_reason": ...}.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +30,6 @@ from ray import serve
 
 from deepkiln.config import Config, stage_dir
 from deepkiln.engine import Engine, Request, SamplingParams
-
 
 def artifact_path(cfg: Config) -> str:
     return cfg.serve.artifact or f"{stage_dir(cfg, 'quantize')}/{cfg.quant.format}"
@@ -45,26 +48,27 @@ def version_of(path: str | Path) -> str:
 @dataclass(eq=False)  # identity: a stream is in a list or not
 class _Stream:
     """One request in the replica: the engine (model version) it runs on, its engine request once
-    admitted, and the queue its tokens go to."""
+    admitted, the queue its messages go to, and the items not yet sent (engine thread only)."""
     engine: Engine
     version: str
     prompt: list[int]
     params: SamplingParams
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     req: Request | None = None
-    sent: int = 0
+    sent: int = 0                                     # tokens of req.output already buffered
+    buffer: list = field(default_factory=list)
+    flushed_at: float | None = None                   # when a token last went out
 
 
 class LLMServer:
     def __init__(self, config: dict):
         self.cfg = Config.from_dict(config)
-        torch.set_num_threads(max(1, int(self.cfg.serve.replica_cpus)))
         self.engine, self.version = self._load(artifact_path(self.cfg))
-        self.streams: list[_Stream] = []    # admitted to an engine, not finished
-        self.pending: list[_Stream] = []    # to add to their engine before the next step
-        self.cancelled: list[_Stream] = []  # to take out of their engine before the next step
-        self.wake = asyncio.Event()
-        self.runner: asyncio.Task | None = None
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add" | "cancel", stream), ("stop", None)
+        self.open = 0          # streams between generate's start and end (event loop)
+        self.running = 0       # streams in a batch (written by the engine thread)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
         self.gauges = _gauges()
         self._set_version_gauge(None)
 
@@ -97,94 +101,129 @@ class LLMServer:
         from deepkiln.quantize import model_bytes
 
         layers = Counter(type(m).__name__ for m in self.engine.model.modules() if not list(m.children()))
-        return {"version": self.version, "pid": os.getpid(), "queued": self.queued(),
-                "running": sum(len(e.running) for e in self._engines()), "layers": dict(layers),
-                "weight_bytes": model_bytes(self.engine.model)}
+        return {"version": self.version, "pid": os.getpid(), "queued": self.queued(), "running": self.running,
+                "layers": dict(layers), "weight_bytes": model_bytes(self.engine.model)}
 
     def queued(self) -> int:
-        return len(self.pending) + sum(len(e.waiting) for e in self._engines())
+        return max(self.open - self.running, 0)
 
-    def _engines(self) -> list[Engine]:
-        """The current engine and any older version still finishing requests."""
-        return list({id(e): e for e in [self.engine, *(s.engine for s in self.streams)]}.values())
+    def __del__(self):  # Serve calls it when the replica stops; ends the engine thread
+        if getattr(self, "thread", None) is not None:
+            self.inbox.put(("stop", None))
 
     async def generate(self, prompt: list[int], params: dict):
-        if self.runner is None or self.runner.done():
-            self.runner = asyncio.get_running_loop().create_task(self._run())
+        if self.thread is None:
+            self.loop = asyncio.get_running_loop()
+            self.thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
+            self.thread.start()
         if self.queued() >= self.cfg.serve.max_queue:
             yield [{"error": "queue_full", "message": f"the replica's queue is full: {self.queued()} requests "
                     f"wait (serve.max_queue={self.cfg.serve.max_queue})"}]
             return
         stream = _Stream(self.engine, self.version, list(prompt), SamplingParams(**params))
-        self.pending.append(stream)
-        self.wake.set()
+        self.open += 1
+        self.inbox.put(("add", stream))
+        final = False
         try:
-            while True:
-                # Everything queued goes out as one message: under load the consumer falls behind
-                # the engine, and one message per token would cost more than the step itself.
-                items = [await stream.queue.get()]
+            while not final:
+                items = await stream.queue.get()
                 while not stream.queue.empty():
-                    items.append(stream.queue.get_nowait())
+                    items += stream.queue.get_nowait()
+                final = _final(items[-1])
                 yield items
-                if any("finish_reason" in i or "error" in i for i in items):
-                    return
         finally:  # finished, or the caller went away (disconnect, timeout): free the slot now
-            if stream.req is None or not stream.req.done:
-                self.cancelled.append(stream)
-                self.wake.set()
+            self.open -= 1
+            if not final:
+                self.inbox.put(("cancel", stream))
 
-    async def _run(self) -> None:
+    # -- the engine thread -------------------------------------------------------------------------
+
+    def _engine_loop(self) -> None:
+        s = self.cfg.serve
+        torch.set_num_threads(s.torch_threads or max(1, int(s.replica_cpus)))  # per thread, under OpenMP
+        interval = s.stream_interval_ms / 1000
+        streams: list[_Stream] = []
+        made, since = 0, time.monotonic()
         while True:
-            self._admit()
-            busy = [e for e in self._engines() if e.waiting or e.running]
-            if not busy:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            for engine in busy:
-                if self.gauges:
-                    self.gauges["queue"].set(self.queued())
-                    self.gauges["batch"].set(len(engine.running) + min(len(engine.waiting), len(engine.free)))
-                start, before = time.perf_counter(), sum(len(r.output) for r in engine.running)
+            if not self._take(streams, block=not streams):
+                return
+            for engine in list({id(x.engine): x.engine for x in streams}.values()):
+                mine = [x for x in streams if x.engine is engine]
                 try:
-                    await asyncio.to_thread(engine.step)
+                    engine.step()
                 except Exception as e:  # a failed step fails its requests, not the replica
-                    for s in [s for s in self.streams if s.engine is engine]:
-                        engine.cancel(s.req)
-                        s.queue.put_nowait({"error": "internal", "message": f"generation failed: {e!r}"})
-                        self.streams.remove(s)
+                    for x in mine:
+                        engine.cancel(x.req)
+                        x.buffer.append({"error": "internal", "message": f"generation failed: {e!r}"})
                     continue
-                if self.gauges:
-                    made = sum(len(s.req.output) for s in self.streams if s.engine is engine) - before
-                    self.gauges["tokens_per_s"].set(max(made, 0) / (time.perf_counter() - start))
-                self._deliver(engine)
+                for x in mine:
+                    made += len(x.req.output) - x.sent
+                    x.buffer += [{"token": t} for t in x.req.output[x.sent:]]
+                    x.sent = len(x.req.output)
+                    if x.req.done:
+                        x.buffer.append({"finish_reason": x.req.finish_reason})
+            now, out, left = time.monotonic(), [], []
+            for x in streams:
+                if x.buffer and (_final(x.buffer[-1]) or x.flushed_at is None and len(x.buffer) > 1
+                                 or x.flushed_at is not None and now - x.flushed_at >= interval):
+                    out.append((x, x.buffer))
+                    x.buffer, x.flushed_at = [], now
+                    if _final(out[-1][1][-1]):
+                        continue
+                left.append(x)
+            streams[:] = left
+            self.running = sum(len(e.running) for e in {id(x.engine): x.engine for x in streams}.values())
+            if out and not self._post(out):
+                return
+            if self.gauges and now - since >= 1.0:
+                self._set_load_gauges(made / (now - since))
+                made, since = 0, now
 
-    def _admit(self) -> None:
-        for s in self.cancelled:
-            if s in self.pending:
-                self.pending.remove(s)
-            elif s in self.streams:
-                s.engine.cancel(s.req)
-                self.streams.remove(s)
-        self.cancelled.clear()
-        for s in self.pending:
+    def _post(self, out: list) -> bool:
+        """Hand (stream, items) pairs to the event loop; False once that loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(_deliver, out)
+        except RuntimeError:  # the loop closed (the replica or a test's asyncio.run ended)
+            return False
+        return True
+
+    def _take(self, streams: list[_Stream], block: bool) -> bool:
+        """Apply the commands waiting in the inbox (wait for one if `block`); False on "stop"."""
+        while True:
             try:
-                s.req = s.engine.add(s.prompt, s.params)
-            except ValueError as e:
-                s.queue.put_nowait({"error": "invalid_request", "message": str(e)})
-                continue
-            s.queue.put_nowait({"version": s.version})
-            self.streams.append(s)
-        self.pending.clear()
+                command, stream = self.inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command == "stop":
+                return False
+            if command == "add":
+                try:
+                    stream.req = stream.engine.add(stream.prompt, stream.params)
+                except ValueError as e:
+                    if not self._post([(stream, [{"error": "invalid_request", "message": str(e)}])]):
+                        return False
+                    continue
+                stream.buffer.append({"version": stream.version})
+                streams.append(stream)
+            elif stream in streams:  # "cancel"
+                stream.engine.cancel(stream.req)
+                streams.remove(stream)
 
-    def _deliver(self, engine: Engine) -> None:
-        for s in [s for s in self.streams if s.engine is engine]:
-            for token in s.req.output[s.sent:]:
-                s.queue.put_nowait({"token": token})
-            s.sent = len(s.req.output)
-            if s.req.done:
-                s.queue.put_nowait({"finish_reason": s.req.finish_reason})
-                self.streams.remove(s)
+    def _set_load_gauges(self, tokens_per_s: float) -> None:
+        self.gauges["queue"].set(self.queued())
+        self.gauges["batch"].set(self.running)
+        self.gauges["tokens_per_s"].set(tokens_per_s)
+
+
+def _deliver(out: list) -> None:
+    """On the event loop: put each stream's batch of items on its queue."""
+    for stream, items in out:
+        stream.queue.put_nowait(items)
+
+
+def _final(item: dict) -> bool:
+    return "finish_reason" in item or "error" in item
 
 
 def _gauges() -> dict | None:
@@ -195,8 +234,8 @@ def _gauges() -> dict | None:
     if not ray.is_initialized():
         return None
     return {"queue": Gauge("deepkiln_serve_queue_depth", "requests waiting for a batch slot"),
-            "batch": Gauge("deepkiln_serve_batch_size", "requests in the last engine step"),
-            "tokens_per_s": Gauge("deepkiln_serve_tokens_per_s", "tokens generated per second in the last step"),
+            "batch": Gauge("deepkiln_serve_batch_size", "requests in the running batch"),
+            "tokens_per_s": Gauge("deepkiln_serve_tokens_per_s", "tokens generated per second, over the last second"),
             "version": Gauge("deepkiln_serve_model_version", "1 for the model version being served",
                              tag_keys=("version",))}
 

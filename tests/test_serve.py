@@ -363,3 +363,28 @@ def test_a_replica_that_fails_before_its_first_message_is_retried_and_one_after_
     with pytest.raises(ActorDiedError):  # a replica failing every time: an error, not a loop
         asyncio.run(messages([Stream([], True) for _ in range(RETRIES + 1)]))
 
+
+@pytest.mark.parametrize("interval_ms", [0, 60_000])
+def test_tokens_go_out_first_at_once_then_batched_by_the_stream_interval(run, interval_ms):
+    import asyncio
+
+    from serve.app import resolved
+    from serve.llm import LLMServer
+
+    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16", f"--serve.stream_interval_ms={interval_ms}"]))
+    prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
+    params = {"max_tokens": 12, "temperature": 0, "stop_token_ids": ()}
+
+    async def messages():
+        return [batch async for batch in LLMServer(cfg.to_dict()).generate(prompt, params)]
+
+    got = asyncio.run(messages())
+    tokens = [[i["token"] for i in batch if "token" in i] for batch in got]
+    model, _ = load_quantized(run["report"]["formats"]["bf16"]["path"])
+    assert sum(tokens, []) == Engine(model, max_batch=1).generate([prompt], SamplingParams(**params))[0].output
+    assert "version" in got[0][0] and tokens[0] == [tokens[0][0]]  # the first token alone, at once
+    assert got[-1][-1] == {"finish_reason": "length"}
+    if interval_ms:  # everything after the first token waited for the end of the request
+        assert len(got) == 2 and len(tokens[1]) == 11
+    else:  # one message per engine step
+        assert len(got) == 12 and all(len(t) == 1 for t in tokens)
