@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -37,16 +38,32 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def write_atomic(uri: str, data: bytes | pa.Table) -> None:
-    """Write bytes or a Parquet table under a temporary name, then move it into place."""
+    """Write bytes or a Parquet table under a temporary name, then move it into place. On a local
+    disk the file is fsynced before the rename and the folder after it, so that after a crash the
+    path holds the old file or the whole new one."""
     fs, path = resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    folder = path.rsplit("/", 1)[0]
+    fs.create_dir(folder, recursive=True)
     tmp = path + ".tmp"
     if isinstance(data, pa.Table):
         pq.write_table(data, tmp, filesystem=fs)
     else:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    if local:
+        _fsync(tmp)
     fs.move(tmp, path)
+    if local:
+        _fsync(folder)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_bytes(uri: str) -> bytes | None:
