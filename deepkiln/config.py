@@ -213,6 +213,22 @@ class ServeArgs(Section):
     """File holding the API key (wins over the environment variable)."""
 
 
+class FeedbackArgs(Section):
+    store: str = ""
+    """Folder of the collectors' SQLite files (a local path: SQLite needs a real file system);
+    empty: <run_dir>/<run.name>/feedback."""
+    collectors: int = 1
+    """FeedbackCollector actors; a record goes to the one its feedback_id hashes to."""
+    rating_min: int = 1
+    """Lowest rating on the scale (thumbs down counts as rating_min)."""
+    rating_max: int = 5
+    """Highest rating on the scale (thumbs up counts as rating_max)."""
+    max_text_chars: int = 8000
+    """Longest corrected answer, and longest tag list, accepted (in characters)."""
+    retention: int = 10000
+    """Completions kept per collector for feedback to refer to; older ones are forgotten."""
+
+
 class OnlineArgs(Section):
     buffer_size: int = 10000
     """Replay buffer capacity in examples."""
@@ -231,6 +247,7 @@ class Config(Section):
     fairness: FairnessArgs = Field(default_factory=FairnessArgs)
     quant: QuantArgs = Field(default_factory=QuantArgs)
     serve: ServeArgs = Field(default_factory=ServeArgs)
+    feedback: FeedbackArgs = Field(default_factory=FeedbackArgs)
     online: OnlineArgs = Field(default_factory=OnlineArgs)
 
     @model_validator(mode="before")
@@ -295,6 +312,12 @@ class Config(Section):
             raise ValueError(f"serve.stream_interval_ms={sv.stream_interval_ms} must be >= 0")
         if sv.max_step_tokens and sv.max_step_tokens < sv.max_batch:
             raise ValueError(f"serve.max_step_tokens={sv.max_step_tokens} must be 0 or >= serve.max_batch={sv.max_batch}")
+        fb = self.feedback
+        for key in ("collectors", "max_text_chars", "retention"):
+            if getattr(fb, key) < 1:
+                raise ValueError(f"feedback.{key}={getattr(fb, key)} must be >= 1")
+        if fb.rating_min >= fb.rating_max:
+            raise ValueError(f"feedback.rating_min={fb.rating_min} must be below feedback.rating_max={fb.rating_max}")
         tu = self.tune
         for key in ("num_samples", "max_steps", "reports"):
             if getattr(tu, key) < 1:

@@ -72,6 +72,8 @@ def test_wrong_type_names_key_and_value():
     (["--serve.max_queue=0"], r"serve\.max_queue=0 must be >= 1"),
     (["--serve.replica_cpus=0"], r"serve\.replica_cpus=0\.0"),
     (["--serve.max_step_tokens=4"], r"serve\.max_step_tokens=4 must be 0 or >= serve\.max_batch=8"),
+    (["--feedback.collectors=0"], r"feedback\.collectors=0 must be >= 1"),
+    (["--feedback.rating_min=5", "--feedback.rating_max=5"], r"feedback\.rating_min=5 must be below feedback\.rating_max=5"),
     (["--serve.torch_threads=-1"], r"serve\.torch_threads=-1 must be >= 0"),
     (["--serve.stream_interval_ms=-5"], r"serve\.stream_interval_ms=-5\.0 must be >= 0"),
 ])

@@ -1,0 +1,182 @@
+"""FeedbackCollector: a durable, idempotent store of user feedback, one SQLite file in WAL mode.
+
+A record is acknowledged only after its transaction committed with `synchronous=FULL`, so an
+acknowledged record survives a crash of the process (or of the machine) at any moment. The client's
+`feedback_id` is the key: the same id sent again (a client retry, or Ray re-running a call that a
+killed actor had already committed) is stored once and answered `duplicate: true`.
+
+Feedback refers to a completion by id. The server calls `remember` with every completion it
+returns (the newest `feedback.retention` are kept), and a stored record carries that prompt,
+completion and model version, so later stages need nothing else. Free text (a corrected answer,
+tags) is PII-masked with the curation stage's rules before it is stored.
+
+Several collectors can run: `shard_of(id, n)` says which one owns an id. A restarted actor runs
+`__init__` again and reopens the same file; `export` writes a Parquet snapshot atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pydantic
+import ray
+
+from deepkiln.config import Config, FeedbackArgs, stage_dir
+from deepkiln.corpus import write_atomic
+from deepkiln.text import mask_pii
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS completions (
+    completion_id TEXT PRIMARY KEY, prompt TEXT NOT NULL, completion TEXT NOT NULL,
+    model_version TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, feedback_id TEXT NOT NULL UNIQUE, completion_id TEXT NOT NULL,
+    rating INTEGER NOT NULL, correction TEXT, tags TEXT NOT NULL, prompt TEXT NOT NULL,
+    completion TEXT NOT NULL, model_version TEXT NOT NULL, pii_masked INTEGER NOT NULL, created REAL NOT NULL);
+"""
+COLUMNS = ["seq", "feedback_id", "completion_id", "rating", "correction", "tags", "prompt", "completion",
+           "model_version", "pii_masked", "created"]
+
+
+class FeedbackError(ValueError):
+    """Feedback that can't be stored: `status` is the HTTP status it deserves, `param` the field."""
+
+    def __init__(self, status: int, message: str, param: str):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+class Feedback(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    feedback_id: str = pydantic.Field(min_length=1, max_length=128)
+    completion_id: str = pydantic.Field(min_length=1, max_length=128)
+    rating: int | Literal["up", "down"]
+    correction: str | None = None
+    tags: list[str] = []
+
+
+def shard_of(feedback_id: str, collectors: int) -> int:
+    """The collector that owns `feedback_id` (stable across processes and restarts)."""
+    return zlib.crc32(feedback_id.encode()) % collectors
+
+
+def store_dir(cfg: Config) -> str:
+    return cfg.feedback.store or stage_dir(cfg, "feedback")
+
+
+def collector_path(cfg: Config, index: int) -> str:
+    return f"{store_dir(cfg)}/collector-{index}.sqlite"
+
+
+class FeedbackCollector:
+    def __init__(self, path: str, args: dict | None = None):
+        self.args = FeedbackArgs(**(args or {}))
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a commit is on disk when it returns
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.executescript(SCHEMA)
+
+    def remember(self, completion_id: str, prompt: str, completion: str, model_version: str) -> None:
+        """Keep a served completion for feedback to refer to; forget the oldest beyond retention."""
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
+                            (completion_id, prompt, completion, model_version, time.time()))
+            self.db.execute("DELETE FROM completions WHERE rowid <= (SELECT max(rowid) FROM completions) - ?",
+                            (self.args.retention,))
+
+    def submit(self, record: dict) -> dict:
+        """Validate, mask and commit one feedback record. Returns {"feedback_id", "seq", "duplicate"};
+        raises FeedbackError (nothing stored) for bad input or an unknown completion id."""
+        fb = self._validate(record)
+        with self._transaction():
+            row = self.db.execute("SELECT seq FROM feedback WHERE feedback_id = ?", (fb.feedback_id,)).fetchone()
+            if row:
+                return {"feedback_id": fb.feedback_id, "seq": row[0], "duplicate": True}
+            served = self.db.execute("SELECT prompt, completion, model_version FROM completions "
+                                     "WHERE completion_id = ?", (fb.completion_id,)).fetchone()
+            if served is None:
+                raise FeedbackError(404, f"completion_id {fb.completion_id!r} is unknown (or older than the "
+                                    f"last {self.args.retention} completions kept)", "completion_id")
+            correction, masked = (mask_pii(fb.correction) if fb.correction is not None else (None, {}))
+            tags = [mask_pii(t) for t in fb.tags]
+            n_masked = sum(masked.values()) + sum(sum(c.values()) for _, c in tags)
+            rating = {"up": self.args.rating_max, "down": self.args.rating_min}.get(fb.rating, fb.rating)
+            cur = self.db.execute(
+                "INSERT INTO feedback (feedback_id, completion_id, rating, correction, tags, prompt, completion, "
+                "model_version, pii_masked, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (fb.feedback_id, fb.completion_id, rating, correction, json.dumps([t for t, _ in tags]),
+                 *served, n_masked, time.time()))
+            return {"feedback_id": fb.feedback_id, "seq": cur.lastrowid, "duplicate": False}
+
+    def _validate(self, record: dict) -> Feedback:
+        if not isinstance(record, dict):
+            raise FeedbackError(400, "the body must be a JSON object", "body")
+        try:
+            fb = Feedback.model_validate(record)
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"][:1]) or "body"
+            raise FeedbackError(400, f"{field}: {err['msg']}", field) from None
+        a = self.args
+        if isinstance(fb.rating, int) and not a.rating_min <= fb.rating <= a.rating_max:
+            raise FeedbackError(400, f"rating={fb.rating} is outside the scale {a.rating_min}..{a.rating_max} "
+                                "(or 'up'/'down')", "rating")
+        if fb.correction is not None and len(fb.correction) > a.max_text_chars:
+            raise FeedbackError(400, f"correction has {len(fb.correction)} characters; the limit is "
+                                f"{a.max_text_chars} (feedback.max_text_chars)", "correction")
+        if sum(len(t) for t in fb.tags) > a.max_text_chars:
+            raise FeedbackError(400, f"tags exceed {a.max_text_chars} characters (feedback.max_text_chars)", "tags")
+        return fb
+
+    def _transaction(self):
+        return _Transaction(self.db)
+
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM feedback").fetchone()[0]
+
+    def records(self, after: int = 0) -> list[dict]:
+        """Stored records with seq > `after`, oldest first."""
+        rows = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE seq > ? ORDER BY seq", (after,))
+        return [dict(zip(COLUMNS, r)) | {"tags": json.loads(r[5])} for r in rows]
+
+    def integrity(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def export(self, path: str) -> int:
+        """Every record as a Parquet file at `path` (local or a pyarrow.fs URI), written under a
+        temporary name, fsynced and renamed: a reader sees the old file or the new one, never half."""
+        records = self.records()
+        table = pa.Table.from_pylist(records, schema=pa.schema(
+            [("seq", pa.int64()), ("feedback_id", pa.string()), ("completion_id", pa.string()),
+             ("rating", pa.int64()), ("correction", pa.string()), ("tags", pa.list_(pa.string())),
+             ("prompt", pa.string()), ("completion", pa.string()), ("model_version", pa.string()),
+             ("pii_masked", pa.int64()), ("created", pa.float64())]))
+        write_atomic(path, table)
+        return len(records)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, exc, tb):
+        self.db.execute("ROLLBACK" if kind else "COMMIT")
+        return False
+
+
+# Restarted after a crash, with calls in flight re-run: feedback_id makes the re-run harmless.
+FeedbackCollectorActor = ray.remote(max_restarts=-1, max_task_retries=-1)(FeedbackCollector)
