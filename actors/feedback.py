@@ -16,6 +16,7 @@ Several collectors can run: `shard_of(id, n)` says which one owns an id. A resta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -137,8 +138,16 @@ class FeedbackCollector:
             raise FeedbackError(400, f"tags exceed {a.max_text_chars} characters (feedback.max_text_chars)", "tags")
         return fb
 
+    @contextlib.contextmanager
     def _transaction(self):
-        return _Transaction(self.db)
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM feedback").fetchone()[0]
@@ -162,20 +171,6 @@ class FeedbackCollector:
              ("pii_masked", pa.int64()), ("created", pa.float64())]))
         write_atomic(path, table)
         return len(records)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind, exc, tb):
-        self.db.execute("ROLLBACK" if kind else "COMMIT")
-        return False
 
 
 # Restarted after a crash, with calls in flight re-run: feedback_id makes the re-run harmless.

@@ -9,6 +9,7 @@ than by FastAPI, so invalid JSON or UTF-8, wrong types and out-of-range values a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -234,60 +235,59 @@ class OpenAIIngress:
     async def _one(self, index: int, body, prompt: list[int], params: dict, events: asyncio.Queue) -> None:
         params = {**params, "seed": None if params["seed"] is None else params["seed"] + index}
         tokens, sent, info = [], "", {"completion_tokens": 0}
-        gen = None
         try:
-            async for items, gen in self._generate(prompt, params):  # each message: every item the replica had ready
-                finish = None
-                for item in items:
-                    if "error" in item:
-                        await events.put(_replica_error(item))
+            async with contextlib.aclosing(self._generate(prompt, params)) as messages:
+                async for items in messages:  # each message: every item the replica had ready
+                    finish = None
+                    for item in items:
+                        if "error" in item:
+                            await events.put(_replica_error(item))
+                            return
+                        if "version" in item:
+                            info["version"] = item["version"]
+                        elif "token" in item:
+                            tokens.append(item["token"])
+                        else:
+                            finish = "stop" if item["finish_reason"] == "stop" else "length"
+                    if not tokens and finish is None:
+                        continue
+                    info.setdefault("first_token", time.perf_counter())
+                    info["completion_tokens"] = len(tokens)
+                    text = self.tokenizer.decode(tokens)
+                    cut = min((text.find(s) for s in body.stop if s in text), default=-1)
+                    if cut >= 0 or finish:
+                        await events.put((index, text[len(sent):cut] if cut >= 0 else text[len(sent):],
+                                          "stop" if cut >= 0 else finish, info))
                         return
-                    if "version" in item:
-                        info["version"] = item["version"]
-                    elif "token" in item:
-                        tokens.append(item["token"])
-                    else:
-                        finish = "stop" if item["finish_reason"] == "stop" else "length"
-                if not tokens and finish is None:
-                    continue
-                info.setdefault("first_token", time.perf_counter())
-                info["completion_tokens"] = len(tokens)
-                text = self.tokenizer.decode(tokens)
-                cut = min((text.find(s) for s in body.stop if s in text), default=-1)
-                if cut >= 0 or finish:
-                    await events.put((index, text[len(sent):cut] if cut >= 0 else text[len(sent):],
-                                      "stop" if cut >= 0 else finish, info))
-                    return
-                # Hold back a partial UTF-8 character and what could still become a stop string.
-                hold = max((len(s) - 1 for s in body.stop), default=0)
-                ready = (text[:len(text) - hold] if hold else text).rstrip("\ufffd")
-                if len(ready) > len(sent):
-                    await events.put((index, ready[len(sent):], None, info))
-                    sent = ready
+                    # Hold back a partial UTF-8 character and what could still become a stop string.
+                    hold = max((len(s) - 1 for s in body.stop), default=0)
+                    ready = (text[:len(text) - hold] if hold else text).rstrip("\ufffd")
+                    if len(ready) > len(sent):
+                        await events.put((index, ready[len(sent):], None, info))
+                        sent = ready
         except Exception as e:  # never leave the request waiting on a choice that died
             logger.exception("generation failed")
             await events.put(APIError(500, f"generation failed: {e!r}", type="server_error"))
-        finally:
-            if gen is not None:
-                gen.cancel()
 
     async def _generate(self, prompt: list[int], params: dict):
-        """Yield (message, stream) from LLMServer.generate. A replica that dies or leaves before
-        its first message (a redeploy, a crash) has done nothing for this request yet: the call
-        goes to another replica, up to RETRIES times. After the first message a failure is final."""
+        """The messages of LLMServer.generate. A replica that dies or leaves before its first
+        message (a redeploy, a crash) has done nothing for this request yet: the call goes to
+        another replica, up to RETRIES times. After the first message a failure is final. Closing
+        this generator cancels the call (the replica frees the request's slot)."""
         for attempt in range(RETRIES + 1):
             gen = self.llm.options(stream=True).generate.remote(prompt, params)
             started = False
             try:
                 async for items in gen:
                     started = True
-                    yield items, gen
+                    yield items
                 return
             except RayActorError as e:
-                gen.cancel()
                 if started or attempt == RETRIES:
                     raise
                 logger.warning(f"LLMServer replica failed before answering ({e!r}); retrying on another")
+            finally:
+                gen.cancel()
 
     async def _complete(self, body, prompt, events, route, start):
         texts, finishes, infos = [""] * body.n, [None] * body.n, [None] * body.n

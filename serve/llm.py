@@ -31,6 +31,7 @@ from ray import serve
 from deepkiln.config import Config, stage_dir
 from deepkiln.engine import Engine, Request, SamplingParams
 
+
 def artifact_path(cfg: Config) -> str:
     return cfg.serve.artifact or f"{stage_dir(cfg, 'quantize')}/{cfg.quant.format}"
 
@@ -147,7 +148,7 @@ class LLMServer:
         while True:
             if not self._take(streams, block=not streams):
                 return
-            for engine in list({id(x.engine): x.engine for x in streams}.values()):
+            for engine in _engines(streams):
                 mine = [x for x in streams if x.engine is engine]
                 try:
                     engine.step()
@@ -172,7 +173,7 @@ class LLMServer:
                         continue
                 left.append(x)
             streams[:] = left
-            self.running = sum(len(e.running) for e in {id(x.engine): x.engine for x in streams}.values())
+            self.running = sum(len(e.running) for e in _engines(streams))
             if out and not self._post(out):
                 return
             if self.gauges and now - since >= 1.0:
@@ -214,6 +215,11 @@ class LLMServer:
         self.gauges["queue"].set(self.queued())
         self.gauges["batch"].set(self.running)
         self.gauges["tokens_per_s"].set(tokens_per_s)
+
+
+def _engines(streams: list[_Stream]) -> list[Engine]:
+    """The engines (model versions) these streams run on, each once."""
+    return list({id(x.engine): x.engine for x in streams}.values())
 
 
 def _deliver(out: list) -> None:
