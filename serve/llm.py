@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import queue
 import threading
@@ -30,6 +31,8 @@ from ray import serve
 
 from deepkiln.config import Config, stage_dir
 from deepkiln.engine import Engine, Request, SamplingParams
+
+logger = logging.getLogger("ray.serve")
 
 
 def artifact_path(cfg: Config) -> str:
@@ -115,7 +118,7 @@ class LLMServer:
     async def generate(self, prompt: list[int], params: dict):
         if self.thread is None:
             self.loop = asyncio.get_running_loop()
-            self.thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
+            self.thread = threading.Thread(target=self._engine_main, name="engine", daemon=True)
             self.thread.start()
         if self.queued() >= self.cfg.serve.max_queue:
             yield [{"error": "queue_full", "message": f"the replica's queue is full: {self.queued()} requests "
@@ -139,11 +142,30 @@ class LLMServer:
 
     # -- the engine thread -------------------------------------------------------------------------
 
-    def _engine_loop(self) -> None:
+    def _engine_main(self) -> None:
+        """The engine thread. If its loop fails outside a step (a bug), every request it holds or
+        that waits in the inbox gets an internal error at once, and the next request starts a new
+        loop: nobody waits for a timeout on a thread that is gone."""
+        streams: list[_Stream] = []
+        try:
+            self._engine_loop(streams)
+        except Exception as e:
+            logger.exception("the engine loop failed")
+            self.thread = None
+            while True:
+                try:
+                    command, stream = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if command == "add":
+                    streams.append(stream)
+            error = {"error": "internal", "message": f"the replica's engine loop failed: {e!r}"}
+            self._post([(x, [error]) for x in streams])
+
+    def _engine_loop(self, streams: list[_Stream]) -> None:
         s = self.cfg.serve
         torch.set_num_threads(s.torch_threads or max(1, int(s.replica_cpus)))  # per thread, under OpenMP
         interval = s.stream_interval_ms / 1000
-        streams: list[_Stream] = []
         made, since = 0, time.monotonic()
         while True:
             if not self._take(streams, block=not streams):
@@ -199,14 +221,15 @@ class LLMServer:
             if command == "stop":
                 return False
             if command == "add":
+                streams.append(stream)  # first: if add fails unexpectedly, _engine_main answers it too
                 try:
                     stream.req = stream.engine.add(stream.prompt, stream.params)
                 except ValueError as e:
+                    streams.remove(stream)
                     if not self._post([(stream, [{"error": "invalid_request", "message": str(e)}])]):
                         return False
                     continue
                 stream.buffer.append({"version": stream.version})
-                streams.append(stream)
             elif stream in streams:  # "cancel"
                 stream.engine.cancel(stream.req)
                 streams.remove(stream)

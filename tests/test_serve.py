@@ -388,3 +388,39 @@ def test_tokens_go_out_first_at_once_then_batched_by_the_stream_interval(run, in
         assert len(got) == 2 and len(tokens[1]) == 11
     else:  # one message per engine step
         assert len(got) == 12 and all(len(t) == 1 for t in tokens)
+
+
+def test_a_failed_engine_loop_answers_its_requests_and_the_next_request_gets_a_new_one(run):
+    import asyncio
+
+    from serve.app import resolved
+    from serve.llm import LLMServer
+
+    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16"]))
+    prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
+    long = {"max_tokens": 200, "temperature": 0, "stop_token_ids": ()}  # still decoding when the bug hits
+    short = {**long, "max_tokens": 40}
+
+    async def collect(server, params, started=None):
+        items = []
+        async for batch in server.generate(prompt, params):
+            items += batch
+            if started:
+                started.set()
+        return items
+
+    async def scenario():
+        server = LLMServer(cfg.to_dict())
+        started = asyncio.Event()
+        in_flight = asyncio.create_task(collect(server, long, started))
+        await asyncio.wait_for(started.wait(), 60)  # decoding on the engine thread
+        add = server.engine.add
+        server.engine.add = lambda *a: 1 / 0  # a bug outside any step
+        failed = await asyncio.wait_for(collect(server, short), 60)
+        server.engine.add = add
+        return await asyncio.wait_for(in_flight, 60), failed, await asyncio.wait_for(collect(server, short), 60)
+
+    in_flight, failed, after = asyncio.run(scenario())
+    for items in (in_flight, failed):  # both answered at once, neither left waiting
+        assert items[-1]["error"] == "internal" and "ZeroDivisionError" in items[-1]["message"]
+    assert after[-1] == {"finish_reason": "length"} and sum("token" in i for i in after) == 40
