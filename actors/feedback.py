@@ -10,14 +10,17 @@ returns (the newest `feedback.retention` are kept), and a stored record carries 
 completion and model version, so later stages need nothing else. Free text (a corrected answer,
 tags) is PII-masked with the curation stage's rules before it is stored.
 
-Several collectors can run: `shard_of(id, n)` says which one owns an id. A restarted actor runs
-`__init__` again and reopens the same file; `export` writes a Parquet snapshot atomically.
+Several collectors can run: `shard_of(completion_id, n)` says which one owns a completion and the
+feedback on it. A restarted actor runs `__init__` again and reopens the same file; `export` writes
+a Parquet snapshot atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import sqlite3
 import time
 import zlib
@@ -52,6 +55,9 @@ class FeedbackError(ValueError):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
 
+    def __reduce__(self):  # crosses Ray's process boundary whole (the default pickles only the message)
+        return FeedbackError, (self.status, self.message, self.param)
+
 
 class Feedback(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
@@ -62,9 +68,10 @@ class Feedback(pydantic.BaseModel):
     tags: list[str] = []
 
 
-def shard_of(feedback_id: str, collectors: int) -> int:
-    """The collector that owns `feedback_id` (stable across processes and restarts)."""
-    return zlib.crc32(feedback_id.encode()) % collectors
+def shard_of(key: str, collectors: int) -> int:
+    """The collector that owns `key` (stable across processes and restarts). The server shards by
+    completion id: a completion and the feedback on it meet in one collector."""
+    return zlib.crc32(key.encode()) % collectors
 
 
 def store_dir(cfg: Config) -> str:
@@ -175,3 +182,19 @@ class FeedbackCollector:
 
 # Restarted after a crash, with calls in flight re-run: feedback_id makes the re-run harmless.
 FeedbackCollectorActor = ray.remote(max_restarts=-1, max_task_retries=-1)(FeedbackCollector)
+
+
+def collectors(cfg: Config) -> list:
+    """Handles of the run's collectors, started on first use: named after their SQLite file and
+    their settings, and detached, so every ingress replica (and a restarted one) talks to the same
+    actors. New settings (limits, retention) start new actors on the same files: SQLite's
+    transactions keep records single across them."""
+    handles, args = [], cfg.feedback.model_dump()
+    for i in range(cfg.feedback.collectors):
+        path = os.path.abspath(collector_path(cfg, i))
+        key = json.dumps([path, args], sort_keys=True)
+        name = f"deepkiln-feedback-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+        handles.append(FeedbackCollectorActor.options(
+            name=name, namespace="deepkiln", lifetime="detached", get_if_exists=True, num_cpus=0,
+        ).remote(path, args))
+    return handles

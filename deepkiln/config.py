@@ -218,7 +218,7 @@ class FeedbackArgs(Section):
     """Folder of the collectors' SQLite files (a local path: SQLite needs a real file system);
     empty: <run_dir>/<run.name>/feedback."""
     collectors: int = 1
-    """FeedbackCollector actors; a record goes to the one its feedback_id hashes to."""
+    """FeedbackCollector actors; a completion, and the feedback on it, go to the one its id hashes to."""
     rating_min: int = 1
     """Lowest rating on the scale (thumbs down counts as rating_min)."""
     rating_max: int = 5

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP ingress: /v1/models, /v1/completions, /v1/chat/completions, /health.
+"""The OpenAI-compatible HTTP ingress: /v1/models, /v1/completions, /v1/chat/completions,
+/v1/feedback, /health.
 
 Text goes in and out here (the tokenizer and chat template live in the ingress); token ids go to the
 LLMServer replicas through a streaming deployment handle. Every error a client can cause is a 4xx
@@ -22,8 +23,9 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
+from actors.feedback import FeedbackError, collectors, shard_of
 from deepkiln.config import Config, stage_dir
 from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS, Tokenizer
 from serve.llm import context_length
@@ -102,6 +104,7 @@ class OpenAIIngress:
         self.api_key = read_api_key(self.cfg)
         self.context = context_length(self.cfg)
         self.metrics = _Metrics()
+        self.collectors = collectors(self.cfg)
 
     # -- routes -------------------------------------------------------------------------------------
 
@@ -125,6 +128,27 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._serve(request, ChatRequest, "chat")
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request):
+        """A rating (and optionally a corrected answer and tags) of a completion this server gave,
+        committed by its FeedbackCollector before the answer; the same feedback_id twice is stored once."""
+        try:
+            self._authorize(request)
+            body = await self._read_json(request)  # the collector validates it, naming the field
+            collector = self.collectors[shard_of(str(body.get("completion_id")), len(self.collectors))]
+            try:
+                result = await collector.submit.remote(body)
+            except RayTaskError as e:
+                if not isinstance(e.cause, FeedbackError):
+                    raise
+                raise APIError(e.cause.status, e.cause.message, param=e.cause.param,
+                               code="not_found" if e.cause.status == 404 else "invalid_value") from None
+            response = JSONResponse({"object": "feedback", **result})
+        except APIError as e:
+            response = e.response()
+        self.metrics.requests.inc(tags={"route": "feedback", "code": str(response.status_code)})
+        return response
 
     # -- request handling --------------------------------------------------------------------------
 
@@ -157,6 +181,16 @@ class OpenAIIngress:
                            code="invalid_api_key")
 
     async def _parse(self, request: Request, schema):
+        data = await self._read_json(request)
+        try:
+            return schema.model_validate(data)
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise APIError(400, f"{field}: {err['msg']}", param=field, code="invalid_value") from None
+
+    async def _read_json(self, request: Request) -> dict:
+        """The body as a JSON object, within serve.max_body_bytes (413), valid UTF-8 and JSON (400)."""
         limit = self.cfg.serve.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -175,12 +209,7 @@ class OpenAIIngress:
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object", code="invalid_json")
-        try:
-            return schema.model_validate(data)
-        except pydantic.ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise APIError(400, f"{field}: {err['msg']}", param=field, code="invalid_value") from None
+        return data
 
     def _prepare(self, body, route: str) -> tuple[list[int], dict]:
         s = self.cfg.serve
@@ -299,11 +328,13 @@ class OpenAIIngress:
         usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion, total_tokens=len(prompt) + completion)
         common = {"created": int(time.time()), "model": body.model, "system_fingerprint": infos[0].get("version", ""),
                   "usage": usage}
+        completion_id = f"{'chatcmpl' if route == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        await self._remember(completion_id, body, texts[0], common["system_fingerprint"])
         if route == "chat":
-            return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", **common, choices=[
+            return ChatCompletion(id=completion_id, **common, choices=[
                 ChatChoice(index=i, message=ChatMessage(role="assistant", content=t), finish_reason=f)
                 for i, (t, f) in enumerate(zip(texts, finishes))])
-        return Completion(id=f"cmpl-{uuid.uuid4().hex}", **common, choices=[
+        return Completion(id=completion_id, **common, choices=[
             CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f) in enumerate(zip(texts, finishes))])
 
     async def _stream(self, body, prompt, first, events, route, start):
@@ -313,7 +344,7 @@ class OpenAIIngress:
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": body.model, "system_fingerprint": first[3].get("version", "")}
-        infos = [None] * body.n
+        infos, texts = [None] * body.n, [""] * body.n
 
         def chunk(choices, **extra) -> str:
             return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
@@ -329,6 +360,7 @@ class OpenAIIngress:
         try:
             async for index, delta, finish, info in all_events():
                 infos[index] = info
+                texts[index] += delta
                 if chat:
                     yield chunk([{"index": index, "delta": {"content": delta} if delta else {}, "finish_reason": finish}])
                 else:
@@ -337,10 +369,22 @@ class OpenAIIngress:
             yield f"data: {json.dumps(e.body())}\n\n"
             return
         self._record(infos, start)
+        await self._remember(head["id"], body, texts[0], head["system_fingerprint"])
         completion = sum(i["completion_tokens"] for i in infos)
         yield chunk([], usage={"prompt_tokens": len(prompt), "completion_tokens": completion,
                                "total_tokens": len(prompt) + completion})
         yield "data: [DONE]\n\n"
+
+    async def _remember(self, completion_id: str, body, text: str, version: str) -> None:
+        """Keep the completion (its first choice) for feedback to refer to, before the client has
+        its id. A collector that fails costs the feedback on this completion, not the completion."""
+        prompt = body.prompt if isinstance(body, CompletionRequest) else \
+            json.dumps([m.model_dump() for m in body.messages])
+        collector = self.collectors[shard_of(completion_id, len(self.collectors))]
+        try:
+            await collector.remember.remote(completion_id, prompt, text, version)
+        except Exception:
+            logger.exception(f"could not keep completion {completion_id} for feedback")
 
     def _record(self, infos: list[dict], start: float) -> None:
         for info in infos:

@@ -18,6 +18,7 @@ import time
 
 from ray import serve
 
+from actors.feedback import store_dir
 from deepkiln.config import Config, load_config
 from serve.api import OpenAIIngressDeployment, tokenizer_path
 from serve.llm import LLMServerDeployment, artifact_path
@@ -32,11 +33,11 @@ def llm_options(cfg: Config, artifact: str | None = None) -> dict:
 
 
 def resolved(cfg: Config) -> Config:
-    """A copy of `cfg` whose artifact and tokenizer are absolute paths: replicas run in folders of
-    their own."""
+    """A copy of `cfg` whose artifact, tokenizer and feedback store are absolute paths: replicas
+    run in folders of their own."""
     cfg = cfg.model_copy(deep=True)
-    cfg.serve.artifact, cfg.serve.tokenizer = (p if "://" in p else os.path.abspath(p)
-                                               for p in (artifact_path(cfg), tokenizer_path(cfg)))
+    cfg.serve.artifact, cfg.serve.tokenizer, cfg.feedback.store = (
+        p if "://" in p else os.path.abspath(p) for p in (artifact_path(cfg), tokenizer_path(cfg), store_dir(cfg)))
     return cfg
 
 

@@ -424,3 +424,89 @@ def test_a_failed_engine_loop_answers_its_requests_and_the_next_request_gets_a_n
     for items in (in_flight, failed):  # both answered at once, neither left waiting
         assert items[-1]["error"] == "internal" and "ZeroDivisionError" in items[-1]["message"]
     assert after[-1] == {"finish_reason": "length"} and sum("token" in i for i in after) == 40
+
+
+def test_feedback_is_stored_once_joined_to_the_completion_and_bad_feedback_is_a_4xx(http, run):
+    url = http("--quant.format=bf16", "--feedback.max_text_chars=200")
+    c = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 6}).json()
+    chat = post(url + "/v1/chat/completions", {"model": MODEL, "stream": True, "max_tokens": 4,
+                                               "messages": [{"role": "user", "content": "Hi"}]})
+    chat_id = json.loads(chat.text.split("\n\n")[0][6:])["id"]
+    good = {"feedback_id": "fb-1", "completion_id": c["id"], "rating": 4, "correction": "Mail bo@example.org"}
+    first = post(url + "/v1/feedback", good)
+    assert first.status_code == 200 and first.json()["duplicate"] is False, first.text
+    again = post(url + "/v1/feedback", good)
+    assert again.status_code == 200 and again.json() == {**first.json(), "duplicate": True}
+    assert post(url + "/v1/feedback", {"feedback_id": "fb-2", "completion_id": chat_id, "rating": "down"}).status_code == 200
+    for body, status, field in [
+        ({**good, "feedback_id": "x", "completion_id": "cmpl-unknown"}, 404, "completion_id"),
+        ({**good, "feedback_id": "x", "rating": 11}, 400, "rating"),
+        ({**good, "feedback_id": "x", "correction": "y" * 201}, 400, "correction"),
+        ({k: v for k, v in good.items() if k != "feedback_id"}, 400, "feedback_id"),
+        ({**good, "feedback_id": "x", "rating": "4"}, 400, "rating"),
+    ]:
+        r = post(url + "/v1/feedback", body)
+        assert r.status_code == status and r.json()["error"]["param"] == field, (body, r.text)
+        assert field in r.json()["error"]["message"]
+    from actors.feedback import collectors
+    from serve.app import resolved
+
+    [collector] = collectors(resolved(load_config(run["argv"] + ["--feedback.max_text_chars=200"])))
+    import ray
+
+    stored = {r["feedback_id"]: r for r in ray.get(collector.records.remote())}
+    assert set(stored) == {"fb-1", "fb-2"}  # nothing stored for the bad ones
+    assert stored["fb-1"]["prompt"] == "The people" and stored["fb-1"]["completion"] == c["choices"][0]["text"]
+    assert stored["fb-1"]["model_version"] == c["system_fingerprint"] and "<EMAIL>" in stored["fb-1"]["correction"]
+    assert json.loads(stored["fb-2"]["prompt"]) == [{"role": "user", "content": "Hi"}] and stored["fb-2"]["rating"] == 1
+
+
+def test_500_feedback_posts_with_the_collector_killed_twice_are_each_stored_once(http, run, tmp_path):
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    from actors.feedback import collectors
+    from serve.app import resolved
+
+    store = f"--feedback.store={tmp_path / 'feedback'}"  # a collector of its own
+    url = http("--quant.format=bf16", store)
+    completion = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 2}).json()["id"]
+    [collector] = collectors(resolved(load_config(run["argv"] + [store])))
+    pid = lambda: ray.get(collector.__ray_call__.remote(lambda self: os.getpid()))  # noqa: E731
+    done, killed, failures = [], [], []
+
+    def send(i):
+        body = {"feedback_id": f"fb-{i}", "completion_id": completion, "rating": 1 + i % 5}
+        for _ in range(60):  # a client that retries until it gets an answer
+            try:
+                r = post(url + "/v1/feedback", body)
+            except requests.ConnectionError as e:
+                failures.append(repr(e))
+            else:
+                if r.status_code == 200:
+                    done.append(i)
+                    return r.json()
+                assert r.status_code >= 500, r.text  # never a 4xx for good feedback
+                failures.append(r.status_code)
+            time.sleep(0.2)
+        raise AssertionError(f"feedback {i} was never acknowledged: {failures[-3:]}")
+
+    def killer():
+        for at in (120, 320):
+            while len(done) < at:
+                time.sleep(0.005)
+            killed.append(pid())
+            os.kill(killed[-1], signal.SIGKILL)
+
+    victims = threading.Thread(target=killer)
+    victims.start()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(500)))
+    victims.join()
+    assert len(set(killed)) == 2 and pid() not in killed  # two collector processes died mid-load
+    assert sorted(done) == list(range(500))  # every client got its success
+    assert ray.get(collector.count.remote()) == 500 and ray.get(collector.integrity.remote()) == "ok"
+    assert len({a["seq"] for a in answers}) == 500  # one stored record each: re-sends were absorbed
