@@ -4,10 +4,12 @@
     done = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=32, temperature=0.8, seed=0))
 
 The cache keeps only what MLA needs: per token and layer the normed latent c_kv (kv_lora_rank) and
-the rope key (qk_rope_head_dim). Requests join and leave at any step (continuous batching): a new
-one is prefilled into a free slot on its own, then decoded together with every running request.
-A step computes at most `max_step_tokens` tokens (decodes first, then prefills in arrival order),
-which bounds its activation memory; `cancel` frees a request's slot at once.
+the rope key (qk_rope_head_dim). Requests join and leave at any step (continuous batching): the requests
+admitted in a step are prefilled together in one forward (prompts right-padded to the longest; a
+row's padding is never attended to and is overwritten by its decode), then decoded together with
+every running request. A step computes at most `max_step_tokens` tokens, padding included (decodes
+first, then prefills in arrival order), which bounds its activation memory; `cancel` frees a
+request's slot at once.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class LatentCache:
         self.lens = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.max_len = max_len
         self.rows = torch.arange(max_batch, device=device)
+        self.lengths: torch.Tensor | None = None
 
     def values_per_token(self) -> int:
         """Cached values per token, all layers: n_layers * (kv_lora_rank + qk_rope_head_dim)."""
@@ -40,8 +43,11 @@ class LatentCache:
     def bytes_per_token(self) -> int:
         return self.values_per_token() * self.kv.element_size()
 
-    def select(self, rows) -> None:
+    def select(self, rows, lengths=None) -> None:
+        """Rows the next forward reads and writes. `lengths`: how many of the forward's T tokens are
+        real in each row (the rest is right padding); by default all T."""
         self.rows = torch.as_tensor(rows, dtype=torch.long, device=self.lens.device)
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long, device=self.lens.device)
 
     def reset(self, rows) -> None:
         self.lens[torch.as_tensor(rows, dtype=torch.long)] = 0
@@ -64,7 +70,7 @@ class LatentCache:
         return self.kv[layer, self.rows, :S], self.pe[layer, self.rows, :S], mask
 
     def advance(self, T: int) -> None:
-        self.lens[self.rows] += T
+        self.lens[self.rows] += T if self.lengths is None else self.lengths
 
 
 @dataclass
@@ -174,30 +180,51 @@ class Engine:
         while the step's token budget lasts. Returns the requests that finished in this step; their
         slots are free again."""
         decoding = list(self.running)
-        budget = self.max_step_tokens - len(decoding)
-        while self.waiting and self.free and len(self.waiting[0].prompt) <= budget:
-            req = self.waiting.popleft()
-            budget -= len(req.prompt)
-            req.slot = self.free.pop()
-            self.cache.reset([req.slot])
-            self.cache.select([req.slot])
-            logits, _ = self.model(torch.tensor([req.prompt]), cache=self.cache)
-            self._emit(req, logits[0, -1])
-            self.running.append(req)
+        admitted = self._admit(self.max_step_tokens - len(decoding))
+        if admitted:
+            lengths = [len(r.prompt) for r in admitted]
+            tokens = torch.zeros(len(admitted), max(lengths), dtype=torch.long)  # (B, T) right-padded
+            for i, r in enumerate(admitted):
+                tokens[i, :lengths[i]] = torch.tensor(r.prompt)
+            slots = [r.slot for r in admitted]
+            self.cache.reset(slots)
+            self.cache.select(slots, lengths)
+            logits, _ = self.model(tokens, cache=self.cache)                   # (B, T, V)
+            self._emit_all(admitted, logits[torch.arange(len(admitted)), torch.tensor(lengths) - 1])
+            self.running += admitted
         if decoding:
             self.cache.select([r.slot for r in decoding])
             last = torch.tensor([[r.output[-1]] for r in decoding])
-            logits, _ = self.model(last, cache=self.cache)          # (B, 1, V)
-            for req, row in zip(decoding, logits[:, -1]):
-                self._emit(req, row)
+            logits, _ = self.model(last, cache=self.cache)                     # (B, 1, V)
+            self._emit_all(decoding, logits[:, -1])
         finished = [r for r in self.running if r.done]
         for r in finished:
             self.running.remove(r)
             self.free.append(r.slot)
         return finished
 
-    def _emit(self, req: Request, logits: torch.Tensor) -> None:
-        token = sample(logits, req.params, req.generator)
+    def _admit(self, budget: int) -> list[Request]:
+        """Waiting requests, in arrival order, that get a free slot and whose padded prefill fits
+        `budget` tokens (the number of requests times the longest prompt)."""
+        admitted: list[Request] = []
+        longest = 0
+        while self.waiting and len(admitted) < len(self.free):
+            n = len(self.waiting[0].prompt)
+            if (len(admitted) + 1) * max(longest, n) > budget:
+                break
+            longest = max(longest, n)
+            admitted.append(self.waiting.popleft())
+        for r in admitted:
+            r.slot = self.free.pop()
+        return admitted
+
+    def _emit_all(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample each request's next token from its row of logits (N, V); greedy rows share one argmax."""
+        greedy = logits.argmax(dim=-1).tolist()
+        for req, row, best in zip(reqs, logits, greedy):
+            self._emit(req, best if req.params.temperature == 0 else sample(row, req.params, req.generator))
+
+    def _emit(self, req: Request, token: int) -> None:
         if token in req.params.stop_token_ids:
             req.finish_reason = "stop"
             return
