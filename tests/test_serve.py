@@ -390,15 +390,17 @@ def test_tokens_go_out_first_at_once_then_batched_by_the_stream_interval(run, in
         assert len(got) == 12 and all(len(t) == 1 for t in tokens)
 
 
-def test_a_failed_engine_loop_answers_its_requests_and_the_next_request_gets_a_new_one(run):
+def test_a_dead_engine_process_fails_its_requests_at_once_and_the_next_request_starts_a_new_one(run):
     import asyncio
+    import os
+    import signal
 
     from serve.app import resolved
     from serve.llm import LLMServer
 
     cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16"]))
     prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
-    long = {"max_tokens": 200, "temperature": 0, "stop_token_ids": ()}  # still decoding when the bug hits
+    long = {"max_tokens": 200, "temperature": 0, "stop_token_ids": ()}  # still decoding when the process dies
     short = {**long, "max_tokens": 40}
 
     async def collect(server, params, started=None):
@@ -412,18 +414,45 @@ def test_a_failed_engine_loop_answers_its_requests_and_the_next_request_gets_a_n
     async def scenario():
         server = LLMServer(cfg.to_dict())
         started = asyncio.Event()
-        in_flight = asyncio.create_task(collect(server, long, started))
-        await asyncio.wait_for(started.wait(), 60)  # decoding on the engine thread
-        add = server.engine.add
-        server.engine.add = lambda *a: 1 / 0  # a bug outside any step
-        failed = await asyncio.wait_for(collect(server, short), 60)
-        server.engine.add = add
-        return await asyncio.wait_for(in_flight, 60), failed, await asyncio.wait_for(collect(server, short), 60)
+        in_flight = [asyncio.create_task(collect(server, long, started)) for _ in range(3)]
+        await asyncio.wait_for(started.wait(), 60)  # decoding in the engine process
+        victim = server.info()["engine_pid"]
+        os.kill(victim, signal.SIGKILL)
+        failed = await asyncio.wait_for(asyncio.gather(*in_flight), 30)
+        after = await asyncio.wait_for(collect(server, short), 120)
+        return victim, failed, after, server.info()
 
-    in_flight, failed, after = asyncio.run(scenario())
-    for items in (in_flight, failed):  # both answered at once, neither left waiting
-        assert items[-1]["error"] == "internal" and "ZeroDivisionError" in items[-1]["message"]
+    victim, failed, after, info = asyncio.run(scenario())
+    for items in failed:  # each answered with an error, none left waiting
+        assert items[-1]["error"] == "internal" and "engine process exited" in items[-1]["message"]
+        assert sum("token" in i for i in items) < 200
     assert after[-1] == {"finish_reason": "length"} and sum("token" in i for i in after) == 40
+    assert info["engine_pid"] != victim and info["pid"] == os.getpid()
+
+
+def test_the_engine_process_exits_with_its_replica(run, tmp_path):
+    """A replica SIGKILLed (no __del__, no "stop") leaves no engine process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from serve.app import resolved
+
+    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16"]))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    script = ("import json, sys, time\nfrom serve.llm import LLMServer\n"
+              f"s = LLMServer(json.load(open({str(tmp_path / 'cfg.json')!r})))\n"
+              "print(s.info()['engine_pid'], flush=True)\ntime.sleep(600)\n")
+    replica = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    engine_pid = int(replica.stdout.readline())
+    assert psutil.pid_exists(engine_pid)
+    os.kill(replica.pid, signal.SIGKILL)
+    replica.wait()
+    psutil.Process(engine_pid).wait(timeout=30)  # raises TimeoutExpired if it lingers
 
 
 def test_feedback_is_stored_once_joined_to_the_completion_and_bad_feedback_is_a_4xx(http, run):
