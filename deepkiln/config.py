@@ -199,6 +199,9 @@ class ServeArgs(Section):
     fuller messages through Serve under load; 0: every engine step."""
     max_queue: int = 64
     """Requests waiting for a batch slot per replica; beyond it: 503 with Retry-After."""
+    response_cache: int = 0
+    """Finished deterministic generations (greedy, or seeded) a replica keeps, keyed on model
+    version, prompt and sampling parameters, and answers again without the engine (LRU); 0: off."""
     max_tokens: int = 256
     """Default and upper bound on completion tokens per request."""
     max_n: int = 4
@@ -306,6 +309,8 @@ class Config(Section):
         if sv.replica_cpus <= 0 or sv.request_timeout_s <= 0:
             raise ValueError(f"serve.replica_cpus={sv.replica_cpus} and serve.request_timeout_s="
                              f"{sv.request_timeout_s} must be > 0")
+        if sv.response_cache < 0:
+            raise ValueError(f"serve.response_cache={sv.response_cache} must be >= 0")
         if sv.torch_threads < 0:
             raise ValueError(f"serve.torch_threads={sv.torch_threads} must be >= 0")
         if sv.stream_interval_ms < 0:

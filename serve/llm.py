@@ -7,7 +7,9 @@ prompt to the engine process and yields the lists of items that come back, in or
 with the first token, or {"error": ...} (queue full, a prompt the engine refuses, a failed engine);
 then {"token": id} items; then {"finish_reason": ...}.
 `reconfigure({"artifact": path})` loads another model version: new requests go to it once it is
-loaded, requests in flight finish on the version they started on. If the engine process dies, every
+loaded, requests in flight finish on the version they started on. With `serve.response_cache` on,
+a finished deterministic generation (greedy, or seeded) is kept, keyed on version, prompt and
+sampling parameters, and the same request is answered again from it without the engine. If the engine process dies, every
 request it held gets an internal error at once and the next request starts a new one.
 """
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 from multiprocessing.connection import Connection
 
 from ray import serve
@@ -54,6 +58,8 @@ class LLMServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loading: dict[str, asyncio.Future] = {}  # reconfigure calls waiting for their version
         self.send_lock = threading.Lock()
+        self.cache: OrderedDict[str, list] = OrderedDict()  # response cache: key -> every item, LRU order
+        self.cache_hits = 0
         self.gauges = _gauges()
         self.proc = None
         self.restart: asyncio.Future | None = None
@@ -180,12 +186,22 @@ class LLMServer:
     def info(self) -> dict:
         """What this replica serves: version, processes, load, and the layer types and bytes of its weights."""
         return {"version": self.version, "pid": os.getpid(), "engine_pid": self.proc.pid if self.proc else None,
-                "queued": self.queued(), "running": self.running, **self.layout}
+                "queued": self.queued(), "running": self.running, "cache_entries": len(self.cache),
+                "cache_hits": self.cache_hits, **self.layout}
 
     def queued(self) -> int:
         return max(len(self.streams) - self.running, 0)
 
     async def generate(self, prompt: list[int], params: dict):
+        version = self.version
+        key = self._cache_key(version, prompt, params)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            self.cache_hits += 1
+            if self.gauges:
+                self.gauges["cache_hits"].inc()
+            yield list(self.cache[key])
+            return
         await self._ensure_engine()
         if self.queued() >= self.cfg.serve.max_queue:
             yield [{"error": "queue_full", "message": f"the replica's queue is full: {self.queued()} requests "
@@ -193,7 +209,7 @@ class LLMServer:
             return
         sid, queue = next(self.ids), asyncio.Queue()
         self.streams[sid] = queue
-        final = False
+        final, seen = False, []
         try:
             self._send(("add", sid, list(prompt), params))
             while not final:
@@ -201,11 +217,23 @@ class LLMServer:
                 while not queue.empty():
                     items += queue.get_nowait()
                 final = "finish_reason" in items[-1] or "error" in items[-1]
+                seen += items
                 yield items
+            if key and "finish_reason" in seen[-1] and seen[0].get("version") == version:
+                self.cache[key] = seen
+                if len(self.cache) > self.cfg.serve.response_cache:
+                    self.cache.popitem(last=False)
         finally:  # finished, or the caller went away (disconnect, timeout): free the slot now
             del self.streams[sid]
             if not final and self.proc is not None:
                 self._send(("cancel", sid))
+
+    def _cache_key(self, version: str, prompt: list[int], params: dict) -> str | None:
+        """The response cache's key for a deterministic request on `version`; None when the cache
+        is off or the request samples without a seed."""
+        if not self.cfg.serve.response_cache or (params.get("temperature", 1.0) != 0 and params.get("seed") is None):
+            return None
+        return json.dumps([version, list(prompt), params], sort_keys=True, default=list)
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -225,13 +253,14 @@ class LLMServer:
 def _gauges() -> dict | None:
     """Prometheus gauges of this replica (through Ray's metrics agent); None outside Ray."""
     import ray
-    from ray.util.metrics import Gauge
+    from ray.util.metrics import Counter, Gauge
 
     if not ray.is_initialized():
         return None
     return {"queue": Gauge("deepkiln_serve_queue_depth", "requests waiting for a batch slot"),
             "batch": Gauge("deepkiln_serve_batch_size", "requests in the running batch"),
             "tokens_per_s": Gauge("deepkiln_serve_tokens_per_s", "tokens generated per second, over the last second"),
+            "cache_hits": Counter("deepkiln_serve_response_cache_hits", "requests answered from the response cache"),
             "version": Gauge("deepkiln_serve_model_version", "1 for the model version being served",
                              tag_keys=("version",))}
 

@@ -75,6 +75,7 @@ def test_wrong_type_names_key_and_value():
     (["--feedback.collectors=0"], r"feedback\.collectors=0 must be >= 1"),
     (["--feedback.rating_min=5", "--feedback.rating_max=5"], r"feedback\.rating_min=5 must be below feedback\.rating_max=5"),
     (["--serve.torch_threads=-1"], r"serve\.torch_threads=-1 must be >= 0"),
+    (["--serve.response_cache=-1"], r"serve\.response_cache=-1 must be >= 0"),
     (["--serve.stream_interval_ms=-5"], r"serve\.stream_interval_ms=-5\.0 must be >= 0"),
 ])
 def test_impossible_combinations_are_refused(argv, message):

@@ -390,6 +390,43 @@ def test_tokens_go_out_first_at_once_then_batched_by_the_stream_interval(run, in
         assert len(got) == 12 and all(len(t) == 1 for t in tokens)
 
 
+def test_response_cache_answers_a_repeated_deterministic_request_and_is_keyed_on_the_version(run):
+    import asyncio
+
+    from serve.app import resolved
+    from serve.llm import LLMServer
+
+    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16", "--serve.response_cache=2"]))
+    prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
+    greedy = {"max_tokens": 12, "temperature": 0, "stop_token_ids": (EOS_ID,)}
+    sampled = {**greedy, "temperature": 1.0}
+
+    async def items(server, params, p=prompt):
+        return [i for batch in [b async for b in server.generate(p, params)] for i in batch]
+
+    async def scenario():
+        server = LLMServer(cfg.to_dict())
+        first, again = await items(server, greedy), await items(server, greedy)
+        hits = server.info()["cache_hits"]
+        await items(server, sampled), await items(server, sampled)           # unseeded: never cached
+        seeded = [await items(server, {**sampled, "seed": 3}) for _ in range(2)]
+        after_sampling = server.info()["cache_hits"]
+        for other in ([BOS_ID, 7], [BOS_ID, 8]):                             # evicts the greedy entry (LRU of 2)
+            await items(server, greedy, other)
+        evicted = await items(server, greedy)
+        await server.reconfigure({"artifact": run["report"]["formats"]["nf4"]["path"]})
+        on_nf4 = await items(server, greedy)
+        return first, again, hits, seeded, after_sampling, evicted, on_nf4, server.info()
+
+    first, again, hits, seeded, after_sampling, evicted, on_nf4, info = asyncio.run(scenario())
+    assert again == first and hits == 1
+    assert seeded[0] == seeded[1] and after_sampling == 2
+    assert evicted == first and info["cache_entries"] == 2
+    assert on_nf4[0]["version"].startswith("nf4-") and info["cache_hits"] == 2  # a new version misses
+    tokens = [i["token"] for i in on_nf4 if "token" in i]
+    assert run["tokenizer"].decode(tokens) == expected_text(run, "nf4", "The people", 12)
+
+
 def test_a_dead_engine_process_fails_its_requests_at_once_and_the_next_request_starts_a_new_one(run):
     import asyncio
     import os
