@@ -2,13 +2,15 @@
 1, 4 and 16, for bf16 and nf4, against the same prompts generated one at a time through the engine
 without batching, in one run; plus the artifacts' sizes. One JSON object.
 
-    python -m bench.serve                 # about 5 minutes here
-    python -m bench.serve --max-tokens 16 --levels 1 4
+    python -m bench.serve                 # about 3 minutes here
+    python -m bench.serve --max-tokens 16 --levels 1 4 --proxy python
 
 The model is the tiny preset trained for a few seconds on made-up English (tests/serving_run.py),
-quantized by pipelines.quantize. Each level sends max(8, 2 x concurrency) streamed completions
-(greedy, `--max-tokens` each) from that many client threads over 127.0.0.1. Time to first token is
-the first streamed text chunk; output tokens are the usage counts the server returns.
+quantized by pipelines.quantize. Each level sends max(8, `--requests` x concurrency) streamed
+completions (greedy, `--max-tokens` each) from that many client threads over 127.0.0.1. Time to
+first token is the first streamed text chunk; output tokens are the usage counts the server returns.
+`--proxy haproxy` (the default) starts Ray with RAY_SERVE_ENABLE_HA_PROXY=1, Ray's high-throughput
+HTTP proxy; `--proxy python` uses Serve's default Python proxy.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def one_request(url: str, prompt: str, max_tokens: int) -> dict:
     return {"ttft": first if first is not None else latency, "latency": latency, "tokens": usage["completion_tokens"]}
 
 
-def load_level(url: str, concurrency: int, max_tokens: int) -> dict:
-    texts = prompts(max(8, 2 * concurrency))
+def load_level(url: str, concurrency: int, max_tokens: int, per_client: int) -> dict:
+    texts = prompts(max(8, per_client * concurrency))
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         done = list(pool.map(lambda p: one_request(url, p, max_tokens), texts))
@@ -94,12 +96,15 @@ def main(argv=None) -> dict:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--formats", nargs="+", default=["bf16", "nf4"])
+    p.add_argument("--requests", type=int, default=4, help="requests per client thread at each level")
+    p.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy")
     p.add_argument("--replica-cpus", type=float, default=os.cpu_count() or 1)
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                    help="config overrides for the served app, e.g. serve.stream_interval_ms=0")
     opts = p.parse_args(argv)
     cpus = opts.replica_cpus
-    result: dict = {"levels": opts.levels, "max_tokens": opts.max_tokens, "replica_cpus": cpus, "set": opts.set}
+    result: dict = {"levels": opts.levels, "max_tokens": opts.max_tokens, "requests_per_client": opts.requests,
+                    "proxy": opts.proxy, "replica_cpus": cpus, "set": opts.set}
     with tempfile.TemporaryDirectory() as tmp:
         run_argv = make_run(Path(tmp))
         report = quantize.main(run_argv)["formats"]
@@ -111,7 +116,11 @@ def main(argv=None) -> dict:
         result["linear_bytes_bf16"], result["linear_bytes_nf4"] = report["bf16"]["linear_bytes"], report["nf4"]["linear_bytes"]
         result["linear_bytes_ratio_nf4"] = round(report["bf16"]["linear_bytes"] / report["nf4"]["linear_bytes"], 3)
 
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        started = not ray.is_initialized()  # a test's Ray is used as it is
+        if started:
+            if opts.proxy == "haproxy":  # read by the Serve controller, which this process's Ray starts
+                os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
@@ -119,19 +128,20 @@ def main(argv=None) -> dict:
                 cfg = load_config(run_argv + [f"--quant.format={fmt}", f"--serve.replica_cpus={cpus}",
                                               f"--serve.max_batch={max(opts.levels)}", *(f"--{o}" for o in opts.set)])
                 threads = cfg.serve.torch_threads or max(1, int(cpus))  # as many as a replica's engine
-                n = max(8, 2 * max(opts.levels))
+                n = max(8, opts.requests * max(opts.levels))
                 sequential = sequential_tokens_per_s(report[fmt]["path"], tokenizer, opts.max_tokens, n, threads)
                 serve.run(build(cfg), name="deepkiln", route_prefix="/")
                 url = f"http://127.0.0.1:{port}"
                 one_request(url, "Warm up", 2)
-                levels = {str(c): load_level(url, c, opts.max_tokens) for c in opts.levels}
+                levels = {str(c): load_level(url, c, opts.max_tokens, opts.requests) for c in opts.levels}
                 top = levels[str(max(opts.levels))]["output_tokens_per_s"]
                 result[fmt] = {"sequential_tokens_per_s": round(sequential, 1), "levels": levels,
                                "batching_speedup": round(top / sequential, 3)}
                 serve.delete("deepkiln")
         finally:
             serve.shutdown()
-            ray.shutdown()
+            if started:
+                ray.shutdown()
     result["batching_speedup"] = result[opts.formats[0]]["batching_speedup"]
     print(json.dumps(result))
     return result

@@ -86,7 +86,12 @@ class EngineLoop:
         s = self.cfg.serve
         interval = s.stream_interval_ms / 1000
         made, since = 0, time.monotonic()
-        while self._take(block=not self.streams):
+        while True:
+            idle = not self.streams
+            if not self._take(block=idle):
+                return
+            if idle:  # tokens/s counts busy time only
+                made, since = 0, time.monotonic()
             for engine in list(self.engines.values()):
                 made += self._step(engine)
             now = time.monotonic()
@@ -94,8 +99,8 @@ class EngineLoop:
             for version in [v for v, e in self.engines.items() if e is not self.engine]:
                 if not any(x.engine is self.engines[version] for x in self.streams):
                     del self.engines[version]         # an old version, idle: drop it
-            if now - since >= 1.0:
-                self.conn.send(("stats", made / (now - since)))
+            if now - since >= 1.0 or not self.streams:  # every second, and on going idle
+                self.conn.send(("stats", made / max(now - since, 1e-6)))
                 made, since = 0, now
 
     def _step(self, engine: Engine) -> int:

@@ -41,3 +41,18 @@ def test_bench_train_prints_its_figures(ray_local, capsys):
         assert r[key] > 0, key
     assert r["overhead_vs_plain"] == pytest.approx(r["tokens_per_s_plain"] / r["tokens_per_s"], rel=0.01)
     assert '"overhead_vs_plain"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_serve_prints_its_figures(ray_local, capsys):
+    from bench import serve as bench_serve
+
+    r = bench_serve.main(["--levels", "1", "2", "--max-tokens", "4", "--formats", "bf16", "--requests", "1",
+                          "--proxy", "python", "--replica-cpus", "0.5"])
+    level = r["bf16"]["levels"]["2"]
+    assert level["requests"] == 8 and level["output_tokens_per_s"] > 0 and level["ttft_p50_s"] > 0
+    assert r["batching_speedup"] == pytest.approx(level["output_tokens_per_s"] / r["bf16"]["sequential_tokens_per_s"],
+                                                  rel=0.01)
+    assert r["linear_bytes_ratio_nf4"] >= 3  # nf4 layers' weights against the same layers in bf16
+    assert r["perplexity_nf4"] > 0 and r["bytes_nf4"] < r["bytes_bf16"]
+    assert '"batching_speedup"' in capsys.readouterr().out

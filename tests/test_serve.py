@@ -126,6 +126,43 @@ def test_quantized_replicas_run_bitsandbytes_layers(http, run, fmt, layer):
     assert r.status_code == 200 and r.json()["system_fingerprint"] == info["version"]
 
 
+def test_prometheus_metrics_count_requests_errors_tokens_and_name_the_version(http, run):
+    import re
+
+    import ray
+
+    url = http("--quant.format=bf16")
+    version = handle("LLMServer").info.remote().result()["version"]
+    body = {"model": MODEL, "prompt": "The people", "max_tokens": 8, "temperature": 0, "stream": True}
+    for _ in range(3):
+        assert post(url + "/v1/completions", body).status_code == 200
+    assert post(url + "/v1/completions", {**body, "temperature": 7}).status_code == 400
+    port = ray._private.worker.global_worker.node.metrics_export_port
+
+    def value(text, name, **tags):  # sum of the samples of `name` whose tags include `tags`
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(rf"{name}{{(.*)}} (\S+)$", line)
+            if m and all(f'{k}="{v}"' in m.group(1) for k, v in tags.items()):
+                total += float(m.group(2))
+        return total
+
+    deadline = time.monotonic() + 60  # Ray's metrics agent exports every few seconds
+    while True:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        done = (value(text, "ray_deepkiln_serve_requests_total", route="completions", code="200") >= 3
+                and value(text, "ray_deepkiln_serve_requests_total", route="completions", code="400") >= 1
+                and value(text, "ray_deepkiln_serve_model_version", version=version) == 1)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert done, [line for line in text.splitlines() if "deepkiln" in line]
+    assert value(text, "ray_deepkiln_serve_time_to_first_token_s_count") >= 3
+    assert value(text, "ray_deepkiln_serve_completion_tokens_total") >= 3
+    for gauge in ("queue_depth", "batch_size", "tokens_per_s"):
+        assert f"ray_deepkiln_serve_{gauge}" in text, gauge
+
+
 def test_bad_input_is_a_4xx_naming_the_field(http, run):
     url = http("--quant.format=bf16", "--serve.max_body_bytes=20000", "--serve.max_tokens=64")
     pid = handle("OpenAIIngress").pid.remote().result()
