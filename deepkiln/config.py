@@ -232,6 +232,16 @@ class FeedbackArgs(Section):
     """Completions kept per collector for feedback to refer to; older ones are forgotten."""
 
 
+class LoraArgs(Section):
+    rank: int = 8
+    """Rank of each low-rank update."""
+    alpha: float = 16.0
+    """Update scale numerator: the update is multiplied by alpha / rank."""
+    targets: list[str] = ["wq", "wq_a", "wq_b", "wkv_a", "wo", "w1", "w2", "w3"]
+    """Names of the nn.Linear layers that get adapters (MLA's wkv_b is read as a matrix at decode:
+    leave it out unless the adapters are merged before serving, as the pipelines do)."""
+
+
 class OnlineArgs(Section):
     buffer_size: int = 10000
     """Replay buffer capacity in examples."""
@@ -249,6 +259,7 @@ class Config(Section):
     privacy: PrivacyArgs = Field(default_factory=PrivacyArgs)
     fairness: FairnessArgs = Field(default_factory=FairnessArgs)
     quant: QuantArgs = Field(default_factory=QuantArgs)
+    lora: LoraArgs = Field(default_factory=LoraArgs)
     serve: ServeArgs = Field(default_factory=ServeArgs)
     feedback: FeedbackArgs = Field(default_factory=FeedbackArgs)
     online: OnlineArgs = Field(default_factory=OnlineArgs)
@@ -317,6 +328,8 @@ class Config(Section):
             raise ValueError(f"serve.stream_interval_ms={sv.stream_interval_ms} must be >= 0")
         if sv.max_step_tokens and sv.max_step_tokens < sv.max_batch:
             raise ValueError(f"serve.max_step_tokens={sv.max_step_tokens} must be 0 or >= serve.max_batch={sv.max_batch}")
+        if self.lora.rank < 1 or self.lora.alpha <= 0:
+            raise ValueError(f"lora.rank={self.lora.rank} must be >= 1 and lora.alpha={self.lora.alpha} > 0")
         fb = self.feedback
         for key in ("collectors", "max_text_chars", "retention"):
             if getattr(fb, key) < 1:
