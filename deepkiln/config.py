@@ -244,9 +244,38 @@ class LoraArgs(Section):
 
 class OnlineArgs(Section):
     buffer_size: int = 10000
-    """Replay buffer capacity in examples."""
+    """Replay buffer capacity in unconsumed examples; beyond it the lowest-priority ones are dropped."""
+    half_life_s: float = 86400.0
+    """Recency half-life of an example's priority (priority = weight x 0.5 ** (age / half_life_s))."""
     feedback_fraction: float = 0.5
-    """Share of each update batch drawn from feedback rather than base data."""
+    """Share of each update batch drawn from feedback rather than base data (against forgetting)."""
+    min_feedback: int = 8
+    """Unconsumed feedback examples that trigger an update."""
+    max_feedback: int = 256
+    """Feedback examples one update draws at most."""
+    method: Literal["lora", "full"] = "lora"
+    """Update the model through LoRA adapters (merged afterwards) or all its weights."""
+    steps: int = 40
+    """Optimizer steps per update."""
+    batch_size: int = 8
+    """Sequences per update step (feedback and base together)."""
+    lr: float = 3e-3
+    """Peak learning rate of an update (constant after a short warmup)."""
+    num_workers: int = 1
+    """DeepSpeed ranks (Ray Train workers) of an update."""
+    max_ppl_increase: float = 0.05
+    """Gate: the candidate's held-out perplexity may exceed the serving version's by this fraction at most."""
+    max_preference_drop: float = 0.05
+    """Gate: the candidate's preference accuracy may fall below the serving version's by this much at most."""
+    preference_set: str = ""
+    """jsonl of {"prompt", "chosen", "rejected"} the gate scores; empty: built from held-out text
+    (a real continuation against a shuffled one)."""
+    preference_pairs: int = 32
+    """Pairs in the built-in preference set."""
+    poll_s: float = 10.0
+    """How often the long-running loop looks for new feedback."""
+    publish: bool = True
+    """Reconfigure the running Serve application with a version that passed the gate."""
 
 
 class Config(Section):
@@ -330,6 +359,20 @@ class Config(Section):
             raise ValueError(f"serve.max_step_tokens={sv.max_step_tokens} must be 0 or >= serve.max_batch={sv.max_batch}")
         if self.lora.rank < 1 or self.lora.alpha <= 0:
             raise ValueError(f"lora.rank={self.lora.rank} must be >= 1 and lora.alpha={self.lora.alpha} > 0")
+        on = self.online
+        for key in ("buffer_size", "min_feedback", "max_feedback", "steps", "batch_size", "num_workers",
+                    "preference_pairs"):
+            if getattr(on, key) < 1:
+                raise ValueError(f"online.{key}={getattr(on, key)} must be >= 1")
+        if not 0 <= on.feedback_fraction <= 1:
+            raise ValueError(f"online.feedback_fraction={on.feedback_fraction} must be in [0, 1]")
+        if on.half_life_s <= 0 or on.poll_s <= 0 or on.lr <= 0:
+            raise ValueError(f"online.half_life_s={on.half_life_s}, online.poll_s={on.poll_s} and "
+                             f"online.lr={on.lr} must be > 0")
+        if on.min_feedback > on.max_feedback:
+            raise ValueError(f"online.min_feedback={on.min_feedback} exceeds online.max_feedback={on.max_feedback}")
+        if on.batch_size % on.num_workers:
+            raise ValueError(f"online.batch_size={on.batch_size} is not divisible by online.num_workers={on.num_workers}")
         fb = self.feedback
         for key in ("collectors", "max_text_chars", "retention"):
             if getattr(fb, key) < 1:
