@@ -42,8 +42,13 @@ def resolved(cfg: Config) -> Config:
 
 
 def build(cfg: Config, artifact: str | None = None):
+    """The app serving `artifact` (default: the config's). Redeployed with another artifact, Serve
+    replaces the LLMServer replicas one by one, each loading the new version (no request dropped)."""
     cfg = resolved(cfg)
-    llm = LLMServerDeployment.options(**llm_options(cfg, artifact)).bind(cfg.to_dict())
+    served = cfg.model_copy(deep=True)
+    if artifact:  # a new replica loads it in __init__, and reconfigure then finds it loaded
+        served.serve.artifact = artifact if "://" in artifact else os.path.abspath(artifact)
+    llm = LLMServerDeployment.options(**llm_options(cfg, artifact)).bind(served.to_dict())
     ingress = OpenAIIngressDeployment.options(ray_actor_options={"num_cpus": 0},
                                               max_ongoing_requests=1000).bind(llm, cfg.to_dict())
     return ingress
