@@ -133,8 +133,11 @@ class Engine:
     """Runs requests through a model with a shared LatentCache; `step()` advances every request."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_len: int | None = None,
-                 dtype: torch.dtype | None = None, max_step_tokens: int | None = None):
+                 dtype: torch.dtype | None = None, max_step_tokens: int | None = None,
+                 vocab_size: int | None = None):
         self.model = model.eval()
+        # The tokenizer's vocabulary can be smaller than the model's: ids beyond it are never sampled.
+        self.vocab_size = vocab_size or model.args.vocab_size
         param = next(model.parameters())
         self.max_len = max_len or model.args.max_seq_len
         self.max_step_tokens = max_step_tokens or self.max_len
@@ -220,6 +223,7 @@ class Engine:
 
     def _emit_all(self, reqs: list[Request], logits: torch.Tensor) -> None:
         """Sample each request's next token from its row of logits (N, V); greedy rows share one argmax."""
+        logits = logits[:, :self.vocab_size]
         greedy = logits.argmax(dim=-1).tolist()
         for req, row, best in zip(reqs, logits, greedy):
             self._emit(req, best if req.params.temperature == 0 else sample(row, req.params, req.generator))

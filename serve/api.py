@@ -26,8 +26,9 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.feedback import FeedbackError, collectors, shard_of
-from deepkiln.config import Config, stage_dir
+from deepkiln.config import Config
 from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS, Tokenizer
+from serve.engine_process import tokenizer_path
 from serve.llm import context_length
 from serve.schemas import (ChatChoice, ChatCompletion, ChatMessage, ChatRequest, Completion, CompletionChoice,
                            CompletionRequest, Usage)
@@ -60,10 +61,6 @@ async def _api_error(request: Request, e: APIError) -> JSONResponse:
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, e: Exception) -> JSONResponse:
     return APIError(500, f"internal error: {e!r}", type="server_error").response()
-
-
-def tokenizer_path(cfg: Config) -> str:
-    return cfg.serve.tokenizer or f"{stage_dir(cfg, 'tokenizer')}/tokenizer.model"
 
 
 def read_api_key(cfg: Config) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from deepkiln.config import Config
+from deepkiln.config import Config, stage_dir
 from deepkiln.engine import Engine, Request, SamplingParams
 
 POLL_S = 0.05  # how often an idle loop looks for a finished model load
@@ -49,14 +49,21 @@ def version_of(path: str | Path) -> str:
     return f"{Path(path).name}-step{manifest.get('step', 0)}-{manifest['files']['model.safetensors']['sha256'][:8]}"
 
 
+def tokenizer_path(cfg: Config) -> str:
+    return cfg.serve.tokenizer or f"{stage_dir(cfg, 'tokenizer')}/tokenizer.model"
+
+
 def load_engine(cfg: Config, path: str) -> tuple[str, Engine, dict]:
-    """The artifact at `path` as (version, engine, info): info names its layer types and weight bytes."""
+    """The artifact at `path` as (version, engine, info): info names its layer types and weight bytes.
+    The engine never samples an id the served tokenizer cannot decode."""
     from deepkiln.quantize import load_quantized, model_bytes
+    from deepkiln.tokenizer import Tokenizer
 
     version = version_of(path)
     model, _ = load_quantized(path)
     s = cfg.serve
-    engine = Engine(model, max_batch=s.max_batch, max_len=cfg.model.max_seq_len, max_step_tokens=s.max_step_tokens or None)
+    engine = Engine(model, max_batch=s.max_batch, max_len=cfg.model.max_seq_len, max_step_tokens=s.max_step_tokens or None,
+                    vocab_size=Tokenizer.load(tokenizer_path(cfg)).vocab_size)
     layers = Counter(type(m).__name__ for m in model.modules() if not list(m.children()))
     return version, engine, {"layers": dict(layers), "weight_bytes": model_bytes(model)}
 

@@ -153,3 +153,13 @@ def test_token_budget_bounds_each_step_and_cancel_frees_the_slot(model):
         engine.add(list(range(1, 12)), params)
     with pytest.raises(ValueError, match="max_batch=3"):
         Engine(model, max_batch=3, max_step_tokens=2)
+
+
+def test_ids_beyond_the_tokenizer_vocabulary_are_never_sampled(model):
+    prompts = [[5, 6, 7], [100, 200], [42]]
+    params = [SamplingParams(max_tokens=16, temperature=0), SamplingParams(max_tokens=16, temperature=1.5, seed=1)]
+    free = [r.output for p in params for r in Engine(model, max_batch=3, max_len=64).generate(prompts, p)]
+    assert max(max(o) for o in free) >= 100  # this random model does pick ids beyond 100 ...
+    limited = [r.output for p in params
+               for r in Engine(model, max_batch=3, max_len=64, vocab_size=100).generate(prompts, p)]
+    assert max(max(o) for o in limited) < 100  # ... unless its tokenizer only knows 100
