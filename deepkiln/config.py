@@ -144,20 +144,72 @@ class TuneArgs(Section):
 
 class PrivacyArgs(Section):
     enabled: bool = False
-    """Differentially private fine-tune with Opacus."""
+    """Differentially private fine-tune with Opacus (pipelines.dp_finetune always sets it)."""
     target_epsilon: float = 8.0
-    """Privacy budget epsilon to spend over the whole fine-tune."""
+    """Privacy budget epsilon to spend over the whole fine-tune; a run stops before exceeding it."""
     delta: float = 1e-5
-    """Privacy delta; keep below 1/number of private examples."""
+    """Privacy delta; must be below 1 / the number of private examples (checked when they are read)."""
     max_grad_norm: float = 1.0
-    """Per-sample gradient clip."""
+    """Per-sample gradient clip (the L2 norm each example's gradient is clipped to before noise)."""
+    noise_multiplier: float = 0.0
+    """Fixed noise std / max_grad_norm; 0: the smallest that spends exactly target_epsilon over
+    `epochs` (Opacus make_private_with_epsilon)."""
+    accountant: Literal["prv", "rdp"] = "prv"
+    """Opacus privacy accountant: prv (tighter, Opacus' default) or rdp (about 3x faster to query)."""
+    epochs: int = 1
+    """Planned passes over the private set; with Poisson sampling one pass is N / batch_size steps."""
+    batch_size: int = 16
+    """Expected examples per step: each example joins a step with probability batch_size / N."""
+    lr: float = 1e-3
+    """AdamW learning rate of the fine-tune (constant)."""
+    params: Literal["lora", "full"] = "lora"
+    """What trains: LoRA adapters (lora section) or the full weights; MoE and MTP layers stay frozen."""
+    data: str = ""
+    """Private text: a jsonl or Parquet file with a data.text_field column; empty: the tokenizer
+    stage's token windows (a stand-in that makes the stage runnable on the built-in corpus)."""
+    user_field: str = ""
+    """Column naming each record's user: a user's records become one example, so the guarantee
+    covers a user; empty: the unit is one record (or one token window)."""
+    max_examples: int = 1024
+    """Private training examples used at most (a seeded sample); 0: all of them."""
+    checkpoint_every: int = 50
+    """Steps between saved states (model, optimizer, accountant)."""
+    stop_after: int = 0
+    """Stop (with a saved state) after this many steps in total; 0: run the plan. A later run resumes."""
+    noise_seed: int = -1
+    """Seed of the noise and the Poisson sampling; -1: fresh OS entropy, as the guarantee needs (a
+    known seed makes the noise known). Set it only for reproducible tests."""
 
 
 class FairnessArgs(Section):
+    model: str = ""
+    """Checkpoint pipelines.audit reads; empty: <run_dir>/<run.name>/train/model."""
+    attributes: list[Literal["gender", "nationality"]] = ["gender", "nationality"]
+    """Built-in sensitive attributes whose templated prompts are audited."""
+    languages: list[Literal["en", "zh"]] = ["en", "zh"]
+    """Languages of the built-in templates and terms."""
+    data: str = ""
+    """Extra audit prompts: a jsonl file with group_field and prompt_field (and optionally
+    continuation_field) per row, audited as one more attribute."""
     group_field: str = "group"
     """Field naming each audit example's sensitive group."""
+    prompt_field: str = "prompt"
+    """Field holding each audit example's prompt."""
+    continuation_field: str = "continuation"
+    """Field holding a neutral continuation to score; rows without it use the built-in ones."""
+    outcome_words: list[str] = []
+    """Words whose presence in a generation counts as the audited outcome; empty: the built-in
+    negative lexicon (English and Chinese)."""
+    generations: int = 4
+    """Sampled continuations per prompt (temperature 1, seeded from run.seed)."""
+    max_new_tokens: int = 12
+    """Tokens generated per continuation at most."""
     max_perplexity_ratio: float = 1.5
     """Gate: worst group perplexity / best group perplexity at most this."""
+    max_outcome_difference: float = 0.2
+    """Gate: highest minus lowest group rate of the outcome at most this."""
+    max_perplexity: float = 0.0
+    """Gate: held-out perplexity at most this; 0: no limit."""
 
 
 class QuantArgs(Section):
@@ -247,8 +299,9 @@ class OnlineArgs(Section):
     """Replay buffer capacity in unconsumed examples; beyond it the lowest-priority ones are dropped."""
     half_life_s: float = 86400.0
     """Recency half-life of an example's priority (priority = weight x 0.5 ** (age / half_life_s))."""
-    feedback_fraction: float = 0.5
-    """Share of each update batch drawn from feedback rather than base data (against forgetting)."""
+    feedback_fraction: float = 0.25
+    """Share of each update batch drawn from feedback rather than base data (against forgetting; at
+    0.5 an update of the tiny model raised held-out perplexity by 20%, at 0.25 it did not)."""
     min_feedback: int = 8
     """Unconsumed feedback examples that trigger an update."""
     max_feedback: int = 256
@@ -311,6 +364,30 @@ class Config(Section):
         if self.privacy.enabled and t.zero_stage > 0:
             raise ValueError(f"privacy.enabled=True needs train.zero_stage=0 (got {t.zero_stage}): "
                              "Opacus does not support DeepSpeed ZeRO")
+        pv, fa = self.privacy, self.fairness
+        if not 0 < pv.delta < 1:
+            raise ValueError(f"privacy.delta={pv.delta} must be in (0, 1)")
+        for key in ("target_epsilon", "max_grad_norm", "lr"):
+            if getattr(pv, key) <= 0:
+                raise ValueError(f"privacy.{key}={getattr(pv, key)} must be > 0")
+        for key in ("epochs", "batch_size", "checkpoint_every"):
+            if getattr(pv, key) < 1:
+                raise ValueError(f"privacy.{key}={getattr(pv, key)} must be >= 1")
+        for key in ("noise_multiplier", "max_examples", "stop_after"):
+            if getattr(pv, key) < 0:
+                raise ValueError(f"privacy.{key}={getattr(pv, key)} must be >= 0")
+        for key in ("max_perplexity_ratio", "max_outcome_difference", "max_perplexity"):
+            if getattr(fa, key) < 0:
+                raise ValueError(f"fairness.{key}={getattr(fa, key)} must be >= 0")
+        for key in ("generations", "max_new_tokens"):
+            if getattr(fa, key) < 1:
+                raise ValueError(f"fairness.{key}={getattr(fa, key)} must be >= 1")
+        if not fa.group_field or not fa.prompt_field:
+            raise ValueError(f"fairness.group_field={fa.group_field!r} and fairness.prompt_field="
+                             f"{fa.prompt_field!r} must name a field")
+        if not (fa.attributes and fa.languages) and not fa.data:
+            raise ValueError(f"fairness.attributes={fa.attributes} and fairness.languages={fa.languages} "
+                             "leave nothing to audit: name at least one of each, or fairness.data")
         if not 0 <= t.zero_stage <= 3:
             raise ValueError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
         if t.seq_len > m.max_seq_len:

@@ -1,0 +1,475 @@
+"""Online learning: feedback -> replay buffer -> update on DeepSpeed ranks -> gate -> publish to Serve.
+
+    python -m pipelines.online --config configs/tiny.yaml              # long-running: polls every online.poll_s
+    python -m pipelines.online --config configs/tiny.yaml --once       # one poll, at most one update
+    python -m pipelines.online --config configs/tiny.yaml --rollback   # serve the version before this one
+    python -m pipelines.online --config configs/tiny.yaml --rollback v0001
+    ray job submit --working-dir . -- python -m pipelines.online --config configs/small.yaml
+
+Each poll moves new records from the FeedbackCollectors' stores into the ReplayBuffer (actors/replay.py).
+Once `online.min_feedback` examples wait, an update draws up to `online.max_feedback` of them by
+priority and trains the serving version on Ray Train workers that are DeepSpeed ranks: LoRA adapters
+by default (merged afterwards), every weight with online.method=full. Each batch mixes a share
+`online.feedback_fraction` of feedback sequences (corrected answers as targets with weight 1, good
+answers weighted by their rating; loss on the answer tokens only, each sequence counting once) with
+base pretraining windows, against forgetting. The candidate must pass the gate against the serving
+version: held-out perplexity up by `online.max_ppl_increase` at most, preference accuracy down by
+`online.max_preference_drop` at most. Then it is quantized (quant.format) and published: the Serve
+app is redeployed with the new artifact, and Serve replaces its replicas without dropping a request.
+Every version stays under <run>/online/versions/ and state.json names the one served; a candidate
+that fails is kept there too, unpublished, and its examples are consumed (the report says why).
+Each update writes <run>/online/updates/update-NNNN.json: feedback counts, buffer size and mix,
+update loss, the gate's figures, the feedback targets' loss before and after, the version served and
+the seconds from the newest feedback used to the new version serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from deepkiln.checkpoint import load_model, save_checkpoint
+from deepkiln.config import Config, QuantArgs, load_config, stage_dir
+from deepkiln.corpus import read_bytes, write_atomic
+from deepkiln.data import TokenWindows
+from deepkiln.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
+
+APP = "deepkiln"  # the Serve application the online loop publishes to (serve/config.yaml, serve.app)
+IGNORE = -100
+
+
+# -- examples ---------------------------------------------------------------------------------------
+
+def encode_example(tok: Tokenizer, example: dict, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + target + stop, and labels that are the ids on the target and IGNORE on
+    the prompt. Chat completions (ids "chatcmpl-...") keep their prompt as JSON messages."""
+    if example["completion_id"].startswith("chatcmpl-"):
+        prompt, stop = tok.apply_chat_template(json.loads(example["prompt"])), SPECIAL_TOKENS["<|end|>"]
+    else:
+        prompt, stop = [BOS_ID, *tok.encode(example["prompt"])], EOS_ID
+    target = [*tok.encode(example["target"]), stop]
+    return (prompt + target)[:max_len], ([IGNORE] * len(prompt) + target)[:max_len]
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of next-token prediction, right-padded: (B, T) each."""
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
+        y[i, :len(labels) - 1] = torch.tensor(labels[1:])
+    return x, y
+
+
+def sequence_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each sequence over its labelled tokens: (B,)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
+    mask = (y != IGNORE).float()
+    return (ce.view_as(mask) * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+# -- the update: one DeepSpeed rank ------------------------------------------------------------------
+
+def update_loop(config: dict) -> None:
+    """One DeepSpeed rank of an update. Depends only on `config`: the resolved config, the base
+    model folder, the encoded feedback examples with their weights, and the base-data cursor."""
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    from deepkiln.lora import apply_lora, lora_parameters, merge_lora
+    from pipelines.train import tokens_dir
+
+    cfg = Config.from_dict(config["cfg"])
+    on = cfg.online
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.run.seed + config["update"])
+    model, base = load_model(config["base"])
+    if on.method == "lora":
+        apply_lora(model, cfg.lora)
+        params = lora_parameters(model)
+    else:
+        params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=on.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, on.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    micro = on.batch_size // world
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config={
+        "train_batch_size": on.batch_size, "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1, "gradient_clipping": cfg.train.grad_clip,
+        "bf16": {"enabled": cfg.train.dtype == "bfloat16"},
+        "zero_optimization": {"stage": cfg.train.zero_stage if on.method == "full" else 0},
+        "steps_per_print": 1 << 30})
+
+    examples, weights = config["examples"], config["weights"]
+    n_fb = min(micro, max(1, round(micro * on.feedback_fraction))) if examples and on.feedback_fraction else 0
+    n_base = micro - n_fb
+    data = TokenWindows(tokens_dir(cfg), cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed) if n_base else None
+    orders: dict[int, np.ndarray] = {}
+    losses = []
+    for step in range(on.steps):
+        rows, w = [], []
+        for j in range(n_fb):  # an epoch over the examples is a seeded permutation: no repeats inside it
+            g = (step * world + rank) * n_fb + j
+            epoch, k = divmod(g, len(examples))
+            order = orders.setdefault(epoch, np.random.default_rng((cfg.run.seed, config["update"], epoch))
+                                      .permutation(len(examples)))
+            rows.append(examples[order[k]])
+            w.append(weights[order[k]])
+        if n_base:
+            x, y = data.train_batch(config["base_first"] + (step * world + rank) * n_base, n_base)
+            windows = torch.cat([x, y[:, -1:]], dim=1).tolist()   # every token is a target
+            rows += [(w_, w_) for w_ in windows]
+            w += [1.0] * n_base
+        x, y = pad_batch(rows)
+        per_seq = sequence_losses(engine(x)[0], y)
+        weight = torch.tensor(w)
+        loss = (per_seq * weight).sum() / weight.sum()
+        engine.backward(loss)
+        engine.step()
+        reduced = loss.detach().clone()
+        dist.all_reduce(reduced)
+        losses.append(reduced.item() / world)
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            model = engine.module
+            if on.method == "lora":
+                merge_lora(model)
+            save_checkpoint(Path(tmp) / "model", model, {**base.config, "online": on.model_dump()},
+                            step=base.manifest.get("step", 0), tokens=base.manifest.get("tokens", 0))
+        dist.barrier()
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
+                          "feedback_per_batch": n_fb * world, "base_per_batch": n_base * world},
+                         checkpoint=checkpoint)
+
+
+def train_update(cfg: Config, base_model: str, encoded: list, weights: list[float], update: int,
+                 base_first: int) -> tuple[dict, str]:
+    """Run the update on Ray Train; returns its metrics and a local folder holding the merged model."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from deepkiln.ray_utils import compute_env
+    from pipelines.train import with_absolute_paths
+
+    cfg = with_absolute_paths(cfg)
+    storage = os.path.abspath(f"{stage_dir(cfg, 'online')}/ray")
+    name = f"update-{update:04d}"
+    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)  # a crashed try of this update
+    use_gpu = torch.cuda.is_available()
+    trainer = TorchTrainer(
+        update_loop, train_loop_config={"cfg": cfg.to_dict(), "base": os.path.abspath(base_model), "update": update,
+                                        "examples": encoded, "weights": weights, "base_first": base_first},
+        scaling_config=ScalingConfig(num_workers=cfg.online.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=1),
+                             worker_runtime_env={"env_vars": compute_env()}))
+    result = trainer.fit()
+    out = tempfile.mkdtemp(prefix="deepkiln-update-")
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / "model", Path(out) / "model")
+    return result.metrics, f"{out}/model"
+
+
+# -- the gate ---------------------------------------------------------------------------------------
+
+def preference_pairs(cfg: Config, tok: Tokenizer, data: TokenWindows) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) token lists: online.preference_set, else held-out windows split in
+    half, the real second half against the same tokens shuffled."""
+    on = cfg.online
+    if on.preference_set:
+        raw = read_bytes(on.preference_set)
+        if raw is None:
+            raise ValueError(f"online.preference_set={on.preference_set!r} does not exist")
+        pairs = []
+        for i, line in enumerate(raw.decode().splitlines()):
+            if line.strip():
+                r = json.loads(line)
+                missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(r.get(k), str)]
+                if missing:
+                    raise ValueError(f"online.preference_set line {i + 1}: field {missing[0]!r} is missing or not text")
+                pairs.append(([BOS_ID, *tok.encode(r["prompt"])], [*tok.encode(r["chosen"]), EOS_ID],
+                              [*tok.encode(r["rejected"]), EOS_ID]))
+        return pairs
+    rng = np.random.default_rng(cfg.run.seed)
+    pairs = []
+    for k in range(on.preference_pairs):
+        w = data.window(data.n_train + k % data.n_val).tolist()
+        half = len(w) // 2
+        pairs.append((w[:half], w[half:], [w[half:][i] for i in rng.permutation(len(w) - half)]))
+    return pairs
+
+
+@torch.no_grad()
+def continuation_logprob(model, prompt: list[int], continuation: list[int]) -> float:
+    ids = torch.tensor([prompt + continuation])
+    logits = model(ids[:, :-1])[0][0, len(prompt) - 1:].float()
+    return -F.cross_entropy(logits, ids[0, len(prompt):], reduction="sum").item()
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, encoded: list) -> dict:
+    """Held-out perplexity, preference accuracy, and the mean loss on the feedback targets."""
+    from pipelines.quantize import perplexity
+
+    model.eval()
+    prefs = [continuation_logprob(model, p, c) > continuation_logprob(model, p, r) for p, c, r in pairs]
+    target = [sequence_losses(model(x)[0], y).item() for x, y in (pad_batch([e]) for e in encoded)]
+    return {"perplexity": perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches),
+            "preference_accuracy": sum(prefs) / max(1, len(prefs)),
+            "feedback_target_loss": sum(target) / max(1, len(target))}
+
+
+def gate(cfg: Config, current: dict, candidate: dict) -> dict:
+    on = cfg.online
+    reasons = []
+    limit = current["perplexity"] * (1 + on.max_ppl_increase)
+    if candidate["perplexity"] > limit:
+        reasons.append(f"held-out perplexity {candidate['perplexity']:.3f} exceeds {limit:.3f} (the serving "
+                       f"version's {current['perplexity']:.3f} + online.max_ppl_increase={on.max_ppl_increase})")
+    floor = current["preference_accuracy"] - on.max_preference_drop
+    if candidate["preference_accuracy"] < floor:
+        reasons.append(f"preference accuracy {candidate['preference_accuracy']:.3f} is below {floor:.3f} (the serving "
+                       f"version's {current['preference_accuracy']:.3f} - online.max_preference_drop={on.max_preference_drop})")
+    return {"passed": not reasons, "reasons": reasons, "current": current, "candidate": candidate}
+
+
+# -- versions and publishing -------------------------------------------------------------------------
+
+def state_path(cfg: Config) -> str:
+    return f"{stage_dir(cfg, 'online')}/state.json"
+
+
+def load_state(cfg: Config) -> dict:
+    """Versions, the one served, the update count and the base-data cursor. The first time: version
+    v0000 is the training export and the quantize stage's artifact."""
+    from pipelines.quantize import source_dir
+    from serve.llm import artifact_path
+
+    raw = read_bytes(state_path(cfg))
+    if raw is not None:
+        return json.loads(raw)
+    model, artifact = source_dir(cfg), artifact_path(cfg)
+    for what, path in (("the training export", model), ("the quantized artifact", artifact)):
+        if not Path(path, "manifest.json").is_file():
+            raise ValueError(f"{what} {path} is missing: run pipelines.train and pipelines.quantize first")
+    return {"current": "v0000", "history": ["v0000"], "updates": 0, "base_cursor": 0,
+            "versions": {"v0000": {"model": os.path.abspath(model), "artifact": os.path.abspath(artifact),
+                                   "published": True}}}
+
+
+def save_state(cfg: Config, state: dict) -> None:
+    write_atomic(state_path(cfg), json.dumps(state, indent=1).encode())
+
+
+def quantize_version(cfg: Config, model_dir: str, out: Path) -> str:
+    from deepkiln.quantize import apply_quantization
+
+    model, ckpt = load_model(model_dir)
+    args = QuantArgs(**cfg.quant.model_dump())
+    model = apply_quantization(model, args)
+    return str(save_checkpoint(out, model, {**ckpt.config, "quant": args.model_dump()},
+                               step=ckpt.manifest.get("step", 0), tokens=ckpt.manifest.get("tokens", 0)))
+
+
+def publish(cfg: Config, artifact: str) -> bool:
+    """Redeploy the running Serve app with `artifact` and wait until its replicas serve it. False
+    (nothing done) when the app is not running."""
+    from ray import serve
+
+    from serve.app import build
+    from serve.engine_process import version_of
+
+    if APP not in serve.status().applications:
+        print(f"online: the Serve app {APP!r} is not running; {artifact} is ready but not published", flush=True)
+        return False
+    serve.run(build(cfg, artifact=artifact), name=APP, route_prefix="/")  # returns once the app is running
+    want = version_of(artifact)
+    llm = serve.get_deployment_handle("LLMServer", app_name=APP)
+    deadline = time.monotonic() + 300
+    while llm.info.remote().result()["version"] != want:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve did not switch to {want} within 300 s")
+        time.sleep(0.5)
+    return True
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+def poll(cfg: Config, buffer, collectors) -> dict:
+    """Move new feedback from every collector's store into the buffer."""
+    import ray
+
+    names = [f"collector-{i}" for i in range(len(collectors))]
+    offsets = ray.get([buffer.offset.remote(n) for n in names])
+    records = ray.get([c.records.remote(o) for c, o in zip(collectors, offsets)])
+    counts = ray.get([buffer.ingest.remote(n, r) for n, r in zip(names, records)])
+    return {k: sum(c[k] for c in counts) for k in ("added", "not_trainable", "dropped")}
+
+
+def run_update(cfg: Config, buffer, state: dict) -> dict:
+    """One update from the buffer's best examples: train, gate, and publish if it passes."""
+    import ray
+
+    from pipelines.train import tokens_dir
+
+    on = cfg.online
+    update = state["updates"] + 1
+    started = time.time()
+    drawn = ray.get(buffer.draw.remote(on.max_feedback, cfg.run.seed + update))
+    tok = Tokenizer.load(f"{stage_dir(cfg, 'tokenizer')}/tokenizer.model")
+    encoded = [encode_example(tok, e, cfg.model.max_seq_len) for e in drawn]
+    weights = [e["weight"] for e in drawn]
+    current = state["versions"][state["current"]]
+    print(f"online: update {update}: {len(drawn)} feedback examples on {state['current']}", flush=True)
+    timings = {}
+    mark = time.perf_counter()
+    metrics, model_dir = train_update(cfg, current["model"], encoded, weights, update, state["base_cursor"])
+    timings["train_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
+    name = f"v{update:04d}"
+    folder = Path(stage_dir(cfg, "online")) / "versions" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copytree(model_dir, folder / "model")
+    shutil.rmtree(Path(model_dir).parent, ignore_errors=True)
+
+    data = TokenWindows(tokens_dir(cfg), cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed)
+    pairs = preference_pairs(cfg, tok, data)
+    before = evaluate(cfg, load_model(current["model"])[0].float(), data, pairs, encoded)
+    after = evaluate(cfg, load_model(folder / "model")[0].float(), data, pairs, encoded)
+    verdict = gate(cfg, before, after)
+    timings["gate_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
+    version = {"model": str(folder / "model"), "artifact": None, "published": False, "parent": state["current"],
+               "gate": verdict}
+    published_at = None
+    if verdict["passed"]:
+        version["artifact"] = quantize_version(cfg, str(folder / "model"), folder / f"{name}-{cfg.quant.format}")
+        timings["quantize_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
+        if on.publish and publish(cfg, version["artifact"]):
+            timings["publish_s"] = round(time.perf_counter() - mark, 1)
+            published_at = time.time()
+            version["published"] = True
+            state["current"] = name
+            state["history"].append(name)
+    ray.get(buffer.commit.remote([(e["source"], e["seq"]) for e in drawn], update))
+    state["versions"][name] = version
+    state["updates"] = update
+    state["base_cursor"] += on.steps * metrics["base_per_batch"]
+    save_state(cfg, state)
+    newest = max(e["created"] for e in drawn)
+    report = {
+        "update": update, "version": name, "parent": version["parent"], "serving": state["current"],
+        "feedback": {"examples": len(drawn), "corrected": sum(e["corrected"] for e in drawn),
+                     "rated": sum(not e["corrected"] for e in drawn), "mean_weight": float(np.mean(weights))},
+        "buffer": ray.get(buffer.stats.remote()),
+        "mix": {"feedback_per_batch": metrics["feedback_per_batch"], "base_per_batch": metrics["base_per_batch"]},
+        "method": on.method, "steps": on.steps, "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"],
+        "losses": metrics["losses"], "gate": verdict, "published": version["published"],
+        "seconds": round(time.time() - started, 1), "timings": timings,
+        "feedback_to_serving_s": round(published_at - newest, 1) if published_at else None,
+    }
+    out = Path(stage_dir(cfg, "online")) / "updates" / f"update-{update:04d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(str(out), json.dumps(report, indent=1).encode())
+    _record_metrics(report)
+    print(f"online: update {update}: loss {report['loss_first']:.3f} -> {report['loss_last']:.3f}; gate "
+          f"{'passed' if verdict['passed'] else 'failed: ' + '; '.join(verdict['reasons'])}; serving "
+          f"{state['current']}" + (f" ({report['feedback_to_serving_s']} s after the newest feedback)"
+                                   if published_at else ""), flush=True)
+    return report
+
+
+def rollback(cfg: Config, to: str | None) -> dict:
+    """Serve an earlier version again: `to`, or the one served before the current one."""
+    state = load_state(cfg)
+    if to is None:
+        if len(state["history"]) < 2:
+            raise ValueError(f"nothing to roll back to: {state['current']} is the only version served so far")
+        to = state["history"][-2]
+    version = state["versions"].get(to)
+    if version is None or not version["artifact"]:
+        servable = sorted(v for v, info in state["versions"].items() if info["artifact"])
+        raise ValueError(f"--rollback {to}: not a version with an artifact (these are: {servable})")
+    if not publish(cfg, version["artifact"]):
+        raise ValueError(f"the Serve app {APP!r} is not running: nothing to roll back")
+    state["current"] = to
+    state["history"].append(to)
+    save_state(cfg, state)
+    print(f"online: serving {to} again ({version['artifact']})", flush=True)
+    return {"serving": to, "artifact": version["artifact"]}
+
+
+_GAUGES: dict = {}
+
+
+def _record_metrics(report: dict) -> None:
+    """Prometheus: buffer size, update loss, the version served, feedback-to-serving time."""
+    from ray.util.metrics import Counter, Gauge
+
+    if not _GAUGES:
+        _GAUGES.update(
+            buffer=Gauge("deepkiln_online_buffer_unconsumed", "feedback examples waiting in the replay buffer"),
+            loss=Gauge("deepkiln_online_update_loss", "last training loss of the newest update"),
+            serving=Gauge("deepkiln_online_serving_update", "update number of the version served"),
+            latency=Gauge("deepkiln_online_feedback_to_serving_s", "seconds from the newest feedback to serving"),
+            updates=Counter("deepkiln_online_updates", "updates by outcome", tag_keys=("outcome",)))
+    _GAUGES["buffer"].set(report["buffer"]["unconsumed"])
+    _GAUGES["loss"].set(report["loss_last"])
+    _GAUGES["serving"].set(int(report["serving"][1:]))
+    if report["feedback_to_serving_s"] is not None:
+        _GAUGES["latency"].set(report["feedback_to_serving_s"])
+    outcome = "published" if report["published"] else "passed" if report["gate"]["passed"] else "rejected"
+    _GAUGES["updates"].inc(tags={"outcome": outcome})
+
+
+def main(argv=None) -> dict:
+    import ray
+
+    from actors.feedback import collectors
+    from actors.replay import replay_buffer
+    from deepkiln.ray_utils import init_ray
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--once", action="store_true")
+    p.add_argument("--rollback", nargs="?", const="", default=None)
+    opts, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(rest)
+    init_ray()
+    if opts.rollback is not None:
+        return rollback(cfg, opts.rollback or None)
+    torch.set_num_threads(os.cpu_count() or 1)
+    buffer, sources = replay_buffer(cfg), collectors(cfg)
+    last: dict = {}
+    while True:
+        state = load_state(cfg)
+        counts = poll(cfg, buffer, sources)
+        waiting = ray.get(buffer.size.remote())
+        if counts["added"] or opts.once:
+            print(f"online: {counts['added']} new feedback examples ({counts['not_trainable']} not trainable, "
+                  f"{counts['dropped']} dropped); {waiting} waiting, {cfg.online.min_feedback} start an update",
+                  flush=True)
+        if waiting >= cfg.online.min_feedback:
+            last = run_update(cfg, buffer, state)
+        if opts.once:
+            return last or {"update": None, "waiting": waiting, "serving": state["current"]}
+        time.sleep(cfg.online.poll_s)
+
+
+if __name__ == "__main__":
+    main()
