@@ -83,6 +83,28 @@ def read_table(uri: str) -> pa.Table | None:
     return pq.read_table(path, filesystem=fs)
 
 
+def read_records(uri: str, key: str, required: dict[str, str]) -> dict[str, list]:
+    """Every column of a jsonl or Parquet file of records, as lists (None where a row lacks the
+    field). `key` is the config key that named the file and `required` maps each column that must
+    exist to the key that named it: a ValueError names them when the file or a column is missing."""
+    data = read_bytes(uri)
+    if data is None:
+        raise ValueError(f"{key}={uri!r}: no such file")
+    try:
+        if uri.endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(data))
+        else:
+            import pyarrow.json as pajson
+
+            table = pajson.read_json(io.BytesIO(data))
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"{key}={uri!r} is not readable as jsonl or Parquet: {e}") from None
+    for column, column_key in required.items():
+        if column not in table.column_names:
+            raise ValueError(f"{column_key}={column!r}: {uri} has no such column (it has {table.column_names})")
+    return table.to_pydict()
+
+
 @dataclass(frozen=True)
 class Split:
     """Part of one input file: the records whose number is `part` modulo `parts`."""
