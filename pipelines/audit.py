@@ -1,0 +1,79 @@
+"""Audit: held-out perplexity and a Fairlearn bias report of a model checkpoint, with pass/fail gates.
+
+    python -m pipelines.audit --config configs/tiny.yaml [--fairness.model=runs/tiny/dp_finetune/model]
+    ray job submit --working-dir . -- python -m pipelines.audit --config configs/tiny.yaml --fairness.data=prompts.jsonl
+
+Reads the checkpoint fairness.model (default: the train stage's export <run_dir>/<run.name>/train/model),
+the tokenizer and the held-out windows of the tokenizer stage's token shards. Audits the built-in
+templated prompts (fairness.attributes x fairness.languages) and, with fairness.data, a jsonl of
+{group, prompt, continuation?} rows. Writes <run_dir>/<run.name>/audit/: report.json and one bar
+chart per metric (perplexity.png, outcome_rate.png). Other stages gate on it:
+
+    from pipelines.audit import run_audit
+    result = run_audit(cfg, "runs/tiny/online/candidate")   # {"passed": bool, "reasons": [...], "perplexity": ...}
+
+The gate fails when a group's perplexity over the best group's exceeds fairness.max_perplexity_ratio,
+when the outcome-rate difference between groups exceeds fairness.max_outcome_difference, or when
+the held-out perplexity exceeds fairness.max_perplexity (if set); each failure is a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from deepkiln.checkpoint import load_model
+from deepkiln.config import Config, load_config, stage_dir
+from deepkiln.data import TokenWindows
+from deepkiln.fairness import audit, builtin_examples, gate, load_examples, plot
+from deepkiln.tokenizer import Tokenizer
+
+METRICS = ("perplexity", "outcome_rate")
+
+
+def run_audit(cfg: Config, model_dir: str | Path, out: str | Path | None = None) -> dict:
+    """Audit the checkpoint in `model_dir` and write the report and charts to `out` (default:
+    <run_dir>/<run.name>/audit). Returns the report: passed, reasons, perplexity, attributes, ..."""
+    from pipelines.quantize import perplexity
+    from pipelines.train import tokens_dir
+
+    fa = cfg.fairness
+    model, ckpt = load_model(model_dir)
+    model.eval()
+    tokenizer = Tokenizer.load(f"{stage_dir(cfg, 'tokenizer')}/tokenizer.model")
+    examples = builtin_examples(fa.attributes, fa.languages) + (load_examples(fa.data, fa) if fa.data else [])
+    data = TokenWindows(tokens_dir(cfg), cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed)
+    ppl = perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches)
+    summary = audit(model, tokenizer, examples, fa, cfg.run.seed)
+    passed, reasons = gate(summary, ppl, fa)
+    out = Path(out or stage_dir(cfg, "audit"))
+    out.mkdir(parents=True, exist_ok=True)
+    charts = {}
+    for metric in METRICS:
+        charts[metric] = str(out / f"{metric}.png")
+        plot(summary, metric, charts[metric])
+    thresholds = {k: getattr(fa, k) for k in ("max_perplexity_ratio", "max_outcome_difference", "max_perplexity")}
+    report = {"passed": passed, "reasons": reasons, "perplexity": round(ppl, 4), "model": str(model_dir),
+              "step": ckpt.manifest.get("step"), "thresholds": thresholds, "attributes": summary, "charts": charts,
+              "config": cfg.to_dict()}
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    verdict = "passed" if passed else "FAILED: " + "; ".join(reasons)
+    print(f"audit: {model_dir}: perplexity {ppl:.3f}; " + "; ".join(
+        f"{a} perplexity worst/best {s['perplexity']['worst_over_best']:.3f}, outcome difference "
+        f"{s['outcome_rate']['difference']:.3f}" for a, s in summary.items()) + f" -> {verdict}", flush=True)
+    return report
+
+
+def main(argv=None) -> dict:
+    if argv is None:  # from the command line (a Ray job's driver gets OMP_NUM_THREADS=1): every core
+        torch.set_num_threads(os.cpu_count() or 1)
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    return run_audit(cfg, cfg.fairness.model or f"{stage_dir(cfg, 'train')}/model")
+
+
+if __name__ == "__main__":
+    main()
