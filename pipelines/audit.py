@@ -1,7 +1,10 @@
 """Audit: held-out perplexity and a Fairlearn bias report of a model checkpoint, with pass/fail gates.
 
     python -m pipelines.audit --config configs/tiny.yaml [--fairness.model=runs/tiny/dp_finetune/model]
-    ray job submit --working-dir . -- python -m pipelines.audit --config configs/tiny.yaml --fairness.data=prompts.jsonl
+    ray job submit --working-dir . -- python -m pipelines.audit --config configs/tiny.yaml --run.run_dir=$PWD/runs
+
+(A job runs in a copy of the working folder: give it an absolute run_dir, local or on a shared
+file system, where the earlier stages wrote.)
 
 Reads the checkpoint fairness.model (default: the train stage's export <run_dir>/<run.name>/train/model),
 the tokenizer and the held-out windows of the tokenizer stage's token shards. Audits the built-in

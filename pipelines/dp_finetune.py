@@ -2,7 +2,10 @@
 plain PyTorch in one process (Opacus does not run on the DeepSpeed engine), and the utility it costs.
 
     python -m pipelines.dp_finetune --config configs/tiny.yaml [--privacy.data=private.jsonl --privacy.target_epsilon=3]
-    ray job submit --working-dir . -- python -m pipelines.dp_finetune --config configs/tiny.yaml --privacy.data=s3://bucket/private.jsonl
+    ray job submit --working-dir . -- python -m pipelines.dp_finetune --config configs/tiny.yaml --run.run_dir=$PWD/runs
+
+(A job runs in a copy of the working folder: give it an absolute run_dir, local or on a shared
+file system, where the earlier stages wrote; privacy.data may also be an s3:// or gs:// URI.)
 
 Reads the train stage's export <run_dir>/<run.name>/train/model, the tokenizer, and the private
 set: privacy.data (jsonl/Parquet, one record per row, or one user per example with
@@ -73,6 +76,7 @@ def private_set(cfg: Config) -> tuple[TensorDataset, TensorDataset, str]:
         data = TokenWindows(tokens_dir(cfg), t.seq_len, t.val_fraction, cfg.run.seed)
         train_ids = np.arange(data.n_train)
         if p.max_examples and data.n_train > p.max_examples:
+            print(f"dp_finetune: {p.max_examples} of {data.n_train} windows drawn (privacy.max_examples)", flush=True)
             train_ids = np.sort(rng.choice(data.n_train, p.max_examples, replace=False))
         val_ids = np.arange(data.n_train, data.n_train + min(data.n_val, t.eval_batches * p.batch_size))
         train, val = (TensorDataset(*data.batch(ids.tolist())) for ids in (train_ids, val_ids))
@@ -103,6 +107,7 @@ def private_set(cfg: Config) -> tuple[TensorDataset, TensorDataset, str]:
                          f"train.val_fraction={t.val_fraction} and train on the rest")
     train_idx = order[n_val:]
     if p.max_examples and len(train_idx) > p.max_examples:
+        print(f"dp_finetune: {p.max_examples} of {len(train_idx)} examples drawn (privacy.max_examples)", flush=True)
         train_idx = train_idx[:p.max_examples]
     return _pack([rows[i] for i in train_idx], t.seq_len), _pack([rows[i] for i in order[:n_val]], t.seq_len), unit
 
