@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m pipelines.quickstart --config configs/tiny.yaml
+	$(PY) -m pipelines.quickstart --config configs/tiny.yaml --keep-serving
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -312,8 +312,9 @@ class OnlineArgs(Section):
     """Optimizer steps per update."""
     batch_size: int = 8
     """Sequences per update step (feedback and base together)."""
-    lr: float = 3e-3
-    """Peak learning rate of an update (constant after a short warmup)."""
+    lr: float = 1e-3
+    """Peak learning rate of an update (constant after a short warmup). On the quickstart's tiny
+    model 1e-3 halved the corrected answers' loss gap for +4% held-out perplexity; 3e-3 cost +9%."""
     num_workers: int = 1
     """DeepSpeed ranks (Ray Train workers) of an update."""
     max_ppl_increase: float = 0.05

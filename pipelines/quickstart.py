@@ -1,93 +1,214 @@
-"""Quickstart: train the tiny model on built-in text, checkpoint it, reload it and print a sample.
+"""Quickstart: every stage in order on local Ray and the built-in corpus, ending in a live endpoint.
 
-    python -m pipelines.quickstart --config configs/tiny.yaml [--train.steps=100]
-    ray job submit --working-dir . -- python -m pipelines.quickstart --config configs/tiny.yaml
+    python -m pipelines.quickstart --config configs/tiny.yaml                   # what `make run` runs
+    python -m pipelines.quickstart --config configs/tiny.yaml --keep-serving    # leave the endpoint up (Ctrl-C)
+    python -m pipelines.quickstart --config configs/tiny.yaml --redo train      # that stage and the ones after it
+    python -m pipelines.quickstart --config configs/tiny.yaml --fresh --privacy.enabled=true
 
-Until the curation, tokenizer and Ray Train stages land, this stage stands in for them: it reads
-Python's own language reference (`pydoc_data`, on every machine), uses raw UTF-8 bytes as tokens,
-and trains in one process. It writes <run_dir>/<run.name>/quickstart/{config.json, checkpoint/}.
+Stages: prepare (curation) -> tokenizer -> train (Ray Train + DeepSpeed) -> [dp_finetune, with
+privacy.enabled] -> audit (a failing gate stops before serving) -> quantize -> serve (Ray Serve on
+serve.host:serve.port) -> feedback (simulated users correct a few answers with held-out text) ->
+online (one update, gated and published). A stage whose output is already there is reused; a stage
+killed half-way left no output behind (each writes it last, atomically), so running again finishes
+the job. The end is a summary table: time per stage, data kept, losses, perplexity per format,
+epsilon when DP ran, the audit's verdict, the endpoint with a sample completion, and the curl and
+openai commands to try it.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+import pyarrow.parquet as pq
+import requests
 
-from deepkiln.checkpoint import load_model, save_checkpoint
-from deepkiln.config import Config, load_config, save_config, stage_dir
-from deepkiln.engine import Engine, SamplingParams
-from deepkiln.model import Transformer
-from pipelines.train import lr_at
+from deepkiln.config import Config, load_config, stage_dir
 
-PROMPT = "The for statement"
+STAGES = ["prepare", "tokenizer", "train", "dp_finetune", "audit", "quantize", "serve", "feedback", "online"]
+APP = "deepkiln"
 
 
-def builtin_bytes() -> torch.Tensor:
-    """Python's language reference topics as one UTF-8 byte stream (about 1 MB, no download)."""
-    from pydoc_data.topics import topics
+def done_marker(cfg: Config, stage: str) -> Path | None:
+    """The file a finished stage leaves (written last); None for stages that always run."""
+    files = {"prepare": "prepare/prepare_report.json", "tokenizer": "tokenizer/tokens/index.json",
+             "train": "train/train_summary.json", "dp_finetune": "dp_finetune/report.json",
+             "audit": "audit/report.json", "quantize": "quantize/report.json", "online": "online/state.json",
+             "feedback": "online/state.json"}  # feedback is for the update: both done once an update ran
+    return Path(stage_dir(cfg, files[stage].split("/")[0]), files[stage].split("/", 1)[1]) if stage in files else None
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+def model_dir(cfg: Config) -> str:
+    """The checkpoint later stages use: the DP fine-tune's when it ran, else the training export."""
+    return f"{stage_dir(cfg, 'dp_finetune')}/model" if cfg.privacy.enabled else f"{stage_dir(cfg, 'train')}/model"
 
 
-def train(cfg: Config, data: torch.Tensor) -> tuple[Transformer, list[float]]:
-    t = cfg.train
-    model = Transformer(cfg.model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.run.seed)
-    micro = t.batch_size // t.grad_accum
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
-    losses, start = [], time.perf_counter()
-    for step in range(t.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, t)
-        for _ in range(t.grad_accum):
-            starts = torch.randint(0, len(data) - t.seq_len - 1, (micro,), generator=gen)
-            chunk = torch.stack([data[s:s + t.seq_len + 1] for s in starts.tolist()])
-            with autocast:
-                _, aux = model(chunk[:, :-1], chunk[:, 1:])
-            (aux["loss"] / t.grad_accum).backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_expert_bias()
-        losses.append(aux["lm"].item())
-        if step % t.log_every == 0 or step == t.steps - 1:
-            rate = (step + 1) * t.batch_size * t.seq_len / (time.perf_counter() - start)
-            print(f"step {step + 1}/{t.steps}  loss {losses[-1]:.3f}  lr {lr_at(step, t):.2e}  "
-                  f"{rate:,.0f} tok/s", flush=True)
-    return model, losses
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# -- the stages that are not plain pipelines ----------------------------------------------------------
+
+def serve_app(cfg: Config) -> str:
+    from ray import serve
+
+    from serve.app import build
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build(cfg), name=APP, route_prefix="/")
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def complete(url: str, cfg: Config, prompt: str, max_tokens: int = 24, **kw) -> dict:
+    body = {"model": cfg.serve.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}
+    r = requests.post(f"{url}/v1/completions", json=body, timeout=120)
+    r.raise_for_status()
+    return r.json()
+
+
+def feedback_round(cfg: Config, url: str) -> dict:
+    """Simulated users: ask for the start of held-out documents and correct each answer with the
+    document's real continuation."""
+    shards = sorted(Path(stage_dir(cfg, "prepare"), "shards").glob("*.parquet"))
+    texts = [t for t in pq.read_table(shards[-1], columns=["text"]).column("text").to_pylist()[::-1]
+             if len(t.split()) >= 20][:cfg.online.min_feedback]
+    if len(texts) < cfg.online.min_feedback:
+        raise ValueError(f"the prepared shards hold {len(texts)} documents of 20+ words; "
+                         f"online.min_feedback={cfg.online.min_feedback} are needed for the feedback round")
+    for i, text in enumerate(texts):
+        words = text.split()
+        answer = complete(url, cfg, " ".join(words[:6]), max_tokens=12)
+        r = requests.post(f"{url}/v1/feedback", timeout=60, json={
+            "feedback_id": f"quickstart-{int(time.time())}-{i}", "completion_id": answer["id"], "rating": 1,
+            "correction": " ".join(words[6:18])})
+        r.raise_for_status()
+    return {"feedback": len(texts)}
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def run_stage(stage: str, cfg: Config, argv: list[str], url: str | None) -> dict:
+    from pipelines import audit, online, prepare, quantize, tokenizer, train
+
+    if stage == "prepare":
+        return prepare.main(argv)
+    if stage == "tokenizer":
+        return tokenizer.main(argv)
+    if stage == "train":
+        return train.main(argv)
+    if stage == "dp_finetune":
+        from pipelines import dp_finetune
+
+        return dp_finetune.main(argv)
+    if stage == "audit":
+        return audit.main(argv + [f"--fairness.model={model_dir(cfg)}"])
+    if stage == "quantize":
+        return quantize.main(argv + [f"--quant.source={model_dir(cfg)}"])
+    if stage == "feedback":
+        return feedback_round(cfg, url)
+    if stage == "online":
+        return online.main(argv + ["--once"])
+    raise AssertionError(stage)
+
+
+def summary_rows(cfg: Config, times: dict, url: str | None, sample: str) -> list[tuple[str, str]]:
+    def have(stage):
+        marker = done_marker(cfg, stage)
+        return marker is not None and marker.is_file()
+
+    rows = [("stage times", ", ".join(f"{s} {t:.0f}s" for s, t in times.items()))]
+    if have("prepare"):
+        r = read_json(done_marker(cfg, "prepare"))
+        rows.append(("data kept", f"{r['docs_out']:,} of {r['docs_in']:,} documents ({r['exact_duplicates_removed']} exact "
+                                  f"and {r['near_duplicates_removed']} near duplicates removed)"))
+    if have("tokenizer"):
+        r = read_json(done_marker(cfg, "tokenizer"))
+        rows.append(("tokens", f"{r['total_tokens']:,} (vocabulary {r['vocab_size']:,})"))
+    if have("train"):
+        last = read_json(done_marker(cfg, "train"))["history"][-1]
+        rows.append(("training loss", f"{last['loss']:.3f} (validation {last.get('val_loss', float('nan')):.3f}) "
+                                      f"after {last['step']} steps"))
+    if cfg.privacy.enabled and have("dp_finetune"):
+        r = read_json(done_marker(cfg, "dp_finetune"))
+        rows.append(("privacy", f"epsilon {r.get('epsilon')} at delta {r.get('delta')}"))
+    if have("audit"):
+        r = read_json(done_marker(cfg, "audit"))
+        rows.append(("audit", "passed" if r["passed"] else "FAILED: " + "; ".join(r["reasons"])))
+    if have("quantize"):
+        r = read_json(done_marker(cfg, "quantize"))["formats"]
+        rows.append(("perplexity", ", ".join(f"{f} {v['perplexity']:.2f} ({v['bytes_on_disk'] / 1e6:.2f} MB)"
+                                             for f, v in r.items())))
+    if have("online"):
+        state = read_json(done_marker(cfg, "online"))
+        rows.append(("online", f"{state['updates']} update(s); serving {state['current']}"))
+    if url:
+        rows += [("endpoint", f"{url}/v1 (model {cfg.serve.model_name!r})"), ("sample", " ".join(sample.split()))]
+    return rows
+
+
+def print_summary(rows: list[tuple[str, str]], cfg: Config, url: str | None) -> None:
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "=" * 100)
+    for k, v in rows:
+        print(f"{k:>{width}}  {v}")
+    if url:
+        print(f"\ntry it:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
+              f"'{{\"model\": \"{cfg.serve.model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
+              f"\"What is a list?\"}}], \"max_tokens\": 32}}'")
+        print(f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='unused'); "
+              f"print(c.completions.create(model='{cfg.serve.model_name}', prompt='The for statement', "
+              f"max_tokens=32).choices[0].text)\"")
+    print("=" * 100, flush=True)
 
 
 def main(argv=None) -> dict:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
-    torch.manual_seed(cfg.run.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
-    out = Path(stage_dir(cfg, "quickstart"))
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.json")
+    from deepkiln.ray_utils import init_ray
 
-    data = builtin_bytes()
-    print(f"built-in corpus: {len(data):,} bytes of Python's language reference", flush=True)
-    model, losses = train(cfg, data)
-    ckpt = save_checkpoint(out / "checkpoint", model, cfg.to_dict(), step=cfg.train.steps,
-                           tokens=cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len)
-    print(f"checkpoint: {ckpt}")
-
-    served, _ = load_model(ckpt, cfg.model)
-    engine = Engine(served.to(torch.bfloat16), max_batch=1, max_len=cfg.model.max_seq_len)
-    prompt = list(PROMPT.encode("utf-8"))
-    req = engine.generate([prompt], SamplingParams(max_tokens=120, temperature=0.8, top_k=40,
-                                                   seed=cfg.run.seed))[0]
-    sample = bytes(prompt + req.output).decode("utf-8", errors="replace")
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}\nsample:\n{sample}")
-    return {"losses": losses, "checkpoint": str(ckpt), "sample": sample}
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--keep-serving", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="run every stage again")
+    p.add_argument("--redo", choices=STAGES, help="run this stage and every later one again")
+    opts, argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(argv)
+    stages = [s for s in STAGES if s != "dp_finetune" or cfg.privacy.enabled]
+    redo_from = 0 if opts.fresh else stages.index(opts.redo) if opts.redo else len(stages)
+    init_ray()
+    times, results, url, sample = {}, {}, None, ""
+    for i, stage in enumerate(stages):
+        marker = done_marker(cfg, stage)
+        if marker is not None and marker.is_file() and i < redo_from:
+            print(f"[{i + 1}/{len(stages)}] {stage}: done before ({marker}); reused", flush=True)
+            continue
+        print(f"[{i + 1}/{len(stages)}] {stage} ...", flush=True)
+        start = time.perf_counter()
+        if stage == "serve":
+            url = serve_app(cfg)
+            results[stage] = complete(url, cfg, "The for statement")
+        else:
+            results[stage] = run_stage(stage, cfg, argv, url)
+        times[stage] = time.perf_counter() - start
+        if stage == "audit" and not results[stage]["passed"]:
+            raise SystemExit(f"quickstart: the audit gate failed ({'; '.join(results[stage]['reasons'])}); "
+                             f"see {stage_dir(cfg, 'audit')}/report.json. Not serving this model.")
+    sample = "The for statement" + complete(url, cfg, "The for statement", max_tokens=32, temperature=0.8, top_p=0.95,
+                                            seed=cfg.run.seed)["choices"][0]["text"]
+    rows = summary_rows(cfg, times, url, sample)
+    print_summary(rows, cfg, url)
+    result = {"times": times, "url": url, "sample": sample, "summary": dict(rows), "results": results}
+    if opts.keep_serving:
+        print(f"serving at {url}/v1; Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return result
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     main()

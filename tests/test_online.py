@@ -100,7 +100,8 @@ def test_feedback_to_a_served_update_then_a_rejected_candidate_then_rollback(tmp
 
     argv = make_run(tmp_path)
     quantize.main(argv)
-    argv += ["--quant.format=bf16", "--serve.replica_cpus=0.5", "--online.min_feedback=8", "--online.steps=30"]
+    argv += ["--quant.format=bf16", "--serve.replica_cpus=0.5", "--online.min_feedback=8", "--online.steps=30",
+             "--online.lr=3e-3"]
     cfg = load_config(argv)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -1,16 +1,61 @@
-import json
+"""The quickstart: every stage in order on the built-in corpus to a live endpoint and a summary; a
+run killed half-way finishes when run again, reusing the stages it had finished."""
 
-from deepkiln.checkpoint import load_checkpoint
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
 from pipelines import quickstart
+from tests.ray_cluster import REPO, free_port
+
+FAST = ["--config", "configs/tiny.yaml", "--train.steps=60", "--train.eval_every=30", "--online.steps=10",
+        "--serve.replica_cpus=0.5"]
 
 
-def test_quickstart_trains_checkpoints_and_samples(tmp_path, capsys):
-    result = quickstart.main(["--run.run_dir", str(tmp_path), "--train.steps=40", "--train.log_every=10"])
-    losses = result["losses"]
-    assert sum(losses[-5:]) / 5 < 0.6 * losses[0]          # ln(4096)=8.3 at the start
-    ckpt = load_checkpoint(result["checkpoint"])
-    assert ckpt.manifest["step"] == 40
-    saved = json.loads((tmp_path / "deepkiln" / "quickstart" / "config.json").read_text())
-    assert saved["train"]["steps"] == 40
-    assert result["sample"].startswith(quickstart.PROMPT) and len(result["sample"]) > len(quickstart.PROMPT)
-    assert "step 40/40" in capsys.readouterr().out
+def test_a_stage_is_done_only_when_its_last_file_is_there(tmp_path):
+    cfg = quickstart.load_config(["--config", "configs/tiny.yaml", "--run.run_dir", str(tmp_path)])
+    assert quickstart.done_marker(cfg, "train") == tmp_path / "tiny" / "train" / "train_summary.json"
+    assert quickstart.done_marker(cfg, "feedback") == quickstart.done_marker(cfg, "online")
+    assert quickstart.done_marker(cfg, "serve") is None  # always started anew
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path):
+    from ray import serve
+
+    argv = FAST + ["--run.run_dir", str(tmp_path), "--serve.port", str(free_port())]
+    # First run, in its own process group (its driver and the local Ray it starts): killed mid-training.
+    first = subprocess.Popen([sys.executable, "-m", "pipelines.quickstart", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if "[3/8] train" in line:
+            time.sleep(8)  # inside the training run
+            break
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert any("[1/8] prepare" in line for line in seen), "".join(seen[-20:])
+    assert not (tmp_path / "tiny" / "train" / "train_summary.json").exists()
+
+    try:
+        result = quickstart.main(argv)
+        out = result["summary"]
+        assert out["data kept"].endswith("near duplicates removed)") and out["audit"] == "passed"
+        assert "prepare" not in result["times"] and "train" in result["times"]  # reused, and redone
+        assert out["online"].startswith("1 update(s)") and result["url"] in out["endpoint"]
+        r = requests.post(f"{result['url']}/v1/completions", timeout=60,
+                          json={"model": "deepkiln", "prompt": "The for statement", "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+        assert result["sample"].startswith("The for statement")
+
+        again = quickstart.main(argv)  # everything reused but the endpoint
+        assert set(again["times"]) == {"serve"} and again["summary"]["online"] == out["online"]
+    finally:
+        serve.shutdown()
