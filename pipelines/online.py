@@ -165,6 +165,7 @@ def train_update(cfg: Config, base_model: str, encoded: list, weights: list[floa
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from deepkiln.ray_utils import compute_env
+    from pipelines.online import update_loop  # by reference, even when this module runs as __main__ (a job)
     from pipelines.train import with_absolute_paths
 
     cfg = with_absolute_paths(cfg)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
+SERVE_CLI = str(Path(sys.executable).parent / "serve")
 
 
 def free_port() -> int:
@@ -17,14 +18,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def submit_job(head, *argv: str, runtime_env: dict | None = None, timeout: float = 900):
-    """`ray job submit --working-dir <repo> -- python <argv>` against `head`; waits for the result.
-    Retries while the head's job agent is still starting. Returns the CompletedProcess."""
+def submit_job(head, *argv: str, runtime_env: dict | None = None, timeout: float = 900, program: str = sys.executable):
+    """`ray job submit --working-dir <repo> -- <program> <argv>` against `head` (program: this
+    Python, or a CLI such as SERVE_CLI); waits for the result. Retries while the head's job agent is
+    still starting. Returns the CompletedProcess."""
     url, env = head
     cmd = [RAY_CLI, "job", "submit", "--address", url, "--working-dir", str(REPO)]
     if runtime_env:
         cmd += ["--runtime-env-json", json.dumps(runtime_env)]
-    cmd += ["--", sys.executable, *argv]
+    cmd += ["--", program, *argv]
     deadline = time.monotonic() + 120
     while True:  # the head's job agent comes up a little after its HTTP server
         job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

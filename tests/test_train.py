@@ -8,7 +8,6 @@ import torch
 from deepkiln.checkpoint import load_checkpoint
 from deepkiln.data import TokenWindows
 from pipelines import prepare, tokenizer, train
-from tests.ray_cluster import submit_job
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -146,14 +145,3 @@ def test_sequence_length_curriculum(tmp_path, tokens):
     assert lengths == [32, 56, 80, 104, 128, 128, 128, 128]
     assert load_checkpoint(r["model"]).manifest["tokens"] == 16 * sum(lengths)
     assert r["history"][-1]["loss"] < r["history"][0]["loss"]
-
-
-def test_ray_job_submit_against_a_local_head_with_token_auth(tmp_path, tokens, ray_head):
-    job = submit_job(ray_head, "-m", "pipelines.train", "--config", "configs/tiny.yaml",
-                     "--train.tokens", str(tokens), "--tokenizer.vocab_size=2048", "--run.run_dir", str(tmp_path),
-                     "--run.name", "job", "--train.steps=10", "--train.checkpoint_every=5", "--train.log_every=5")
-    assert job.returncode == 0 and "succeeded" in job.stdout.lower(), job.stdout[-4000:] + job.stderr[-4000:]
-    out = tmp_path / "job" / "train"
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert (out / "loss.png").stat().st_size > 1000
-    assert load_checkpoint(out / "model").manifest["step"] == 10
