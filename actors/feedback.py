@@ -68,6 +68,18 @@ class Feedback(pydantic.BaseModel):
     tags: list[str] = []
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception (also the ReplayBuffer's)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def shard_of(key: str, collectors: int) -> int:
     """The collector that owns `key` (stable across processes and restarts). The server shards by
     completion id: a completion and the feedback on it meet in one collector."""
@@ -145,16 +157,8 @@ class FeedbackCollector:
             raise FeedbackError(400, f"tags exceed {a.max_text_chars} characters (feedback.max_text_chars)", "tags")
         return fb
 
-    @contextlib.contextmanager
     def _transaction(self):
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        return transaction(self.db)
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM feedback").fetchone()[0]

@@ -18,7 +18,6 @@ examples it held.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import sqlite3
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from actors.feedback import transaction
 from deepkiln.config import Config, FeedbackArgs, OnlineArgs, stage_dir
 
 SCHEMA = """
@@ -150,15 +150,8 @@ class ReplayBuffer:
                 "capacity": self.args.buffer_size, **{k: counts.get(k, 0) for k in ("ingested", "not_trainable", "dropped")},
                 "offsets": dict(self.db.execute("SELECT source, seq FROM offsets").fetchall())}
 
-    @contextlib.contextmanager
     def _transaction(self):
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        return transaction(self.db)
 
 
 # Restarted after a crash with calls re-run: ingest and commit are idempotent, draw reads only.

@@ -14,6 +14,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: two OpenMP threads on a busy 2-core machine ran many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One local Ray for every test that needs it (2 CPUs, no dashboard, its own temp dir).

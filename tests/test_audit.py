@@ -9,16 +9,9 @@ from deepkiln.fairness import TEMPLATES, TERMS
 from pipelines import audit, dp_finetune
 from tests.serving_run import make_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GENDER_EN = ["--fairness.attributes=[gender]", "--fairness.languages=[en]"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a busy 2-core machine run many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

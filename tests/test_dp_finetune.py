@@ -9,19 +9,12 @@ from deepkiln.checkpoint import load_model
 from pipelines import dp_finetune
 from tests.serving_run import make_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = ["Alice", "Bob", "Chen", "Dana", "Eve", "Farid", "Grace", "Hiro"]
 # Fast settings for the tiny run: short records, the faster accountant, seeded noise (tests only).
 FAST = ["--train.seq_len=32", "--privacy.accountant=rdp", "--privacy.noise_seed=0", "--privacy.lr=3e-3",
         "--privacy.batch_size=16", "--privacy.delta=1e-3"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a busy 2-core machine run many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from deepkiln.model import Transformer
 from deepkiln.tokenizer import BOS_ID, Tokenizer, train_tokenizer
 from tests.corpus_factory import paragraph
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

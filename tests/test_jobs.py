@@ -27,9 +27,9 @@ def test_the_jobs_api_refuses_requests_without_the_token(ray_head):
 
 
 def test_every_stage_as_a_job_then_serve_run_then_an_online_update(tmp_path, ray_head):
-    run = ["--config", "configs/tiny.yaml", "--run.run_dir", str(tmp_path), "--train.steps=30",
-           "--train.eval_every=30", "--quant.format=bf16", "--serve.replica_cpus=0.5", "--online.min_feedback=4",
-           "--online.steps=8"]
+    run = ["--config", "configs/tiny.yaml", "--run.run_dir", str(tmp_path), "--train.steps=10",
+           "--train.eval_every=10", "--quant.format=bf16", "--serve.replica_cpus=0.5", "--online.min_feedback=4",
+           "--online.steps=4"]
 
     def job(*argv, **kw):
         done = submit_job(ray_head, *argv, **kw)
@@ -39,7 +39,7 @@ def test_every_stage_as_a_job_then_serve_run_then_an_online_update(tmp_path, ray
     for stage in ("prepare", "tokenizer", "train", "audit", "quantize"):
         job("-m", f"pipelines.{stage}", *run)
     out = tmp_path / "tiny"
-    assert load_checkpoint(out / "train" / "model").manifest["step"] == 30
+    assert load_checkpoint(out / "train" / "model").manifest["step"] == 10
     assert json.loads((out / "audit" / "report.json").read_text())["passed"]
 
     port = free_port()

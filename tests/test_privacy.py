@@ -11,14 +11,7 @@ from deepkiln.lora import LoraLinear
 from deepkiln.model import MoE, Transformer
 from deepkiln.privacy import apply_dp, dp_backward, dp_trainable, epsilon_of, lm_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a busy 2-core machine run many times slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny() -> Transformer:

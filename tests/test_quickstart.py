@@ -13,7 +13,7 @@ import requests
 from pipelines import quickstart
 from tests.ray_cluster import REPO, free_port
 
-FAST = ["--config", "configs/tiny.yaml", "--train.steps=60", "--train.eval_every=30", "--online.steps=10",
+FAST = ["--config", "configs/tiny.yaml", "--train.steps=30", "--train.eval_every=30", "--online.steps=4",
         "--serve.replica_cpus=0.5"]
 
 

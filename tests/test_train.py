@@ -72,8 +72,13 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, tokens, ray_local):
     assert abs(killed["history"][-1]["loss"] - calm["history"][-1]["loss"]) < 1e-3
 
 
-def test_resume_on_purpose_matches_an_uninterrupted_run(tmp_path, tokens):
-    straight = run(tmp_path, tokens, "straight", "--train.steps=12", "--train.checkpoint_every=4")
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tokens):
+    """12 steps without a stop: what a stopped and resumed run must reproduce bit for bit."""
+    return run(tmp_path_factory.mktemp("straight"), tokens, "straight", "--train.steps=12", "--train.checkpoint_every=4")
+
+
+def test_resume_on_purpose_matches_an_uninterrupted_run(tmp_path, tokens, straight):
     run(tmp_path, tokens, "split", "--train.steps=12", "--train.checkpoint_every=4", "--train.stop_after=6")
     resumed = run(tmp_path, tokens, "split", "--train.steps=12", "--train.checkpoint_every=4", "--train.resume=true")
     assert resumed["steps"] == 12
@@ -96,8 +101,7 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path, tokens):
         run(tmp_path, tokens, "x", "--train.seq_len_start=256", "--train.curriculum_steps=4")
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tokens):
-    straight = run(tmp_path, tokens, "straight", "--train.steps=12", "--train.checkpoint_every=4")
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, tokens, straight):
     run(tmp_path, tokens, "split", "--train.steps=12", "--train.checkpoint_every=4", "--train.stop_after=8")
     checkpoints = sorted(p for p in (tmp_path / "split" / "train" / "ray" / "split").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2                                   # steps 4 and 8
