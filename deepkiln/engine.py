@@ -5,11 +5,12 @@
 
 The cache keeps only what MLA needs: per token and layer the normed latent c_kv (kv_lora_rank) and
 the rope key (qk_rope_head_dim). Requests join and leave at any step (continuous batching): the requests
-admitted in a step are prefilled together in one forward (prompts right-padded to the longest; a
-row's padding is never attended to and is overwritten by its decode), then decoded together with
-every running request. A step computes at most `max_step_tokens` tokens, padding included (decodes
-first, then prefills in arrival order), which bounds its activation memory; `cancel` frees a
-request's slot at once.
+admitted in a step are prefilled in the same forward as the running requests' decodes (rows
+right-padded to the longest prompt; a row's padding is never attended to and is overwritten by its
+next tokens), or in a forward of their own when the padded step would not fit. The head runs only
+at each row's last real token. A step computes at most `max_step_tokens` tokens, padding included
+(decodes first, then prefills in arrival order), which bounds its activation memory; `cancel`
+frees a request's slot at once.
 """
 
 from __future__ import annotations
@@ -181,30 +182,44 @@ class Engine:
     def step(self) -> list[Request]:
         """Decode one token for every running request, and prefill waiting requests into free slots
         while the step's token budget lasts. Returns the requests that finished in this step; their
-        slots are free again."""
+        slots are free again.
+
+        Prefills and decodes share one forward (each decode right-padded to the longest prompt)
+        when the padded total fits the budget and every running row has room in the cache for the
+        padding: on a small model a forward costs about the same for 1 or 200 tokens, so a second
+        forward would nearly double the step. Otherwise the admitted requests are prefilled in a
+        forward of their own, then everything decodes."""
         decoding = list(self.running)
         admitted = self._admit(self.max_step_tokens - len(decoding))
         if admitted:
-            lengths = [len(r.prompt) for r in admitted]
-            tokens = torch.zeros(len(admitted), max(lengths), dtype=torch.long)  # (B, T) right-padded
-            for i, r in enumerate(admitted):
-                tokens[i, :lengths[i]] = torch.tensor(r.prompt)
-            slots = [r.slot for r in admitted]
-            self.cache.reset(slots)
-            self.cache.select(slots, lengths)
-            logits, _ = self.model(tokens, cache=self.cache)                   # (B, T, V)
-            self._emit_all(admitted, logits[torch.arange(len(admitted)), torch.tensor(lengths) - 1])
+            self.cache.reset([r.slot for r in admitted])
+            longest = max(len(r.prompt) for r in admitted)
+            fused = bool(decoding) and (len(decoding) + len(admitted)) * longest <= self.max_step_tokens and \
+                int(self.cache.lens[[r.slot for r in decoding]].max()) + longest <= self.max_len
+            for group in ([decoding + admitted] if fused else [admitted, decoding]):
+                if group:
+                    self._forward(group)
             self.running += admitted
-        if decoding:
-            self.cache.select([r.slot for r in decoding])
-            last = torch.tensor([[r.output[-1]] for r in decoding])
-            logits, _ = self.model(last, cache=self.cache)                     # (B, 1, V)
-            self._emit_all(decoding, logits[:, -1])
+        elif decoding:
+            self._forward(decoding)
         finished = [r for r in self.running if r.done]
         for r in finished:
             self.running.remove(r)
             self.free.append(r.slot)
         return finished
+
+    def _forward(self, reqs: list[Request]) -> None:
+        """One forward over `reqs` and one new token for each: a just-admitted request feeds its
+        prompt, a running one its last token; rows are right-padded to the longest (padding is never
+        attended to, and is overwritten by the row's next tokens)."""
+        seqs = [r.output[-1:] or r.prompt for r in reqs]  # a running request always has output
+        lengths = [len(s) for s in seqs]
+        tokens = torch.zeros(len(reqs), max(lengths), dtype=torch.long)  # (B, T)
+        for i, s in enumerate(seqs):
+            tokens[i, :lengths[i]] = torch.tensor(s)
+        self.cache.select([r.slot for r in reqs], lengths)
+        logits, _ = self.model(tokens, cache=self.cache, logits_at=torch.tensor(lengths) - 1)  # (B, 1, V)
+        self._emit_all(reqs, logits[:, 0])
 
     def _admit(self, budget: int) -> list[Request]:
         """Waiting requests, in arrival order, that get a free slot and whose padded prefill fits

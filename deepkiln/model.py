@@ -479,12 +479,15 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.args.init_std)
 
-    def forward(self, tokens, targets=None, *, cache=None, absorb: bool | None = None):
+    def forward(self, tokens, targets=None, *, cache=None, absorb: bool | None = None,
+                logits_at: torch.Tensor | None = None):
         """tokens (B, T) -> logits (B, T, V) and a dict of auxiliary losses.
 
         With targets (B, T; -100 ignored) the dict holds `lm`, `mtp`, `balance` and their weighted
         sum `loss`. With a cache (engine.LatentCache) the tokens extend the cache's selected rows and
         MTP is skipped. `absorb` picks the absorbed attention path; default: on with a cache.
+        `logits_at` (B,), without targets: the head runs only at that position of each row, and the
+        logits are (B, 1, V) (inference needs only each row's last real token).
         """
         B, T = tokens.shape
         absorb = cache is not None if absorb is None else absorb
@@ -506,6 +509,10 @@ class Transformer(nn.Module):
             balance = balance + b
         if cache is not None:
             cache.advance(T)
+        if logits_at is not None:
+            if targets is not None:
+                raise ValueError("logits_at is for inference: it cannot be combined with targets")
+            h = h[torch.arange(B, device=h.device), logits_at][:, None]
         logits = self.head(self.norm(h))
         aux = {"balance": balance}
         if targets is None:

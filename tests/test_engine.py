@@ -163,3 +163,54 @@ def test_ids_beyond_the_tokenizer_vocabulary_are_never_sampled(model):
     limited = [r.output for p in params
                for r in Engine(model, max_batch=3, max_len=64, vocab_size=100).generate(prompts, p)]
     assert max(max(o) for o in limited) < 100  # ... unless its tokenizer only knows 100
+
+
+def _count_forwards(model) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_admissions_share_the_running_batch_forward_and_decode_as_alone(model):
+    params = SamplingParams(max_tokens=12, temperature=0)
+    prompts = [[9, 8, 7, 6, 5], [11, 12], [3, 4, 5, 6, 7, 8, 9], [20]]
+    alone = [Engine(model, max_batch=1, max_len=64).generate([p], params)[0].output for p in prompts]
+    engine = Engine(model, max_batch=4, max_len=64)
+    calls = _count_forwards(model)
+    reqs = [engine.add(prompts[0], params)]
+    engine.step()
+    for p in prompts[1:]:  # each joins a running batch: one forward for its prefill and the decodes
+        reqs.append(engine.add(p, params))
+        calls[0] = 0
+        engine.step()
+        assert calls[0] == 1 and reqs[-1] in engine.running
+    while engine.running:
+        engine.step()
+    assert [r.output for r in reqs] == alone
+
+
+def test_a_padded_step_over_the_budget_or_the_cache_prefills_apart(model):
+    params = SamplingParams(max_tokens=30, temperature=0)
+    long_prompt = list(range(1, 9))
+    alone = [Engine(model, max_batch=1, max_len=64).generate([p], params)[0].output for p in ([5, 6], long_prompt)]
+    # Over the budget: 2 rows x 8 tokens > 12 = max_step_tokens, though 1 decode + 8 fits.
+    engine = Engine(model, max_batch=2, max_len=64, max_step_tokens=12)
+    calls = _count_forwards(model)
+    first = engine.add([5, 6], params)
+    engine.step()
+    second = engine.add(long_prompt, params)
+    calls[0] = 0
+    engine.step()
+    assert calls[0] == 2 and second in engine.running
+    while engine.running:
+        engine.step()
+    assert [first.output, second.output] == alone
+    # No room in the cache for a running row's padding: 29 cached + 8 > max_len = 36.
+    engine = Engine(model, max_batch=2, max_len=36)
+    first = engine.add([5, 6], params)
+    for _ in range(28):
+        engine.step()
+    second = engine.add(long_prompt, params)
+    calls[0] = 0
+    engine.step()
+    assert calls[0] == 2 and first.output == alone[0][:len(first.output)]

@@ -240,3 +240,16 @@ def test_every_expert_gets_a_gradient_even_when_no_token_chose_it(impl):
     y.sum().backward()
     assert all(p.grad is not None for p in moe.parameters())
     assert moe.experts[5].w1.weight.grad.abs().sum() == 0
+
+
+def test_logits_at_runs_the_head_at_one_position_per_row():
+    model = tiny().eval()
+    tokens = torch.randint(0, TINY.vocab_size, (3, 10))
+    at = torch.tensor([9, 0, 4])
+    with torch.no_grad():
+        full, _ = model(tokens)
+        picked, _ = model(tokens, logits_at=at)
+    assert picked.shape == (3, 1, TINY.vocab_size)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(3), at], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_at"):
+        model(tokens, tokens, logits_at=at)
