@@ -302,18 +302,20 @@ class OpenAIIngress:
         this generator cancels the call (the replica frees the request's slot)."""
         for attempt in range(RETRIES + 1):
             gen = self.llm.options(stream=True).generate.remote(prompt, params)
-            started = False
+            started = finished = False
             try:
                 async for items in gen:
                     started = True
                     yield items
+                finished = True
                 return
             except RayActorError as e:
                 if started or attempt == RETRIES:
                     raise
                 logger.warning(f"LLMServer replica failed before answering ({e!r}); retrying on another")
             finally:
-                gen.cancel()
+                if not finished:  # a finished call needs no cancel (it would cost an RPC per request)
+                    gen.cancel()
 
     async def _complete(self, body, prompt, events, route, start):
         texts, finishes, infos = [""] * body.n, [None] * body.n, [None] * body.n

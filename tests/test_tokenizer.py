@@ -6,7 +6,7 @@ import pytest
 import sentencepiece as spm
 from pydoc_data.topics import topics
 
-from deepkiln.tokenizer import (BOS_ID, EOS_ID, MIN_VOCAB_SIZE, PAD_ID, SPECIAL_TOKENS, UNK_ID,
+from deepkiln.tokenizer import (BATCH_THREADS_FROM, BOS_ID, EOS_ID, MIN_VOCAB_SIZE, PAD_ID, SPECIAL_TOKENS, UNK_ID,
                                 Tokenizer, train_tokenizer)
 
 VOCAB = 800
@@ -74,8 +74,12 @@ def test_code_layout_is_learnt_not_byte_fallback(tok):
 
 
 def test_encode_batch_matches_encode(tok):
+    # A small batch is encoded piece by piece, a large one on SentencePiece's thread pool: same ids.
     texts = [*UNSEEN.values(), *CHINESE]
-    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    large = texts * (BATCH_THREADS_FROM // len(texts) + 1)
+    assert len(large) >= BATCH_THREADS_FROM > len(texts[:2])
+    assert tok.encode_batch(large) == [tok.encode(t) for t in large]
+    assert tok.encode_batch(texts[:2]) == tok.encode_batch(large)[:2]
 
 
 def test_training_is_deterministic(model):
