@@ -2,13 +2,15 @@
 1, 4 and 16, for bf16 and nf4, against the same prompts generated one at a time through the engine
 without batching, in one run; plus the artifacts' sizes. One JSON object.
 
-    python -m bench.serve                 # about 3 minutes here
+    python -m bench.serve                 # about 6 minutes here
     python -m bench.serve --max-tokens 16 --levels 1 4 --proxy python
 
 The model is the tiny preset trained for a few seconds on made-up English (tests/serving_run.py),
 quantized by pipelines.quantize. Each level sends max(8, `--requests` x concurrency) streamed
 completions (greedy, `--max-tokens` each) from that many client threads over 127.0.0.1. Time to
 first token is the first streamed text chunk; output tokens are the usage counts the server returns.
+Each of `--rounds` rounds measures the sequential baseline and then every level; the JSON has each
+figure's median over the rounds, and `batching_speedup` is the median of the rounds' own ratios.
 `--proxy haproxy` (the default) starts Ray with RAY_SERVE_ENABLE_HA_PROXY=1, Ray's high-throughput
 HTTP proxy; `--proxy python` uses Serve's default Python proxy.
 """
@@ -83,6 +85,18 @@ def sequential_tokens_per_s(artifact: str, tokenizer: Tokenizer, max_tokens: int
     return tokens / (time.perf_counter() - start)
 
 
+def summarize(rounds: list[tuple[float, dict]], top: int) -> dict:
+    """Each figure's median over the rounds; `batching_speedup` is the median of each round's
+    tokens/s at the top level over that round's sequential tokens/s (this VM's speed drifts by
+    +-20% within minutes, so a ratio is taken between measurements made close together)."""
+    levels = {c: {k: round(float(np.median([r[1][c][k] for r in rounds])), 4) for k in level}
+              for c, level in rounds[0][1].items()}
+    speedups = [r[1][str(top)]["output_tokens_per_s"] / r[0] for r in rounds]
+    return {"sequential_tokens_per_s": round(float(np.median([r[0] for r in rounds])), 1), "levels": levels,
+            "batching_speedup": round(float(np.median(speedups)), 3),
+            "batching_speedup_per_round": [round(x, 3) for x in speedups]}
+
+
 def main(argv=None) -> dict:
     import ray
     from ray import serve
@@ -97,6 +111,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--formats", nargs="+", default=["bf16", "nf4"])
     p.add_argument("--requests", type=int, default=4, help="requests per client thread at each level")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (sequential baseline, every level); medians reported")
     p.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy")
     p.add_argument("--replica-cpus", type=float, default=os.cpu_count() or 1)
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
@@ -104,6 +119,7 @@ def main(argv=None) -> dict:
     opts = p.parse_args(argv)
     cpus = opts.replica_cpus
     result: dict = {"levels": opts.levels, "max_tokens": opts.max_tokens, "requests_per_client": opts.requests,
+                    "rounds": opts.rounds,
                     "proxy": opts.proxy, "replica_cpus": cpus, "set": opts.set}
     with tempfile.TemporaryDirectory() as tmp:
         run_argv = make_run(Path(tmp))
@@ -129,14 +145,16 @@ def main(argv=None) -> dict:
                                               f"--serve.max_batch={max(opts.levels)}", *(f"--{o}" for o in opts.set)])
                 threads = cfg.serve.torch_threads or max(1, int(cpus))  # as many as a replica's engine
                 n = max(8, opts.requests * max(opts.levels))
-                sequential = sequential_tokens_per_s(report[fmt]["path"], tokenizer, opts.max_tokens, n, threads)
                 serve.run(build(cfg), name="deepkiln", route_prefix="/")
                 url = f"http://127.0.0.1:{port}"
-                one_request(url, "Warm up", 2)
-                levels = {str(c): load_level(url, c, opts.max_tokens, opts.requests) for c in opts.levels}
-                top = levels[str(max(opts.levels))]["output_tokens_per_s"]
-                result[fmt] = {"sequential_tokens_per_s": round(sequential, 1), "levels": levels,
-                               "batching_speedup": round(top / sequential, 3)}
+                # Warm-up: one wave at the top level (a replica's first batches build their kernels).
+                load_level(url, max(opts.levels), opts.max_tokens, 1)
+                rounds = []
+                for _ in range(opts.rounds):  # the baseline and the loads back to back, each round
+                    sequential = sequential_tokens_per_s(report[fmt]["path"], tokenizer, opts.max_tokens, n, threads)
+                    levels = {str(c): load_level(url, c, opts.max_tokens, opts.requests) for c in opts.levels}
+                    rounds.append((sequential, levels))
+                result[fmt] = summarize(rounds, max(opts.levels))
                 serve.delete("deepkiln")
         finally:
             serve.shutdown()
