@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import warnings
 
 import ray
@@ -19,6 +21,19 @@ def init_ray() -> None:
         ray.init(log_to_driver=True)
     else:
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def fit(trainer):
+    """`trainer.fit()`, then the SIGINT handler there was before. Ray Train installs its own for
+    the run (Ctrl-C aborts training) and leaves it behind, so a driver that goes on afterwards
+    (the quickstart serving, the online loop) would swallow every later Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():  # Ray Train installs none there
+        return trainer.fit()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # glibc malloc, as PyTorch's caching allocators do on GPU: keep freed memory for the next step instead

@@ -164,7 +164,7 @@ def train_update(cfg: Config, base_model: str, encoded: list, weights: list[floa
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from deepkiln.ray_utils import compute_env
+    from deepkiln.ray_utils import compute_env, fit
     from pipelines.online import update_loop  # by reference, even when this module runs as __main__ (a job)
     from pipelines.train import with_absolute_paths
 
@@ -181,7 +181,7 @@ def train_update(cfg: Config, base_model: str, encoded: list, weights: list[floa
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=1),
                              worker_runtime_env={"env_vars": compute_env()}))
-    result = trainer.fit()
+    result = fit(trainer)
     out = tempfile.mkdtemp(prefix="deepkiln-update-")
     with result.checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "model", Path(out) / "model")

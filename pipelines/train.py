@@ -325,12 +325,12 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
 
 
 def main(argv=None):
-    from deepkiln.ray_utils import init_ray
+    from deepkiln.ray_utils import fit, init_ray
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     trainer, out = make_trainer(cfg)
     init_ray()
-    result = trainer.fit()
+    result = fit(trainer)
     with result.checkpoint.as_directory() as d:
         export = Path(out) / "model"
         shutil.rmtree(export, ignore_errors=True)

@@ -1,4 +1,5 @@
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -143,8 +144,12 @@ def test_offload_and_activation_checkpointing_keep_the_loss_curve(tmp_path, toke
 
 
 def test_sequence_length_curriculum(tmp_path, tokens):
+    handler = signal.getsignal(signal.SIGINT)
     r = run(tmp_path, tokens, "curriculum", "--train.steps=8", "--train.checkpoint_every=8",
             "--train.seq_len_start=32", "--train.curriculum_steps=4")
+    # Ray Train's Ctrl-C handler is gone once the run is: a driver that goes on (the quickstart
+    # serving, the online loop) stops on Ctrl-C again.
+    assert signal.getsignal(signal.SIGINT) is handler
     lengths = [h["seq_len"] for h in r["history"]]
     assert lengths == [32, 56, 80, 104, 128, 128, 128, 128]
     assert load_checkpoint(r["model"]).manifest["tokens"] == 16 * sum(lengths)
