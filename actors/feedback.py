@@ -107,7 +107,7 @@ class FeedbackCollector:
 
     def remember(self, completion_id: str, prompt: str, completion: str, model_version: str) -> None:
         """Keep a served completion for feedback to refer to; forget the oldest beyond retention."""
-        with self._transaction():
+        with transaction(self.db):
             self.db.execute("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
                             (completion_id, prompt, completion, model_version, time.time()))
             self.db.execute("DELETE FROM completions WHERE rowid <= (SELECT max(rowid) FROM completions) - ?",
@@ -117,7 +117,7 @@ class FeedbackCollector:
         """Validate, mask and commit one feedback record. Returns {"feedback_id", "seq", "duplicate"};
         raises FeedbackError (nothing stored) for bad input or an unknown completion id."""
         fb = self._validate(record)
-        with self._transaction():
+        with transaction(self.db):
             row = self.db.execute("SELECT seq FROM feedback WHERE feedback_id = ?", (fb.feedback_id,)).fetchone()
             if row:
                 return {"feedback_id": fb.feedback_id, "seq": row[0], "duplicate": True}
@@ -156,9 +156,6 @@ class FeedbackCollector:
         if sum(len(t) for t in fb.tags) > a.max_text_chars:
             raise FeedbackError(400, f"tags exceed {a.max_text_chars} characters (feedback.max_text_chars)", "tags")
         return fb
-
-    def _transaction(self):
-        return transaction(self.db)
 
     def count(self) -> int:
         return self.db.execute("SELECT count(*) FROM feedback").fetchone()[0]

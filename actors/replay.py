@@ -74,7 +74,7 @@ class ReplayBuffer:
         dropped for capacity."""
         after = self.offset(source)
         added = skipped = 0
-        with self._transaction():
+        with transaction(self.db):
             for r in sorted(records, key=lambda r: r["seq"]):
                 if r["seq"] <= after:
                     continue  # a retried call, or records the caller fetched twice
@@ -136,7 +136,7 @@ class ReplayBuffer:
 
     def commit(self, keys: list[tuple[str, int]], update: int) -> int:
         """Mark the examples (source, seq) consumed by update number `update`; idempotent."""
-        with self._transaction():
+        with transaction(self.db):
             self.db.executemany("UPDATE examples SET consumed_by = ? WHERE source = ? AND seq = ? "
                                 "AND consumed_by IS NULL", [(update, s, q) for s, q in keys])
         return self.size()
@@ -149,9 +149,6 @@ class ReplayBuffer:
         return {"unconsumed": self.size(), "unconsumed_corrected": corrected, "consumed": consumed,
                 "capacity": self.args.buffer_size, **{k: counts.get(k, 0) for k in ("ingested", "not_trainable", "dropped")},
                 "offsets": dict(self.db.execute("SELECT source, seq FROM offsets").fetchall())}
-
-    def _transaction(self):
-        return transaction(self.db)
 
 
 # Restarted after a crash with calls re-run: ingest and commit are idempotent, draw reads only.
