@@ -2,7 +2,7 @@
 1, 4 and 16, for bf16 and nf4, against the same prompts generated one at a time through the engine
 without batching, in one run; plus the artifacts' sizes. One JSON object.
 
-    python -m bench.serve                 # about 6 minutes here
+    python -m bench.serve                 # about 4 minutes here
     python -m bench.serve --max-tokens 16 --levels 1 4 --proxy python
 
 The model is the tiny preset trained for a few seconds on made-up English (tests/serving_run.py),
