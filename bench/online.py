@@ -70,6 +70,8 @@ def main(argv=None) -> dict:
             result = {
                 "feedback": report["feedback"]["examples"], "steps": report["steps"], "method": report["method"],
                 "published": report["published"], "gate_passed": report["gate"]["passed"],
+                "dtype": report["precision"]["update"]["dtype"], "cpu_capability": report["precision"]["update"]["cpu_capability"],
+                "precision": report["precision"],
                 "serving_new_version": served["system_fingerprint"] == (version_of(new["artifact"]) if new["artifact"] else None),
                 "feedback_to_serving_s": report["feedback_to_serving_s"],
                 "measured_here_s": round(time.time() - last_feedback, 1),  # includes the poll and this check

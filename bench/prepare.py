@@ -23,6 +23,7 @@ import numpy as np
 
 from deepkiln import dedup
 from deepkiln.config import DataArgs
+from deepkiln.precision import cpu_capability
 
 
 def shingles(text: str, size: int) -> set[str]:
@@ -133,6 +134,7 @@ def main(argv=None) -> dict:
     finally:
         ray.shutdown()
     result = {
+        "cpu_capability": cpu_capability(), "dtype": None,  # curation runs no model
         "docs": len(docs), "planted_positive_pairs": len(planted["pos"]),
         "planted_negative_pairs": len(planted["neg"]),
         "params": {"shingle_size": d.shingle_size, "num_perm": d.num_perm, "bands": d.bands, "rows": d.rows,

@@ -31,6 +31,7 @@ import torch
 
 from deepkiln.config import load_config
 from deepkiln.engine import Engine, SamplingParams
+from deepkiln.precision import compute_dtype, describe
 from deepkiln.quantize import load_quantized
 from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
@@ -72,10 +73,11 @@ def load_level(url: str, concurrency: int, max_tokens: int, per_client: int) -> 
             "latency_p50_s": round(float(np.percentile(lat, 50)), 4), "latency_p99_s": round(float(np.percentile(lat, 99)), 4)}
 
 
-def sequential_tokens_per_s(artifact: str, tokenizer: Tokenizer, max_tokens: int, n: int, threads: int) -> float:
+def sequential_tokens_per_s(artifact: str, tokenizer: Tokenizer, max_tokens: int, n: int, threads: int,
+                            dtype: torch.dtype) -> float:
     """The same prompts through the engine one at a time (a batch of one), in this process."""
     torch.set_num_threads(threads)
-    model, _ = load_quantized(artifact)
+    model, _ = load_quantized(artifact, dtype)
     engine = Engine(model, max_batch=1)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=(EOS_ID,))
     ids = [[BOS_ID, *tokenizer.encode(p)] for p in prompts(n)]
@@ -144,6 +146,8 @@ def main(argv=None) -> dict:
                 cfg = load_config(run_argv + [f"--quant.format={fmt}", f"--serve.replica_cpus={cpus}",
                                               f"--serve.max_batch={max(opts.levels)}", *(f"--{o}" for o in opts.set)])
                 threads = cfg.serve.torch_threads or max(1, int(cpus))  # as many as a replica's engine
+                dtype = compute_dtype(cfg.serve.dtype)  # as the replica resolves it on this machine
+                result["precision"] = describe(dtype)
                 n = max(8, opts.requests * max(opts.levels))
                 serve.run(build(cfg), name="deepkiln", route_prefix="/")
                 url = f"http://127.0.0.1:{port}"
@@ -151,7 +155,7 @@ def main(argv=None) -> dict:
                 load_level(url, max(opts.levels), opts.max_tokens, 1)
                 rounds = []
                 for _ in range(opts.rounds):  # the baseline and the loads back to back, each round
-                    sequential = sequential_tokens_per_s(report[fmt]["path"], tokenizer, opts.max_tokens, n, threads)
+                    sequential = sequential_tokens_per_s(report[fmt]["path"], tokenizer, opts.max_tokens, n, threads, dtype)
                     levels = {str(c): load_level(url, c, opts.max_tokens, opts.requests) for c in opts.levels}
                     rounds.append((sequential, levels))
                 result[fmt] = summarize(rounds, max(opts.levels))

@@ -1,9 +1,10 @@
 """Training throughput of pipelines.train (DeepSpeed ranks under Ray Train) with 1 and 2 workers,
 against a plain single-process PyTorch loop on the same model, batch and dtype, in one JSON object.
-The plain loop keeps its weights in bf16 with no fp32 master copy: the pipeline (DeepSpeed bf16, fp32
-master weights and optimizer state) does more work per step than it, never less.
+The dtype is train.dtype=auto's choice on this host (bf16 where the CPU has it natively, else fp32).
+In bf16 the plain loop keeps its weights in bf16 with no fp32 master copy: the pipeline (DeepSpeed
+bf16, fp32 master weights and optimizer state) does more work per step than it, never less.
 
-    python -m bench.train                         # small preset, bf16, batch 16 x 256, ZeRO-2
+    python -m bench.train                         # small preset, dtype auto, batch 16 x 256, ZeRO-2
     python -m bench.train --preset tiny --steps 6
 
 The plain loop runs twice: in a process with the allocator settings the Ray Train workers get
@@ -32,6 +33,7 @@ from deepkiln.config import load_config
 from deepkiln.data import TokenWindows
 from deepkiln.flops import gemm_peak, model_flops_per_token
 from deepkiln.model import Transformer
+from deepkiln.precision import compute_dtype, describe
 from deepkiln.ray_utils import compute_env
 from pipelines import train
 
@@ -51,8 +53,7 @@ def plain_tokens_per_s(cfg, tokens: Path, steps: int) -> float:
     in the training dtype (no fp32 master copy), fused AdamW, clipping, the expert-bias update."""
     t = cfg.train
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
-    model = Transformer(cfg.model).to(dtype).train()
+    model = Transformer(cfg.model).to(compute_dtype(t.dtype)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(0.9, 0.95), weight_decay=t.weight_decay,
                             fused=True)
     data = TokenWindows(tokens, t.seq_len)
@@ -95,7 +96,7 @@ def tokens_per_step(argv: list[str]) -> int:
 def run_args(opts, tokens: Path) -> list[str]:
     """pipelines.train overrides for the benchmarked model, batch and data (no checkpoints, no evals)."""
     return ["--model.preset", opts.preset, f"--train.batch_size={opts.batch}", f"--train.seq_len={opts.seq_len}",
-            f"--train.zero_stage={opts.zero_stage}", "--train.dtype=bfloat16", "--train.tokens", str(tokens),
+            f"--train.zero_stage={opts.zero_stage}", "--train.tokens", str(tokens),
             "--train.checkpoint_every=100000", "--train.eval_every=100000", "--train.eval_batches=1",
             "--train.warmup_steps=1", "--train.log_every=1", "--tokenizer.vocab_size=265"]
 
@@ -121,7 +122,8 @@ def main(argv=None) -> dict:
         args = run_args(opts, tokens)
         cfg = load_config(args)
         write_tokens(tokens, cfg.model.vocab_size, (WARMUP + opts.steps + 2) * opts.batch * opts.seq_len * 2)
-        peak = gemm_peak(torch.bfloat16)
+        dtype = compute_dtype(cfg.train.dtype)
+        peak = gemm_peak(dtype)
         with torch.device("meta"):
             flops = model_flops_per_token(Transformer(cfg.model), opts.seq_len)
         plain = plain_in_worker_env(opts, tokens)
@@ -137,7 +139,7 @@ def main(argv=None) -> dict:
                 ray.shutdown()
     result = {
         "preset": opts.preset, "batch": opts.batch, "seq_len": opts.seq_len, "zero_stage": opts.zero_stage,
-        "dtype": "bfloat16", "gemm_peak_flops": round(peak), "model_flops_per_token": flops,
+        **describe(dtype), "gemm_peak_flops": round(peak), "model_flops_per_token": flops,
         "tokens_per_s": round(one, 1), "tokens_per_s_2": round(two, 1), "tokens_per_s_plain": round(plain, 1),
         "mfu": round(one * flops / peak, 4), "mfu_2": round(two * flops / peak, 4),
         "mfu_plain": round(plain * flops / peak, 4), "tokens_per_s_plain_default_malloc": round(plain_default, 1),

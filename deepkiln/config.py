@@ -103,8 +103,9 @@ class TrainArgs(Section):
     curriculum_steps (multiples of 8); 0 trains at seq_len throughout."""
     curriculum_steps: int = 0
     """Steps over which the curriculum grows the sequence length to seq_len."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Training precision."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Training compute dtype (train, tune, online updates, DP fine-tune): auto is bfloat16 where the
+    hardware has it natively (AMX or AVX-512 BF16 CPUs, recent GPUs) and float32 elsewhere."""
     num_workers: int = 2
     """Ray Train workers (DeepSpeed ranks)."""
     log_every: int = 10
@@ -216,7 +217,7 @@ class QuantArgs(Section):
     format: Literal["bf16", "int8", "nf4"] = "nf4"
     """Serving weight format."""
     keep: list[str] = ["embed", "head", "gate"]
-    """Module names kept in bf16."""
+    """Module names left unquantized (stored in bf16, computed in serve.dtype)."""
     source: str = ""
     """Checkpoint pipelines.quantize reads; empty: <run_dir>/<run.name>/train/model."""
     double_quant: bool = False
@@ -254,6 +255,9 @@ class ServeArgs(Section):
     response_cache: int = 0
     """Finished deterministic generations (greedy, or seeded) a replica keeps, keyed on model
     version, prompt and sampling parameters, and answers again without the engine (LRU); 0: off."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Inference compute dtype (the serving engine and its bitsandbytes layers, the evaluations of
+    quantize, audit and the online gate); artifacts store bf16 whatever it is. auto: as train.dtype."""
     max_tokens: int = 256
     """Default and upper bound on completion tokens per request."""
     max_n: int = 4

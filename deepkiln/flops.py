@@ -7,25 +7,69 @@ counted again for MTP, input embedding lookups not counted) + causal attention
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 
 from deepkiln.model import Transformer, count_params
+from deepkiln.precision import cpu_capability, dtype_name
 
 
-def gemm_peak(dtype: torch.dtype, sizes=(1024, 2048, 4096), seconds: float = 1.0) -> float:
-    """Best FLOP/s of an n x n x n matmul over `sizes`, each timed for about `seconds`."""
+SIZES = (256, 512, 1024, 2048)
+
+
+def gemm_peak(dtype: torch.dtype, seconds: float = 1.0, max_matmul_s: float = 0.25) -> float:
+    """Best FLOP/s of n x n x n matmuls in `dtype` on this process's threads, n growing through
+    SIZES while the next size's single matmul is predicted to take under `max_matmul_s`, so the
+    measurement takes seconds on any host (a 4096 bf16 matmul takes minutes where bf16 is emulated)."""
     best = 0.0
-    for n in sizes:
+    for n in SIZES:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm up
+        a @ b  # warm up: oneDNN builds a kernel per new shape
         reps, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds or reps < 3:
+        while (elapsed := time.perf_counter() - start) < seconds / len(SIZES) or reps < 1:
             a @ b
             reps += 1
         best = max(best, 2 * n**3 * reps / elapsed)
+        if 8 * elapsed / reps > max_matmul_s:  # the next size costs 8x this one
+            break
     return best
+
+
+def cached_gemm_peak(dtype: torch.dtype) -> float:
+    """gemm_peak measured once per host, dtype, thread count and torch version, then read from
+    $DEEPKILN_CACHE (default ~/.cache/deepkiln)/gemm_peak.json: the denominator of the training log's MFU."""
+    folder = Path(os.environ.get("DEEPKILN_CACHE") or Path.home() / ".cache" / "deepkiln")
+    path = folder / "gemm_peak.json"
+    key = f"{_cpu_name()}|{cpu_capability()}|{dtype_name(dtype)}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = gemm_peak(dtype)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".gemm_peak.json.{os.getpid()}"
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return known[key]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def model_flops_per_token(model: Transformer, seq_len: int) -> int:

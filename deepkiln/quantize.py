@@ -2,11 +2,15 @@
 
 `apply_quantization(model, QuantArgs)` swaps the model's `nn.Linear` layers in place, except those
 whose qualified name has a part listed in `keep` (by default the embedding, the output head and the
-MoE router gates stay in bf16: they are small and routing is sensitive to rounding; MLA's `wkv_b`
+MoE router gates stay unquantized: they are small and routing is sensitive to rounding; MLA's `wkv_b`
 always does, see ALWAYS_KEPT). The quantized
 model's state dict holds bitsandbytes' own packed weights and quantization statistics, so an
 artifact saved with `deepkiln.checkpoint.save_checkpoint` loads back with `load_quantized` without
 quantizing again.
+
+Artifacts store bf16 (STORAGE_DTYPE) whatever the host computes in; `load_quantized(path, dtype)`
+builds the model in the compute dtype (deepkiln.precision), bitsandbytes layers included: on a CPU
+without native bf16, fp32 compute is many times faster than bf16.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from deepkiln.checkpoint import Checkpoint, load_checkpoint
 from deepkiln.config import QuantArgs
 from deepkiln.model import Transformer
 
-COMPUTE_DTYPE = torch.bfloat16
+STORAGE_DTYPE = torch.bfloat16
 # MLA's absorbed decode path multiplies by wkv_b's weight matrix itself (folding it into the query and
-# the output), so that layer always stays in bf16.
+# the output), so that layer always stays unquantized.
 ALWAYS_KEPT = ("wkv_b",)
 
 
@@ -30,7 +34,7 @@ def _kept(name: str, keep: list[str]) -> bool:
     return any(part in keep or part in ALWAYS_KEPT for part in name.split("."))
 
 
-def _quantized_linear(layer: nn.Linear, args: QuantArgs) -> nn.Module:
+def _quantized_linear(layer: nn.Linear, args: QuantArgs, dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
 
     bias = layer.bias is not None
@@ -40,17 +44,17 @@ def _quantized_linear(layer: nn.Linear, args: QuantArgs) -> nn.Module:
                                 has_fp16_weights=False, threshold=0.0)
         weight = layer.weight.detach().float()
     else:
-        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias, compute_dtype=COMPUTE_DTYPE,
+        q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias, compute_dtype=dtype,
                               quant_type="nf4", compress_statistics=args.double_quant)
         # bitsandbytes' AVX512-BF16 path repacks the weight in place at the first eval forward: it
         # fails on layers whose in/out features are not multiples of 64/32, and state_dict() after
         # it writes statistics in the wrong layout. The portable path serves every shape and saves
         # what it loads.
         q.support_avx512bf16_for_cpu = False
-        weight = layer.weight.detach().to(COMPUTE_DTYPE)
+        weight = layer.weight.detach().to(dtype)
     state = {"weight": weight}
     if bias:
-        state["bias"] = layer.bias.detach().to(COMPUTE_DTYPE)
+        state["bias"] = layer.bias.detach().to(dtype)
     q.load_state_dict(state)
     return q.to(layer.weight.device)  # bitsandbytes quantizes on the move to a device
 
@@ -66,10 +70,11 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))}
 
 
-def apply_quantization(model: nn.Module, args: QuantArgs) -> nn.Module:
-    """Cast `model` to bf16 and, for int8/nf4, replace every nn.Linear not named in `args.keep` by
-    its bitsandbytes counterpart holding the quantized weights. Returns the model (changed in place)."""
-    model.to(COMPUTE_DTYPE).eval()
+def apply_quantization(model: nn.Module, args: QuantArgs, dtype: torch.dtype = STORAGE_DTYPE) -> nn.Module:
+    """Cast `model` to `dtype` and, for int8/nf4, replace every nn.Linear not named in `args.keep` by
+    its bitsandbytes counterpart holding the quantized weights and computing in `dtype` (int8 layers
+    quantize their input through fp16 and answer in the input's dtype). Returns the model (changed in place)."""
+    model.to(dtype).eval()
     if args.format == "bf16":
         return model
     names = target_names(model, args.keep)
@@ -79,7 +84,7 @@ def apply_quantization(model: nn.Module, args: QuantArgs) -> nn.Module:
         layer = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quantized_linear(layer, args))
+        setattr(parent, child, _quantized_linear(layer, args, dtype))
     return model.eval()  # the new layers start in training mode, where int8 takes another matmul path
 
 
@@ -99,13 +104,14 @@ def model_bytes(model: nn.Module) -> int:
     return tensor_bytes(model.state_dict().values())
 
 
-def load_quantized(path: str | Path) -> tuple[Transformer, Checkpoint]:
-    """Load an artifact written by pipelines.quantize: the model in the format its config names."""
+def load_quantized(path: str | Path, dtype: torch.dtype) -> tuple[Transformer, Checkpoint]:
+    """Load an artifact written by pipelines.quantize: the model in the format its config names,
+    computing in `dtype` (the stored bf16 weights are cast; quantized ones dequantize to it)."""
     import bitsandbytes as bnb
 
     ckpt = load_checkpoint(path)
     args = QuantArgs(**ckpt.config.get("quant", {}))
-    model = apply_quantization(Transformer(ckpt.model_args), args)
+    model = apply_quantization(Transformer(ckpt.model_args), args, dtype)
     state = dict(ckpt.state_dict)
     # nf4 weights come back through bitsandbytes' own constructor for packed weights + statistics.
     for name, layer in quantized_layers(model).items():

@@ -33,6 +33,7 @@ from deepkiln.checkpoint import load_model
 from deepkiln.config import Config, load_config, stage_dir
 from deepkiln.data import TokenWindows
 from deepkiln.fairness import audit, builtin_examples, gate, load_examples, plot
+from deepkiln.precision import compute_dtype, describe
 from deepkiln.tokenizer import Tokenizer
 
 METRICS = ("perplexity", "outcome_rate")
@@ -45,7 +46,8 @@ def run_audit(cfg: Config, model_dir: str | Path, out: str | Path | None = None)
     from pipelines.train import tokens_dir
 
     fa = cfg.fairness
-    model, ckpt = load_model(model_dir)
+    dtype = compute_dtype(cfg.serve.dtype)
+    model, ckpt = load_model(model_dir, dtype=dtype)
     model.eval()
     tokenizer = Tokenizer.load(f"{stage_dir(cfg, 'tokenizer')}/tokenizer.model")
     examples = builtin_examples(fa.attributes, fa.languages) + (load_examples(fa.data, fa) if fa.data else [])
@@ -61,7 +63,7 @@ def run_audit(cfg: Config, model_dir: str | Path, out: str | Path | None = None)
         plot(summary, metric, charts[metric])
     thresholds = {k: getattr(fa, k) for k in ("max_perplexity_ratio", "max_outcome_difference", "max_perplexity")}
     report = {"passed": passed, "reasons": reasons, "perplexity": round(ppl, 4), "model": str(model_dir),
-              "step": ckpt.manifest.get("step"), "thresholds": thresholds, "attributes": summary, "charts": charts,
+              "step": ckpt.manifest.get("step"), "precision": describe(dtype), "thresholds": thresholds, "attributes": summary, "charts": charts,
               "config": cfg.to_dict()}
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     verdict = "passed" if passed else "FAILED: " + "; ".join(reasons)

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from deepkiln.checkpoint import load_model, save_checkpoint
+from deepkiln.precision import compute_dtype, describe
 from deepkiln.config import Config, load_config, stage_dir
 from deepkiln.corpus import read_records
 from deepkiln.lora import merge_lora
@@ -121,7 +122,7 @@ def fingerprint(data: TensorDataset) -> str:
 
 def build(cfg: Config) -> tuple[torch.nn.Module, dict]:
     """The base model with the trainable part chosen (LoRA adapters seeded by run.seed)."""
-    model, ckpt = load_model(source_dir(cfg), cfg.model)
+    model, ckpt = load_model(source_dir(cfg), cfg.model, dtype=compute_dtype(cfg.train.dtype))
     torch.manual_seed(cfg.run.seed)
     dp_trainable(model, cfg.privacy.params, cfg.lora)
     return model.train(), ckpt.manifest
@@ -254,7 +255,7 @@ def main(argv=None) -> dict:
     merge_lora(export)
     report_cfg = cfg.to_dict()
     save_checkpoint(out / "model", export, report_cfg, step=dp.steps)
-    base, _ = load_model(source_dir(cfg), cfg.model)
+    base, _ = load_model(source_dir(cfg), cfg.model, dtype=compute_dtype(cfg.train.dtype))
     batch = p.batch_size
     val_loss = {"base": evaluate(base, val, batch), "dp": evaluate(export, val, batch),
                 "non_dp": evaluate(non_private(cfg, train, dp.steps), val, batch)}
@@ -271,6 +272,7 @@ def main(argv=None) -> dict:
         "val_loss": {k: round(v, 4) for k, v in val_loss.items()},
         "utility_cost": round(val_loss["dp"] - val_loss["non_dp"], 4),
         "stopped": stopped, "message": message, "model": str(out / "model"),
+        "precision": describe(compute_dtype(cfg.train.dtype)),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"dp_finetune: epsilon {epsilon:.3f} (delta {p.delta}), val loss base {val_loss['base']:.3f} "

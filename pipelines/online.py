@@ -43,6 +43,7 @@ from deepkiln.checkpoint import load_model, save_checkpoint
 from deepkiln.config import Config, QuantArgs, load_config, stage_dir
 from deepkiln.corpus import read_bytes, write_atomic
 from deepkiln.data import TokenWindows
+from deepkiln.precision import compute_dtype, describe
 from deepkiln.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
 
 APP = "deepkiln"  # the Serve application the online loop publishes to (serve/config.yaml, serve.app)
@@ -108,10 +109,11 @@ def update_loop(config: dict) -> None:
     warmup = max(1, on.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     micro = on.batch_size // world
+    dtype = compute_dtype(cfg.train.dtype)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config={
         "train_batch_size": on.batch_size, "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1, "gradient_clipping": cfg.train.grad_clip,
-        "bf16": {"enabled": cfg.train.dtype == "bfloat16"},
+        "bf16": {"enabled": dtype == torch.bfloat16},
         "zero_optimization": {"stage": cfg.train.zero_stage if on.method == "full" else 0},
         "steps_per_print": 1 << 30})
 
@@ -153,7 +155,7 @@ def update_loop(config: dict) -> None:
                             step=base.manifest.get("step", 0), tokens=base.manifest.get("tokens", 0))
         dist.barrier()
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
+        ray.train.report({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1], "precision": describe(dtype),
                           "feedback_per_batch": n_fb * world, "base_per_batch": n_base * world},
                          checkpoint=checkpoint)
 
@@ -352,8 +354,9 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
 
     data = TokenWindows(tokens_dir(cfg), cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed)
     pairs = preference_pairs(cfg, tok, data)
-    before = evaluate(cfg, load_model(current["model"])[0].float(), data, pairs, encoded)
-    after = evaluate(cfg, load_model(folder / "model")[0].float(), data, pairs, encoded)
+    dtype = compute_dtype(cfg.serve.dtype)
+    before = evaluate(cfg, load_model(current["model"], dtype=dtype)[0], data, pairs, encoded)
+    after = evaluate(cfg, load_model(folder / "model", dtype=dtype)[0], data, pairs, encoded)
     verdict = gate(cfg, before, after)
     timings["gate_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     version = {"model": str(folder / "model"), "artifact": None, "published": False, "parent": state["current"],
@@ -380,7 +383,8 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
                      "rated": sum(not e["corrected"] for e in drawn), "mean_weight": float(np.mean(weights))},
         "buffer": ray.get(buffer.stats.remote()),
         "mix": {"feedback_per_batch": metrics["feedback_per_batch"], "base_per_batch": metrics["base_per_batch"]},
-        "method": on.method, "steps": on.steps, "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"],
+        "method": on.method, "steps": on.steps, "precision": {"update": metrics["precision"], "gate": describe(dtype)},
+        "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"],
         "losses": metrics["losses"], "gate": verdict, "published": version["published"],
         "seconds": round(time.time() - started, 1), "timings": timings,
         "feedback_to_serving_s": round(published_at - newest, 1) if published_at else None,

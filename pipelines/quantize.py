@@ -9,6 +9,8 @@ windows of the tokenizer stage's token shards, and writes <run_dir>/<run.name>/q
 one `quant.format` names) and report.json with, per format, bytes on disk and in memory, the bytes
 of the quantized layers' weights, held-out perplexity and its change against bf16, and greedy
 decode tokens/s on this machine. On CPU quantization buys memory, not speed: the report shows both.
+Artifacts store bf16; the figures are those of each artifact loaded back as Serve loads it, computing
+in serve.dtype (auto: bf16 where the CPU has it natively, else fp32), named in the report.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from deepkiln.config import Config, QuantArgs, load_config, stage_dir
 from deepkiln.data import TokenWindows
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.model import Transformer
-from deepkiln.quantize import apply_quantization, linear_weight_bytes, model_bytes, target_names
+from deepkiln.precision import compute_dtype, describe
+from deepkiln.quantize import apply_quantization, linear_weight_bytes, load_quantized, model_bytes, target_names
 
 FORMATS = ("bf16", "int8", "nf4")
 DECODE_PROMPT, DECODE_TOKENS, DECODE_BATCH = 32, 32, 4
@@ -72,21 +75,23 @@ def main(argv=None) -> dict:
         raise ValueError(f"token shards hold ids up to {data.vocab_size - 1}: model.vocab_size={cfg.model.vocab_size} is too small")
     out = Path(stage_dir(cfg, "quantize"))
     out.mkdir(parents=True, exist_ok=True)
-    report = {"source": source_dir(cfg), "step": src.manifest.get("step"), "formats": {}}
+    dtype = compute_dtype(cfg.serve.dtype)
+    report = {"source": source_dir(cfg), "step": src.manifest.get("step"), "precision": describe(dtype), "formats": {}}
     with torch.device("meta"):
         names = target_names(Transformer(cfg.model), cfg.quant.keep)
     for fmt in FORMATS:
         args = QuantArgs(**{**cfg.quant.model_dump(), "format": fmt})
         model = Transformer(cfg.model)
         model.load_state_dict(src.state_dict, strict=True)
-        model = apply_quantization(model, args)
+        stored = apply_quantization(model, args)
         # Saved before any forward: what is served is exactly what was quantized.
-        path = save_checkpoint(out / fmt, model, {**cfg.to_dict(), "quant": args.model_dump()},
+        path = save_checkpoint(out / fmt, stored, {**cfg.to_dict(), "quant": args.model_dump()},
                                step=src.manifest.get("step", 0), tokens=src.manifest.get("tokens", 0))
+        model, _ = load_quantized(path, dtype)  # what Serve loads, in its compute dtype
         ppl = perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches)
         report["formats"][fmt] = {
             "path": str(path), "bytes_on_disk": disk_bytes(path), "bytes_in_memory": model_bytes(model),
-            "linear_bytes": linear_weight_bytes(model, names), "perplexity": round(ppl, 4),
+            "linear_bytes": linear_weight_bytes(stored, names), "perplexity": round(ppl, 4),
             "decode_tokens_per_s": round(decode_tokens_per_s(model, data), 1),
         }
         print(f"quantize: {fmt} {report['formats'][fmt]}", flush=True)

@@ -132,6 +132,10 @@ def summary_rows(cfg: Config, times: dict, url: str | None, sample: str) -> list
         last = read_json(done_marker(cfg, "train"))["history"][-1]
         rows.append(("training loss", f"{last['loss']:.3f} (validation {last.get('val_loss', float('nan')):.3f}) "
                                       f"after {last['step']} steps"))
+        p = read_json(done_marker(cfg, "train")).get("precision") or {}
+        if p:
+            rows.append(("compute", f"{p['dtype']} (CPU capability {p['cpu_capability']}, "
+                                    f"{'native' if p['bf16_native'] else 'no native'} bf16)"))
     if cfg.privacy.enabled and have("dp_finetune"):
         r = read_json(done_marker(cfg, "dp_finetune"))
         rows.append(("privacy", f"epsilon {r.get('epsilon')} at delta {r.get('delta')}"))

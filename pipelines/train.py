@@ -55,7 +55,7 @@ def tokens_dir(cfg: Config) -> str:
     return cfg.train.tokens or f"{stage_dir(cfg, 'tokenizer')}/tokens"
 
 
-def deepspeed_config(cfg: Config, world: int) -> dict:
+def deepspeed_config(cfg: Config, world: int, dtype: torch.dtype) -> dict:
     t = cfg.train
     zero = {"stage": t.zero_stage}
     if t.offload:
@@ -67,7 +67,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         "train_micro_batch_size_per_gpu": t.batch_size // (world * t.grad_accum),
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": t.dtype == "bfloat16"},
+        "bf16": {"enabled": dtype == torch.bfloat16},
         "zero_optimization": zero,
         # Offloaded state is stepped by our torch AdamW (fused), not DeepSpeed's compiled CPU Adam.
         "zero_force_ds_cpu_optimizer": False,
@@ -111,27 +111,18 @@ def plot_losses(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def train_loop(config: dict) -> None:
-    """One DeepSpeed rank. Depends only on `config` (the resolved Config as a dict)."""
+def build_engine(cfg: Config, world: int):
+    """One rank's DeepSpeed engine over a fresh model, and the compute dtype it trains in (decided
+    here, on the rank's own device: a CPU driver says nothing of a GPU worker)."""
     import deepspeed
-    import ray.train
-    import torch.distributed as dist
     from deepspeed.utils import set_z3_leaf_modules
 
-    from ray.util.metrics import Gauge
+    from deepkiln.model import MoE, Transformer
+    from deepkiln.precision import compute_dtype
 
-    from deepkiln.checkpoint import save_checkpoint
-    from deepkiln.faults import kill_once
-    from deepkiln.flops import gemm_peak, model_flops_per_token
-    from deepkiln.model import Gate, MoE, Transformer
-
-    cfg = Config.from_dict(config)
     t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    dtype = compute_dtype(t.dtype)
     torch.manual_seed(cfg.run.seed)  # same init on every rank
-    data = TokenWindows(tokens_dir(cfg), t.seq_len, t.val_fraction, cfg.run.seed)
     model = Transformer(cfg.model)
     model.checkpoint_blocks = t.activation_checkpointing
     if t.zero_stage == 3:
@@ -141,7 +132,30 @@ def train_loop(config: dict) -> None:
                             fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, t) / t.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world))
+                                           config=deepspeed_config(cfg, world, dtype))
+    return engine, dtype
+
+
+def train_loop(config: dict) -> None:
+    """One DeepSpeed rank. Depends only on `config` (the resolved Config as a dict)."""
+    import ray.train
+    import torch.distributed as dist
+
+    from ray.util.metrics import Gauge
+
+    from deepkiln.checkpoint import save_checkpoint
+    from deepkiln.faults import kill_once
+    from deepkiln.flops import cached_gemm_peak, model_flops_per_token
+    from deepkiln.model import Gate, Transformer
+    from deepkiln.precision import describe
+
+    cfg = Config.from_dict(config)
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    data = TokenWindows(tokens_dir(cfg), t.seq_len, t.val_fraction, cfg.run.seed)
+    engine, dtype = build_engine(cfg, world)
 
     gates = [m for m in engine.module.modules() if isinstance(m, Gate)]
     step, history = 0, []
@@ -157,9 +171,8 @@ def train_loop(config: dict) -> None:
         writer = _tensorboard(f"{stage_dir(cfg, 'train')}/tensorboard")
         gauges = {k: Gauge(f"deepkiln_train_{k}", description=f"training {k} (rank 0)", tag_keys=("run",))
                   for k in ("step", "loss", "tokens_per_s", "mfu")}
-        dtype = torch.bfloat16 if t.dtype == "bfloat16" else torch.float32
-        # A short GEMM timing on this worker: the MFU denominator (the benchmark times it longer).
-        peak = gemm_peak(dtype, sizes=(1024,), seconds=0.3) * world
+        # This host's GEMM peak in the training dtype (measured once, cached): the MFU denominator.
+        peak = cached_gemm_peak(dtype) * world
         with torch.device("meta"):
             flops_per_token = model_flops_per_token(Transformer(cfg.model), t.seq_len)
     start, tokens_done = time.perf_counter(), 0
@@ -221,7 +234,7 @@ def train_loop(config: dict) -> None:
                 dist.all_gather_object(files, {str(p.relative_to(tmp)): p.stat().st_size
                                                for p in Path(tmp).rglob("*") if p.is_file()})
                 if rank == 0:
-                    state = {"step": step, "world": world, "history": history,
+                    state = {"step": step, "world": world, "history": history, "precision": describe(dtype),
                              "files": {k: v for f in files for k, v in f.items()}}
                     (Path(tmp) / STATE).write_text(json.dumps(state))
                 dist.barrier()  # every rank has saved before anyone reports
@@ -337,7 +350,7 @@ def main(argv=None):
         shutil.copytree(Path(d) / "model", export)
         shutil.copy(Path(d) / "loss.png", Path(out) / "loss.png")
         state = json.loads((Path(d) / STATE).read_text())
-    summary = {"steps": state["step"], "history": state["history"], "model": str(export),
+    summary = {"steps": state["step"], "precision": state.get("precision"), "history": state["history"], "model": str(export),
                "checkpoint": result.checkpoint.path, "final": result.metrics}
     (Path(out) / "train_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"train: {state['step']} steps, final loss {state['history'][-1]['loss']:.3f}, "

@@ -3,6 +3,7 @@ import pytest
 from bench import model as bench_model
 from deepkiln.flops import model_flops_per_token
 from deepkiln.model import PRESETS, Transformer, count_params
+from deepkiln.precision import compute_dtype, cpu_capability, dtype_name
 
 
 @pytest.mark.slow
@@ -12,8 +13,11 @@ def test_bench_model_prints_its_figures(capsys):
                 "mla_cache_bytes_per_token", "mha_cache_bytes_per_token"):
         assert r[key] > 0, key
     a = PRESETS["tiny"]
-    assert r["mla_cache_bytes_per_token"] == a.n_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 2
-    assert r["mha_cache_bytes_per_token"] == a.n_layers * 2 * a.n_heads * a.v_head_dim * 2
+    size = 2 if r["dtype"] == "bfloat16" else 4  # bytes per cached value in the compute dtype
+    assert r["mla_cache_bytes_per_token"] == a.n_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * size
+    assert r["mha_cache_bytes_per_token"] == a.n_layers * 2 * a.n_heads * a.v_head_dim * size
+    assert r["tokens_per_s_other"] > 0 and {r["dtype"], r["other_dtype"]} == {"bfloat16", "float32"}
+    assert r["dtype"] == dtype_name(compute_dtype()) and r["cpu_capability"] == cpu_capability()
     assert '"mfu"' in capsys.readouterr().out
 
 
@@ -40,6 +44,7 @@ def test_bench_train_prints_its_figures(ray_local, capsys):
                 "mfu", "overhead_vs_plain", "scaling_2_vs_1"):
         assert r[key] > 0, key
     assert r["overhead_vs_plain"] == pytest.approx(r["tokens_per_s_plain"] / r["tokens_per_s"], rel=0.01)
+    assert r["dtype"] == dtype_name(compute_dtype()) and r["cpu_capability"] == cpu_capability()
     assert '"overhead_vs_plain"' in capsys.readouterr().out
 
 

@@ -6,6 +6,7 @@ from deepkiln.checkpoint import save_checkpoint
 from deepkiln.config import Config, QuantArgs
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.model import Transformer
+from deepkiln.precision import compute_dtype
 from deepkiln.quantize import apply_quantization, linear_weight_bytes, load_quantized, quantized_layers
 
 LAYER = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}
@@ -46,7 +47,7 @@ def test_quantized_logits_stay_close_and_the_artifact_round_trips(tmp_path, fmt)
     with torch.no_grad():
         b = model(tokens)[0].float()  # a forward before saving must not change what is saved
     save_checkpoint(tmp_path / "q", model, cfg)
-    loaded, ckpt = load_quantized(tmp_path / "q")
+    loaded, ckpt = load_quantized(tmp_path / "q", torch.bfloat16)
     assert quantized_layers(loaded).keys() == quantized_layers(model).keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     with torch.no_grad():
@@ -75,7 +76,7 @@ def test_pipeline_writes_three_artifacts_and_a_report(tmp_path):
     assert set(formats) == {"bf16", "int8", "nf4"}
     assert json.loads((tmp_path / "served" / "quantize" / "report.json").read_text()) == report
     for fmt, r in formats.items():
-        model, _ = load_quantized(r["path"])
+        model, _ = load_quantized(r["path"], compute_dtype())
         assert bool(quantized_layers(model)) == (fmt != "bf16")
         assert r["decode_tokens_per_s"] > 0 and r["bytes_on_disk"] > 0
     # The trained model beats chance (vocab 512) by far, and quantization costs little of it.

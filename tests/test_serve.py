@@ -12,6 +12,7 @@ from openai import OpenAI
 
 from deepkiln.config import load_config
 from deepkiln.engine import Engine, SamplingParams
+from deepkiln.precision import compute_dtype
 from deepkiln.quantize import load_quantized
 from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from pipelines import quantize
@@ -95,7 +96,7 @@ def test_openai_client_lists_completes_chats_and_streams(http, run):
 
 def engine_output(run, fmt, prompt, max_tokens) -> list[int]:
     """Greedy completion token ids of `prompt` from the engine directly, on the `fmt` artifact."""
-    model, _ = load_quantized(run["report"]["formats"][fmt]["path"])
+    model, _ = load_quantized(run["report"]["formats"][fmt]["path"], compute_dtype())
     req = Engine(model, max_batch=1).generate([[BOS_ID, *run["tokenizer"].encode(prompt)]],
                                               SamplingParams(max_tokens=max_tokens, temperature=0,
                                                              stop_token_ids=(EOS_ID,)))[0]
@@ -428,7 +429,7 @@ def test_tokens_go_out_first_at_once_then_batched_by_the_stream_interval(run, in
 
     got = asyncio.run(messages())
     tokens = [[i["token"] for i in batch if "token" in i] for batch in got]
-    model, _ = load_quantized(run["report"]["formats"]["bf16"]["path"])
+    model, _ = load_quantized(run["report"]["formats"]["bf16"]["path"], compute_dtype())
     assert sum(tokens, []) == Engine(model, max_batch=1).generate([prompt], SamplingParams(**params))[0].output
     assert "version" in got[0][0] and tokens[0] == [tokens[0][0]]  # the first token alone, at once
     assert got[-1][-1] == {"finish_reason": "length"}
