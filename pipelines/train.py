@@ -158,6 +158,9 @@ def train_loop(config: dict) -> None:
     engine, dtype = build_engine(cfg, world)
 
     gates = [m for m in engine.module.modules() if isinstance(m, Gate)]
+    # DeepSpeed keeps the global gradient norm for bf16 and ZeRO optimizers only; fp32 at ZeRO-0 has
+    # whole gradients on every rank, so the loop measures it itself.
+    own_norm, grad_norm = t.zero_stage == 0 and not engine.bfloat16_enabled(), None
     step, history = 0, []
     checkpoint = resume_checkpoint(cfg, ray.train.get_checkpoint())
     if checkpoint:
@@ -188,6 +191,9 @@ def train_loop(config: dict) -> None:
             x, y = data.train_batch(first, micro)
             _, aux = engine(x[:, :length], y[:, :length])
             engine.backward(aux["loss"])
+            if own_norm and m == t.grad_accum - 1:  # gradients are all-reduced by now, not yet clipped
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
+                                                           if p.grad is not None])
             engine.step()
         # Busiest expert over the mean, worst layer, before the bias update resets the counts.
         imbalance = max(((g.counts.max() / g.counts.float().mean().clamp(min=1)).item() for g in gates),
@@ -199,7 +205,7 @@ def train_loop(config: dict) -> None:
         tokens_done += t.batch_size * length
         loss = aux["lm"].detach().clone()
         dist.all_reduce(loss)
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = grad_norm if own_norm else engine.get_global_grad_norm()
         metrics = {"step": step, "loss": loss.item() / world, "lr": lr_at(step - 1, t), "seq_len": length,
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "tokens_per_s": tokens_done / (time.perf_counter() - start), "expert_imbalance": imbalance,
