@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -77,4 +78,5 @@ def describe(dtype: torch.dtype, device: torch.device | str = "cpu") -> dict:
 @functools.cache
 def _announce(setting: str, dtype: str, device: str, capability: str) -> None:
     why = "explicit" if setting != "auto" else ("auto: native bf16" if dtype == "bfloat16" else "auto: no native bf16")
-    print(f"compute dtype {dtype} on {device} ({why}; CPU capability {capability})", flush=True)
+    # stderr: a process whose stdout is a protocol (a test's subprocess) stays readable.
+    print(f"compute dtype {dtype} on {device} ({why}; CPU capability {capability})", file=sys.stderr, flush=True)

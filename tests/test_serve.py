@@ -94,9 +94,14 @@ def test_openai_client_lists_completes_chats_and_streams(http, run):
     assert raw.text.rstrip().endswith("data: [DONE]")
 
 
+def served_dtype(run):
+    """The compute dtype the app's replicas resolve on this machine (serve.dtype)."""
+    return compute_dtype(load_config(run["argv"]).serve.dtype)
+
+
 def engine_output(run, fmt, prompt, max_tokens) -> list[int]:
     """Greedy completion token ids of `prompt` from the engine directly, on the `fmt` artifact."""
-    model, _ = load_quantized(run["report"]["formats"][fmt]["path"], compute_dtype())
+    model, _ = load_quantized(run["report"]["formats"][fmt]["path"], served_dtype(run))
     req = Engine(model, max_batch=1).generate([[BOS_ID, *run["tokenizer"].encode(prompt)]],
                                               SamplingParams(max_tokens=max_tokens, temperature=0,
                                                              stop_token_ids=(EOS_ID,)))[0]
@@ -429,7 +434,7 @@ def test_tokens_go_out_first_at_once_then_batched_by_the_stream_interval(run, in
 
     got = asyncio.run(messages())
     tokens = [[i["token"] for i in batch if "token" in i] for batch in got]
-    model, _ = load_quantized(run["report"]["formats"]["bf16"]["path"], compute_dtype())
+    model, _ = load_quantized(run["report"]["formats"]["bf16"]["path"], served_dtype(run))
     assert sum(tokens, []) == Engine(model, max_batch=1).generate([prompt], SamplingParams(**params))[0].output
     assert "version" in got[0][0] and tokens[0] == [tokens[0][0]]  # the first token alone, at once
     assert got[-1][-1] == {"finish_reason": "length"}
