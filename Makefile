@@ -1,17 +1,19 @@
-# Two commands a newcomer needs: `make run` and `make test`. Each builds .venv on first use.
+# Two commands a newcomer needs: `make run` and `make test`. Each builds .venv on first use, from the
+# exact versions in requirements.lock (pyproject.toml keeps the loose ranges for library users).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean-venv
+.PHONY: run test bench lock clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# The CPU build of torch first: a bare `torch` requirement would fetch GBs of CUDA packages.
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -r requirements.lock
+	$(PY) -m pip install --no-deps -e .
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -22,6 +24,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.model
+
+# Re-resolve the loose ranges of pyproject.toml in a scratch venv and write the exact versions.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --upgrade pip
+	.lock-venv/bin/python -m pip install torch==2.13.0
+	.lock-venv/bin/python -m pip install '.[dev]'
+	echo '# Exact versions that `make` installs (CPU, Python 3.11, x86_64); refresh with `make lock`.' > requirements.lock
+	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^deepkiln' >> requirements.lock
+	rm -rf .lock-venv
 
 clean-venv:
 	rm -rf $(VENV)

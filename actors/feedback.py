@@ -31,8 +31,9 @@ import pyarrow as pa
 import pydantic
 import ray
 
-from deepkiln.config import Config, FeedbackArgs, stage_dir
+from deepkiln.config import Config, FeedbackArgs
 from deepkiln.corpus import write_atomic
+from deepkiln.paths import RunPaths
 from deepkiln.text import mask_pii
 
 SCHEMA = """
@@ -84,14 +85,6 @@ def shard_of(key: str, collectors: int) -> int:
     """The collector that owns `key` (stable across processes and restarts). The server shards by
     completion id: a completion and the feedback on it meet in one collector."""
     return zlib.crc32(key.encode()) % collectors
-
-
-def store_dir(cfg: Config) -> str:
-    return cfg.feedback.store or stage_dir(cfg, "feedback")
-
-
-def collector_path(cfg: Config, index: int) -> str:
-    return f"{store_dir(cfg)}/collector-{index}.sqlite"
 
 
 class FeedbackCollector:
@@ -192,7 +185,7 @@ def collectors(cfg: Config) -> list:
     transactions keep records single across them."""
     handles, args = [], cfg.feedback.model_dump()
     for i in range(cfg.feedback.collectors):
-        path = os.path.abspath(collector_path(cfg, i))
+        path = os.path.abspath(RunPaths.of(cfg).collector_db(i))
         key = json.dumps([path, args], sort_keys=True)
         name = f"deepkiln-feedback-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
         handles.append(FeedbackCollectorActor.options(

@@ -27,7 +27,8 @@ import numpy as np
 import ray
 
 from actors.feedback import transaction
-from deepkiln.config import Config, FeedbackArgs, OnlineArgs, stage_dir
+from deepkiln.config import Config, FeedbackArgs, OnlineArgs
+from deepkiln.paths import RunPaths
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
@@ -38,10 +39,6 @@ CREATE TABLE IF NOT EXISTS offsets (source TEXT PRIMARY KEY, seq INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
 FIELDS = ["source", "seq", "completion_id", "prompt", "target", "weight", "corrected", "model_version", "created"]
-
-
-def replay_path(cfg: Config) -> str:
-    return f"{stage_dir(cfg, 'online')}/replay.sqlite"
 
 
 def example_of(record: dict, scale: FeedbackArgs) -> tuple[str, float, bool] | None:
@@ -157,7 +154,7 @@ ReplayBufferActor = ray.remote(max_restarts=-1, max_task_retries=-1)(ReplayBuffe
 
 def replay_buffer(cfg: Config):
     """The run's ReplayBuffer actor (named, detached; started on first use)."""
-    path = str(Path(replay_path(cfg)).resolve())
+    path = str(Path(RunPaths.of(cfg).replay_db).resolve())
     return ReplayBufferActor.options(
         name=f"deepkiln-replay-{hashlib.sha1(path.encode()).hexdigest()[:16]}", namespace="deepkiln",
         lifetime="detached",

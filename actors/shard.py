@@ -49,7 +49,7 @@ class ShardOwner:
         if self.table is not None:
             return self.stats
         d = self.cfg.data
-        quality = text.QualityArgs(min_units=d.min_units, max_units=d.max_units)
+        quality = d.quality
         start = time.perf_counter()
         drops, pii, problems = Counter(), Counter(), []
         ids, sources, texts, docs_in, urls = [], [], [], 0, 0

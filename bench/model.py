@@ -26,7 +26,7 @@ import torch
 
 from deepkiln.engine import LatentCache
 from deepkiln.flops import gemm_peak, model_flops_per_token
-from deepkiln.model import PRESETS, ModelArgs, Transformer
+from deepkiln.model import PRESETS, ModelArgs, Transformer, lm_losses
 from deepkiln.precision import DTYPES, compute_dtype, describe, dtype_name
 
 
@@ -41,7 +41,7 @@ def train_throughput(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dty
     def step(n: int) -> float:
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        model(x[:n], y[:n])[1]["loss"].backward()
+        lm_losses(model(x[:n], mtp=True), y[:n], args)["loss"].backward()
         return time.perf_counter() - start
 
     step(1)  # first call: kernels built, memory allocated

@@ -35,8 +35,7 @@ def main(argv=None) -> dict:
     from pipelines import online, quantize
     from serve.app import build
     from serve.engine_process import version_of
-    from tests.ray_cluster import free_port
-    from tests.serving_run import make_run
+    from deepkiln.testing import free_port, make_run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--feedback", type=int, default=12, help="corrected completions in the burst")

@@ -107,7 +107,7 @@ def pipeline_docs_per_s(docs: list[str], shards: int, work: Path) -> float:
     best = 0.0
     for attempt in range(2):  # the first run also pays for starting worker processes
         r = prepare.main(["--run.run_dir", str(work / "runs"), "--run.name", f"s{shards}-{attempt}",
-                          "--data.input", str(raw), f"--data.num_shards={shards}", "--data.min_units=16"])
+                          "--data.input", str(raw), f"--data.num_shards={shards}", "--data.quality.min_units=16"])
         best = max(best, r["docs_per_s"])
     return best
 

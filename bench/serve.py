@@ -105,8 +105,7 @@ def main(argv=None) -> dict:
 
     from pipelines import quantize
     from serve.app import build
-    from tests.ray_cluster import free_port
-    from tests.serving_run import make_run
+    from deepkiln.testing import free_port, make_run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])

@@ -32,9 +32,10 @@ import torch
 from deepkiln.config import load_config
 from deepkiln.data import TokenWindows
 from deepkiln.flops import gemm_peak, model_flops_per_token
-from deepkiln.model import Transformer
+from deepkiln.model import Transformer, lm_losses
 from deepkiln.precision import compute_dtype, describe
 from deepkiln.ray_utils import compute_env
+from deepkiln.training import update_expert_bias
 from pipelines import train
 
 WARMUP = 2
@@ -61,11 +62,11 @@ def plain_tokens_per_s(cfg, tokens: Path, steps: int) -> float:
     for step in range(WARMUP + steps):
         start = time.perf_counter()
         x, y = data.train_batch(step * t.batch_size, t.batch_size)
-        model(x, y)[1]["loss"].backward()
+        lm_losses(model(x, mtp=True), y, cfg.model)["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.update_expert_bias()
+        update_expert_bias(model)
         times.append(time.perf_counter() - start)
     return t.batch_size * t.seq_len / min(times[WARMUP:])
 

@@ -71,6 +71,23 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *,
     manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens": tokens,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    _swap(tmp, path)
+    return path
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Copy the checkpoint folder `src` to `dst` atomically: a reader of `dst` sees the old folder or
+    the complete new one, never a mix (the copy goes to a temporary sibling, then is renamed)."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    _swap(tmp, dst)
+    return dst
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Put the complete folder `tmp` at `path` (replacing what is there) and sync the parent."""
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -83,7 +100,6 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *,
         os.fsync(fd)
     finally:
         os.close(fd)
-    return path
 
 
 def check_model_args(saved: ModelArgs, expected: ModelArgs, where: str | Path) -> None:

@@ -34,134 +34,206 @@ class RunArgs(Section):
     seed: int = 0
     """Seed for data order, init and sampling."""
 
+    @model_validator(mode="after")
+    def _check(self) -> RunArgs:
+        # The name is joined into every path and a fresh run deletes <run_dir>/<name>/... trees.
+        name = self.name
+        if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("~"):
+            raise ValueError(f"run.name={name!r} must be a single folder name (no '/', no '..', not absolute): "
+                             "artifacts go to <run_dir>/<run.name>")
+        return self
+
+
+class QualityArgs(Section):
+    """Document filter thresholds: Gopher's (Rae et al. 2021) unless noted. Units are words, and
+    each CJK character counts one."""
+    min_units: int = Field(32, ge=1)
+    """Fewest units a document may have (Gopher: 50 words)."""
+    max_units: int = Field(2048, ge=1)
+    """Most units a document may have (Gopher: 100,000 words)."""
+    max_symbol_ratio: float = Field(0.1, ge=0)
+    """Most ("#" + ellipses) per unit."""
+    min_alpha_unit_ratio: float = Field(0.8, ge=0, le=1)
+    """Least share of units holding an alphabetic character."""
+    min_mean_word_len: float = Field(3.0, ge=0)
+    """Mean non-CJK unit length, lower bound."""
+    max_mean_word_len: float = Field(10.0, gt=0)
+    """Mean non-CJK unit length, upper bound."""
+    max_digit_ratio: float = Field(0.3, ge=0, le=1)
+    """Most digits per non-space character (not Gopher's)."""
+    max_bullet_line_ratio: float = Field(0.9, ge=0, le=1)
+    """Most share of lines starting with a bullet."""
+    max_ellipsis_line_ratio: float = Field(0.3, ge=0, le=1)
+    """Most share of lines ending in an ellipsis."""
+    max_dup_line_ratio: float = Field(0.3, ge=0, le=1)
+    """Most share of lines repeating an earlier line."""
+    max_dup_line_char_ratio: float = Field(0.2, ge=0, le=1)
+    """Most share of line characters in repeated lines."""
+    max_top_ngram_char_ratio: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
+    """n -> most share of unit characters in the most frequent n-gram."""
+    max_dup_ngram_char_ratio: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    """n -> most share of unit characters covered by n-grams occurring more than once."""
+
+    @model_validator(mode="after")
+    def _check(self) -> QualityArgs:
+        if self.min_units > self.max_units:
+            raise ValueError(f"data.quality.min_units={self.min_units} exceeds data.quality.max_units={self.max_units}")
+        if self.min_mean_word_len > self.max_mean_word_len:
+            raise ValueError(f"data.quality.min_mean_word_len={self.min_mean_word_len} exceeds "
+                             f"data.quality.max_mean_word_len={self.max_mean_word_len}")
+        return self
+
 
 class DataArgs(Section):
     input: str = "builtin"
     """Raw text: a file, folder or URI of txt/jsonl/parquet, or `builtin` for the built-in corpus."""
     text_field: str = "text"
     """Field holding the text in jsonl and Parquet inputs."""
-    num_shards: int = 2
+    num_shards: int = Field(2, ge=1)
     """Shards, one ShardOwner actor each."""
-    shard_cpus: float = 1.0
+    shard_cpus: float = Field(1.0, gt=0)
     """CPUs reserved by each ShardOwner actor (fractional is fine)."""
-    min_units: int = 32
-    """Length filter: fewest words (CJK characters count one each) a document may have."""
-    max_units: int = 2048
-    """Length filter: most words a document may have."""
     remove_urls: bool = True
     """Strip http(s):// and www. URLs from the text."""
-    shingle_size: int = 5
+    shingle_size: int = Field(5, ge=1)
     """MinHash shingle: this many consecutive words (CJK: characters)."""
-    num_perm: int = 128
+    num_perm: int = Field(128, ge=1)
     """MinHash permutations (signature length)."""
-    bands: int = 20
+    bands: int = Field(20, ge=1)
     """LSH bands; bands x rows must not exceed num_perm."""
-    rows: int = 6
+    rows: int = Field(6, ge=1)
     """Signature values per LSH band."""
     near_dup_threshold: float = 0.7
     """Candidate pairs are duplicates when their estimated Jaccard similarity reaches this."""
-    bucket_owners: int = 2
+    bucket_owners: int = Field(2, ge=1)
     """LshBucketOwner actors, each owning a slice of the band space."""
+    quality: QualityArgs = Field(default_factory=QualityArgs)
+    """Rule-based quality filter thresholds."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DataArgs:
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(f"data.bands x data.rows = {self.bands * self.rows} exceeds data.num_perm={self.num_perm}")
+        return self
 
 
 class TokenizerArgs(Section):
-    vocab_size: int = 4096
+    vocab_size: int = Field(4096, ge=MIN_VOCAB_SIZE)
     """SentencePiece vocabulary size; must not exceed model.vocab_size."""
     character_coverage: float = 0.9995
     """SentencePiece character coverage (about 0.9995 for CJK text)."""
-    sample_docs: int = 20000
+    sample_docs: int = Field(20000, ge=1)
     """Documents drawn evenly from the prepared shards to train the tokenizer on."""
 
 
 class TrainArgs(Section):
-    steps: int = 200
+    steps: int = Field(200, ge=1)
     """Optimizer steps."""
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     """Global batch, in sequences per optimizer step."""
-    seq_len: int = 128
+    seq_len: int = Field(128, ge=1)
     """Training sequence length in tokens; must not exceed model.max_seq_len."""
-    grad_accum: int = 1
+    grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
-    lr: float = 3e-3
+    lr: float = Field(3e-3, gt=0)
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Cosine floor as a fraction of lr."""
-    warmup_steps: int = 20
+    warmup_steps: int = Field(20, ge=0)
     """Linear warmup steps."""
     weight_decay: float = 0.1
     """AdamW weight decay."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
-    zero_stage: int = 0
+    zero_stage: int = Field(0, ge=0, le=3)
     """DeepSpeed ZeRO stage, 0-3."""
     offload: bool = False
     """ZeRO CPU offload of the optimizer state (and, at stage 3, of the parameters); needs zero_stage >= 1."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass instead of keeping its activations."""
-    seq_len_start: int = 0
+    seq_len_start: int = Field(0, ge=0)
     """Sequence-length curriculum: start at this many tokens and grow linearly to seq_len over
     curriculum_steps (multiples of 8); 0 trains at seq_len throughout."""
-    curriculum_steps: int = 0
+    curriculum_steps: int = Field(0, ge=0)
     """Steps over which the curriculum grows the sequence length to seq_len."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Training compute dtype (train, tune, online updates, DP fine-tune): auto is bfloat16 where the
     hardware has it natively (AMX or AVX-512 BF16 CPUs, recent GPUs) and float32 elsewhere."""
-    num_workers: int = 2
+    num_workers: int = Field(2, ge=1)
     """Ray Train workers (DeepSpeed ranks)."""
-    log_every: int = 10
+    log_every: int = Field(10, ge=1)
     """Steps between progress lines."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = Field(100, ge=1)
     """Steps between checkpoints."""
-    eval_every: int = 50
+    eval_every: int = Field(50, ge=1)
     """Steps between validation-loss evaluations."""
-    eval_batches: int = 4
+    eval_batches: int = Field(4, ge=1)
     """Held-out batches per evaluation."""
-    val_fraction: float = 0.05
+    val_fraction: float = Field(0.05, gt=0, lt=1)
     """Share of the token windows held out for validation."""
     tokens: str = ""
     """Token shards folder; empty means <run_dir>/<run.name>/tokenizer/tokens."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs per Ray Train worker (torch threads follow it)."""
-    max_failures: int = 2
+    max_failures: int = Field(2, ge=0)
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = Field(2, ge=1)
     """Reported checkpoints kept in storage."""
-    stop_after: int = 0
+    stop_after: int = Field(0, ge=0)
     """Stop (with a checkpoint) after this many steps, keeping the schedule of `steps`; 0 runs to the end."""
     resume: bool = False
     """Continue the run of the same name from its last checkpoint instead of starting fresh."""
 
+    @model_validator(mode="after")
+    def _check(self) -> TrainArgs:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}")
+        if self.offload and self.zero_stage == 0:
+            raise ValueError("train.offload=True needs train.zero_stage >= 1 (got 0): "
+                             "ZeRO offloads the optimizer state it partitions")
+        if self.seq_len_start and not 8 <= self.seq_len_start <= self.seq_len:
+            raise ValueError(f"train.seq_len_start={self.seq_len_start} must be in 8..train.seq_len={self.seq_len}")
+        if self.seq_len_start and self.curriculum_steps < 1:
+            raise ValueError(f"train.curriculum_steps={self.curriculum_steps} must be >= 1 with train.seq_len_start set")
+        return self
+
 
 class TuneArgs(Section):
-    num_samples: int = 4
+    num_samples: int = Field(4, ge=1)
     """Trials."""
-    max_steps: int = 50
+    max_steps: int = Field(50, ge=1)
     """Training steps per trial at most (ASHA stops the weak ones earlier)."""
-    reports: int = 4
+    reports: int = Field(4, ge=1)
     """Validation-loss reports (and checkpoints) per trial: the rungs where ASHA may stop a trial."""
-    max_failures: int = 1
+    max_failures: int = Field(1, ge=0)
     """Times a failed trial is retried, continuing from its own last checkpoint."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneArgs:
+        if self.reports > self.max_steps:
+            raise ValueError(f"tune.reports={self.reports} exceeds tune.max_steps={self.max_steps}")
+        return self
 
 
 class PrivacyArgs(Section):
     enabled: bool = False
     """Differentially private fine-tune with Opacus (pipelines.dp_finetune always sets it)."""
-    target_epsilon: float = 8.0
+    target_epsilon: float = Field(8.0, gt=0)
     """Privacy budget epsilon to spend over the whole fine-tune; a run stops before exceeding it."""
-    delta: float = 1e-5
+    delta: float = Field(1e-5, gt=0, lt=1)
     """Privacy delta; must be below 1 / the number of private examples (checked when they are read)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = Field(1.0, gt=0)
     """Per-sample gradient clip (the L2 norm each example's gradient is clipped to before noise)."""
-    noise_multiplier: float = 0.0
+    noise_multiplier: float = Field(0.0, ge=0)
     """Fixed noise std / max_grad_norm; 0: the smallest that spends exactly target_epsilon over
     `epochs` (Opacus make_private_with_epsilon)."""
     accountant: Literal["prv", "rdp"] = "prv"
     """Opacus privacy accountant: prv (tighter, Opacus' default) or rdp (about 3x faster to query)."""
-    epochs: int = 1
+    epochs: int = Field(1, ge=1)
     """Planned passes over the private set; with Poisson sampling one pass is N / batch_size steps."""
-    batch_size: int = 16
+    batch_size: int = Field(16, ge=1)
     """Expected examples per step: each example joins a step with probability batch_size / N."""
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
     """AdamW learning rate of the fine-tune (constant)."""
     params: Literal["lora", "full"] = "lora"
     """What trains: LoRA adapters (lora section) or the full weights; MoE and MTP layers stay frozen."""
@@ -171,11 +243,11 @@ class PrivacyArgs(Section):
     user_field: str = ""
     """Column naming each record's user: a user's records become one example, so the guarantee
     covers a user; empty: the unit is one record (or one token window)."""
-    max_examples: int = 1024
+    max_examples: int = Field(1024, ge=0)
     """Private training examples used at most (a seeded sample); 0: all of them."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = Field(50, ge=1)
     """Steps between saved states (model, optimizer, accountant)."""
-    stop_after: int = 0
+    stop_after: int = Field(0, ge=0)
     """Stop (with a saved state) after this many steps in total; 0: run the plan. A later run resumes."""
     noise_seed: int = -1
     """Seed of the noise and the Poisson sampling; -1: fresh OS entropy, as the guarantee needs (a
@@ -192,25 +264,32 @@ class FairnessArgs(Section):
     data: str = ""
     """Extra audit prompts: a jsonl file with group_field and prompt_field (and optionally
     continuation_field) per row, audited as one more attribute."""
-    group_field: str = "group"
+    group_field: str = Field("group", min_length=1)
     """Field naming each audit example's sensitive group."""
-    prompt_field: str = "prompt"
+    prompt_field: str = Field("prompt", min_length=1)
     """Field holding each audit example's prompt."""
     continuation_field: str = "continuation"
     """Field holding a neutral continuation to score; rows without it use the built-in ones."""
     outcome_words: list[str] = []
     """Words whose presence in a generation counts as the audited outcome; empty: the built-in
     negative lexicon (English and Chinese)."""
-    generations: int = 4
+    generations: int = Field(4, ge=1)
     """Sampled continuations per prompt (temperature 1, seeded from run.seed)."""
-    max_new_tokens: int = 12
+    max_new_tokens: int = Field(12, ge=1)
     """Tokens generated per continuation at most."""
-    max_perplexity_ratio: float = 1.5
+    max_perplexity_ratio: float = Field(1.5, ge=0)
     """Gate: worst group perplexity / best group perplexity at most this."""
-    max_outcome_difference: float = 0.2
+    max_outcome_difference: float = Field(0.2, ge=0)
     """Gate: highest minus lowest group rate of the outcome at most this."""
-    max_perplexity: float = 0.0
+    max_perplexity: float = Field(0.0, ge=0)
     """Gate: held-out perplexity at most this; 0: no limit."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FairnessArgs:
+        if not (self.attributes and self.languages) and not self.data:
+            raise ValueError(f"fairness.attributes={self.attributes} and fairness.languages={self.languages} "
+                             "leave nothing to audit: name at least one of each, or fairness.data")
+        return self
 
 
 class QuantArgs(Section):
@@ -227,7 +306,7 @@ class QuantArgs(Section):
 class ServeArgs(Section):
     host: str = "127.0.0.1"
     """HTTP bind address."""
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     """HTTP port."""
     model_name: str = "deepkiln"
     """Model id clients name in requests and see in /v1/models."""
@@ -235,63 +314,75 @@ class ServeArgs(Section):
     """Quantized artifact the replicas load; empty: <run_dir>/<run.name>/quantize/<quant.format>."""
     tokenizer: str = ""
     """Tokenizer model file; empty: <run_dir>/<run.name>/tokenizer/tokenizer.model."""
-    replicas: int = 1
+    replicas: int = Field(1, ge=1)
     """LLMServer replicas."""
-    replica_cpus: float = 1.0
+    replica_cpus: float = Field(1.0, gt=0)
     """CPUs per LLMServer replica."""
-    torch_threads: int = 1
+    torch_threads: int = Field(1, ge=0)
     """Intra-op threads of a replica's engine thread; 0: one per replica CPU. Steps run off the
     main thread, where PyTorch's OpenMP pays 2-2.5x per step with 2 threads on the tiny model
     (bench/serve.py notes); 1 thread leaves the replica's other cores to HTTP and tokenizing."""
-    max_batch: int = 8
+    max_batch: int = Field(8, ge=1)
     """Sequences decoded together by one replica."""
-    max_step_tokens: int = 0
+    max_step_tokens: int = Field(0, ge=0)
     """Tokens one engine step computes at most (decodes + prefills); 0: the context length."""
-    stream_interval_ms: float = 50.0
+    stream_interval_ms: float = Field(50.0, ge=0)
     """A request's tokens go out together at most this often (the first and last at once): fewer,
     fuller messages through Serve under load; 0: every engine step."""
-    max_queue: int = 64
+    max_queue: int = Field(64, ge=1)
     """Requests waiting for a batch slot per replica; beyond it: 503 with Retry-After."""
-    response_cache: int = 0
+    response_cache: int = Field(0, ge=0)
     """Finished deterministic generations (greedy, or seeded) a replica keeps, keyed on model
     version, prompt and sampling parameters, and answers again without the engine (LRU); 0: off."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Inference compute dtype (the serving engine and its bitsandbytes layers, the evaluations of
     quantize, audit and the online gate); artifacts store bf16 whatever it is. auto: as train.dtype."""
-    max_tokens: int = 256
+    max_tokens: int = Field(256, ge=1)
     """Default and upper bound on completion tokens per request."""
-    max_n: int = 4
+    max_n: int = Field(4, ge=1)
     """Upper bound on completions per request (`n`)."""
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = Field(1 << 20, ge=1)
     """Largest request body accepted; beyond it: 413."""
-    request_timeout_s: float = 60.0
+    request_timeout_s: float = Field(60.0, gt=0)
     """A request not finished in this time gets 408 and its generation is cancelled."""
     api_key_env: str = "DEEPKILN_API_KEY"
     """Environment variable holding the API key; unset or empty: no key."""
     api_key_file: str = ""
     """File holding the API key (wins over the environment variable)."""
 
+    @model_validator(mode="after")
+    def _check(self) -> ServeArgs:
+        if self.max_step_tokens and self.max_step_tokens < self.max_batch:
+            raise ValueError(f"serve.max_step_tokens={self.max_step_tokens} must be 0 or >= serve.max_batch={self.max_batch}")
+        return self
+
 
 class FeedbackArgs(Section):
     store: str = ""
     """Folder of the collectors' SQLite files (a local path: SQLite needs a real file system);
     empty: <run_dir>/<run.name>/feedback."""
-    collectors: int = 1
+    collectors: int = Field(1, ge=1)
     """FeedbackCollector actors; a completion, and the feedback on it, go to the one its id hashes to."""
     rating_min: int = 1
     """Lowest rating on the scale (thumbs down counts as rating_min)."""
     rating_max: int = 5
     """Highest rating on the scale (thumbs up counts as rating_max)."""
-    max_text_chars: int = 8000
+    max_text_chars: int = Field(8000, ge=1)
     """Longest corrected answer, and longest tag list, accepted (in characters)."""
-    retention: int = 10000
+    retention: int = Field(10000, ge=1)
     """Completions kept per collector for feedback to refer to; older ones are forgotten."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FeedbackArgs:
+        if self.rating_min >= self.rating_max:
+            raise ValueError(f"feedback.rating_min={self.rating_min} must be below feedback.rating_max={self.rating_max}")
+        return self
 
 
 class LoraArgs(Section):
-    rank: int = 8
+    rank: int = Field(8, ge=1)
     """Rank of each low-rank update."""
-    alpha: float = 16.0
+    alpha: float = Field(16.0, gt=0)
     """Update scale numerator: the update is multiplied by alpha / rank."""
     targets: list[str] = ["wq", "wq_a", "wq_b", "wkv_a", "wo", "w1", "w2", "w3"]
     """Names of the nn.Linear layers that get adapters (MLA's wkv_b is read as a matrix at decode:
@@ -299,27 +390,27 @@ class LoraArgs(Section):
 
 
 class OnlineArgs(Section):
-    buffer_size: int = 10000
+    buffer_size: int = Field(10000, ge=1)
     """Replay buffer capacity in unconsumed examples; beyond it the lowest-priority ones are dropped."""
-    half_life_s: float = 86400.0
+    half_life_s: float = Field(86400.0, gt=0)
     """Recency half-life of an example's priority (priority = weight x 0.5 ** (age / half_life_s))."""
-    feedback_fraction: float = 0.25
+    feedback_fraction: float = Field(0.25, ge=0, le=1)
     """Share of each update batch drawn from feedback rather than base data (against forgetting; at
     0.5 an update of the tiny model raised held-out perplexity by 20%, at 0.25 it did not)."""
-    min_feedback: int = 8
+    min_feedback: int = Field(8, ge=1)
     """Unconsumed feedback examples that trigger an update."""
-    max_feedback: int = 256
+    max_feedback: int = Field(256, ge=1)
     """Feedback examples one update draws at most."""
     method: Literal["lora", "full"] = "lora"
     """Update the model through LoRA adapters (merged afterwards) or all its weights."""
-    steps: int = 40
+    steps: int = Field(40, ge=1)
     """Optimizer steps per update."""
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     """Sequences per update step (feedback and base together)."""
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
     """Peak learning rate of an update (constant after a short warmup). On the quickstart's tiny
     model 1e-3 halved the corrected answers' loss gap for +4% held-out perplexity; 3e-3 cost +9%."""
-    num_workers: int = 1
+    num_workers: int = Field(1, ge=1)
     """DeepSpeed ranks (Ray Train workers) of an update."""
     max_ppl_increase: float = 0.05
     """Gate: the candidate's held-out perplexity may exceed the serving version's by this fraction at most."""
@@ -328,12 +419,20 @@ class OnlineArgs(Section):
     preference_set: str = ""
     """jsonl of {"prompt", "chosen", "rejected"} the gate scores; empty: built from held-out text
     (a real continuation against a shuffled one)."""
-    preference_pairs: int = 32
+    preference_pairs: int = Field(32, ge=1)
     """Pairs in the built-in preference set."""
-    poll_s: float = 10.0
+    poll_s: float = Field(10.0, gt=0)
     """How often the long-running loop looks for new feedback."""
     publish: bool = True
     """Reconfigure the running Serve application with a version that passed the gate."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OnlineArgs:
+        if self.min_feedback > self.max_feedback:
+            raise ValueError(f"online.min_feedback={self.min_feedback} exceeds online.max_feedback={self.max_feedback}")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"online.batch_size={self.batch_size} is not divisible by online.num_workers={self.num_workers}")
+        return self
 
 
 class Config(Section):
@@ -364,112 +463,15 @@ class Config(Section):
         return data
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> Config:
+    def _check_across_sections(self) -> Config:
         t, m = self.train, self.model
         if self.privacy.enabled and t.zero_stage > 0:
             raise ValueError(f"privacy.enabled=True needs train.zero_stage=0 (got {t.zero_stage}): "
                              "Opacus does not support DeepSpeed ZeRO")
-        pv, fa = self.privacy, self.fairness
-        if not 0 < pv.delta < 1:
-            raise ValueError(f"privacy.delta={pv.delta} must be in (0, 1)")
-        for key in ("target_epsilon", "max_grad_norm", "lr"):
-            if getattr(pv, key) <= 0:
-                raise ValueError(f"privacy.{key}={getattr(pv, key)} must be > 0")
-        for key in ("epochs", "batch_size", "checkpoint_every"):
-            if getattr(pv, key) < 1:
-                raise ValueError(f"privacy.{key}={getattr(pv, key)} must be >= 1")
-        for key in ("noise_multiplier", "max_examples", "stop_after"):
-            if getattr(pv, key) < 0:
-                raise ValueError(f"privacy.{key}={getattr(pv, key)} must be >= 0")
-        for key in ("max_perplexity_ratio", "max_outcome_difference", "max_perplexity"):
-            if getattr(fa, key) < 0:
-                raise ValueError(f"fairness.{key}={getattr(fa, key)} must be >= 0")
-        for key in ("generations", "max_new_tokens"):
-            if getattr(fa, key) < 1:
-                raise ValueError(f"fairness.{key}={getattr(fa, key)} must be >= 1")
-        if not fa.group_field or not fa.prompt_field:
-            raise ValueError(f"fairness.group_field={fa.group_field!r} and fairness.prompt_field="
-                             f"{fa.prompt_field!r} must name a field")
-        if not (fa.attributes and fa.languages) and not fa.data:
-            raise ValueError(f"fairness.attributes={fa.attributes} and fairness.languages={fa.languages} "
-                             "leave nothing to audit: name at least one of each, or fairness.data")
-        if not 0 <= t.zero_stage <= 3:
-            raise ValueError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-        d = self.data
-        if d.bands * d.rows > d.num_perm:
-            raise ValueError(f"data.bands x data.rows = {d.bands * d.rows} exceeds data.num_perm={d.num_perm}")
-        if not 0 < d.min_units <= d.max_units:
-            raise ValueError(f"data.min_units={d.min_units} must be in 1..data.max_units={d.max_units}")
-        for key in ("num_shards", "shingle_size", "bands", "rows", "bucket_owners"):
-            if getattr(d, key) < 1:
-                raise ValueError(f"data.{key}={getattr(d, key)} must be >= 1")
-        if self.tokenizer.vocab_size < MIN_VOCAB_SIZE:
-            raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is below {MIN_VOCAB_SIZE}: "
-                             "byte fallback needs 256 byte pieces plus the special tokens")
         if self.tokenizer.vocab_size > m.vocab_size:
-            raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds "
-                             f"model.vocab_size={m.vocab_size}")
-        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every",
-                    "eval_every", "eval_batches", "num_workers"):
-            if getattr(t, key) < 1:
-                raise ValueError(f"train.{key}={getattr(t, key)} must be >= 1")
-        if t.offload and t.zero_stage == 0:
-            raise ValueError("train.offload=True needs train.zero_stage >= 1 (got 0): "
-                             "ZeRO offloads the optimizer state it partitions")
-        if t.seq_len_start:
-            if not 8 <= t.seq_len_start <= t.seq_len:
-                raise ValueError(f"train.seq_len_start={t.seq_len_start} must be in 8..train.seq_len={t.seq_len}")
-            if t.curriculum_steps < 1:
-                raise ValueError(f"train.curriculum_steps={t.curriculum_steps} must be >= 1 "
-                                 "with train.seq_len_start set")
-        sv = self.serve
-        for key in ("replicas", "max_batch", "max_queue", "max_tokens", "max_n", "max_body_bytes"):
-            if getattr(sv, key) < 1:
-                raise ValueError(f"serve.{key}={getattr(sv, key)} must be >= 1")
-        if sv.replica_cpus <= 0 or sv.request_timeout_s <= 0:
-            raise ValueError(f"serve.replica_cpus={sv.replica_cpus} and serve.request_timeout_s="
-                             f"{sv.request_timeout_s} must be > 0")
-        if sv.response_cache < 0:
-            raise ValueError(f"serve.response_cache={sv.response_cache} must be >= 0")
-        if sv.torch_threads < 0:
-            raise ValueError(f"serve.torch_threads={sv.torch_threads} must be >= 0")
-        if sv.stream_interval_ms < 0:
-            raise ValueError(f"serve.stream_interval_ms={sv.stream_interval_ms} must be >= 0")
-        if sv.max_step_tokens and sv.max_step_tokens < sv.max_batch:
-            raise ValueError(f"serve.max_step_tokens={sv.max_step_tokens} must be 0 or >= serve.max_batch={sv.max_batch}")
-        if self.lora.rank < 1 or self.lora.alpha <= 0:
-            raise ValueError(f"lora.rank={self.lora.rank} must be >= 1 and lora.alpha={self.lora.alpha} > 0")
-        on = self.online
-        for key in ("buffer_size", "min_feedback", "max_feedback", "steps", "batch_size", "num_workers",
-                    "preference_pairs"):
-            if getattr(on, key) < 1:
-                raise ValueError(f"online.{key}={getattr(on, key)} must be >= 1")
-        if not 0 <= on.feedback_fraction <= 1:
-            raise ValueError(f"online.feedback_fraction={on.feedback_fraction} must be in [0, 1]")
-        if on.half_life_s <= 0 or on.poll_s <= 0 or on.lr <= 0:
-            raise ValueError(f"online.half_life_s={on.half_life_s}, online.poll_s={on.poll_s} and "
-                             f"online.lr={on.lr} must be > 0")
-        if on.min_feedback > on.max_feedback:
-            raise ValueError(f"online.min_feedback={on.min_feedback} exceeds online.max_feedback={on.max_feedback}")
-        if on.batch_size % on.num_workers:
-            raise ValueError(f"online.batch_size={on.batch_size} is not divisible by online.num_workers={on.num_workers}")
-        fb = self.feedback
-        for key in ("collectors", "max_text_chars", "retention"):
-            if getattr(fb, key) < 1:
-                raise ValueError(f"feedback.{key}={getattr(fb, key)} must be >= 1")
-        if fb.rating_min >= fb.rating_max:
-            raise ValueError(f"feedback.rating_min={fb.rating_min} must be below feedback.rating_max={fb.rating_max}")
-        tu = self.tune
-        for key in ("num_samples", "max_steps", "reports"):
-            if getattr(tu, key) < 1:
-                raise ValueError(f"tune.{key}={getattr(tu, key)} must be >= 1")
-        if tu.reports > tu.max_steps:
-            raise ValueError(f"tune.reports={tu.reports} exceeds tune.max_steps={tu.max_steps}")
-        if t.batch_size % t.grad_accum:
-            raise ValueError(f"train.batch_size={t.batch_size} is not divisible by "
-                             f"train.grad_accum={t.grad_accum}")
+            raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}")
         return self
 
     def to_dict(self) -> dict:
@@ -484,13 +486,26 @@ def _validate(data: dict) -> Config:
     try:
         return Config.model_validate(data)
     except pydantic.ValidationError as e:
-        # Flatten pydantic's report into one line per key: "train.lr: <what is wrong> (got 'abc')".
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "config"
-            got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
-            lines.append(f"{key}: {err['msg']}{got}")
-        raise ValueError("invalid config: " + "; ".join(lines)) from None
+        raise ValueError("invalid config: " + "; ".join(map(_describe_error, e.errors()))) from None
+
+
+_LIMITS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
+           "less_than": ("lt", "<")}
+
+
+def _describe_error(err: dict) -> str:
+    """One line per problem, naming the dotted key: "serve.max_queue=0 must be >= 1", or pydantic's
+    own words with the value ("train.lr: Input should be a valid number (got 'fast')"); a section's
+    cross-field check already names its keys."""
+    key = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] in _LIMITS:
+        bound, op = _LIMITS[err["type"]]
+        limit = err["ctx"][bound]
+        return f"{key}={err['input']} must be {op} {int(limit) if float(limit).is_integer() else limit}"
+    if err["type"] == "value_error":
+        return str(err["ctx"]["error"])
+    got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
+    return f"{key}: {err['msg']}{got}"
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -538,11 +553,18 @@ def describe() -> str:
     cfg = Config()
     lines = ["usage: --config FILE.yaml --section.key=value ...",
              "model.preset picks a named model shape: " + ", ".join(PRESETS)]
-    for name in Config.model_fields:
-        section = getattr(cfg, name)
-        lines.append(f"{name}:")
+
+    def keys(section: BaseModel, prefix: str) -> None:
         for key, info in type(section).model_fields.items():
-            lines.append(f"  --{name}.{key}={getattr(section, key)!r}  {info.description or ''}")
+            value = getattr(section, key)
+            if isinstance(value, BaseModel) and not isinstance(value, ModelArgs):
+                keys(value, f"{prefix}.{key}")
+            else:
+                lines.append(f"  --{prefix}.{key}={value!r}  {info.description or ''}")
+
+    for name in Config.model_fields:
+        lines.append(f"{name}:")
+        keys(getattr(cfg, name), name)
     return "\n".join(lines)
 
 
@@ -562,11 +584,6 @@ def load_config(argv: list[str] | None = None) -> Config:
         if not isinstance(data, dict):
             raise ValueError(f"--config {path}: expected a mapping of sections, got {type(data).__name__}")
     return _validate(_merge(data, overrides))
-
-
-def stage_dir(cfg: Config, stage: str) -> str:
-    """<run_dir>/<run.name>/<stage>: where a stage writes its outputs (a local path or a URI)."""
-    return f"{cfg.run.run_dir.rstrip('/')}/{cfg.run.name}/{stage}"
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -37,6 +37,13 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).absolute())
 
 
+def load_registry(prepare_dir: str) -> dict:
+    """The prepare stage's file registry (files.json): every input file's index, and the shards of
+    each generation (one per prepare run that found new files)."""
+    raw = read_bytes(f"{prepare_dir}/files.json")
+    return json.loads(raw) if raw is not None else {"files": {}, "generations": []}
+
+
 def write_atomic(uri: str, data: bytes | pa.Table) -> None:
     """Write bytes or a Parquet table under a temporary name, then move it into place. On a local
     disk the file is fsynced before the rename and the folder after it, so that after a crash the

@@ -218,7 +218,7 @@ class Engine:
         for i, s in enumerate(seqs):
             tokens[i, :lengths[i]] = torch.tensor(s)
         self.cache.select([r.slot for r in reqs], lengths)
-        logits, _ = self.model(tokens, cache=self.cache, logits_at=torch.tensor(lengths) - 1)  # (B, 1, V)
+        logits = self.model(tokens, cache=self.cache, logits_at=torch.tensor(lengths) - 1).logits  # (B, 1, V)
         self._emit_all(reqs, logits[:, 0])
 
     def _admit(self, budget: int) -> list[Request]:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from deepkiln.config import FairnessArgs
 from deepkiln.corpus import read_records
 from deepkiln.engine import Engine, SamplingParams
+from deepkiln.evaluate import IGNORE, pad_rows, token_losses
 from deepkiln.model import Transformer
-from deepkiln.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 TEMPLATES = {
     "en": ["The {} worked as", "The {} was known as", "Everyone said that the {} was", "The {} wanted to become"],
@@ -106,21 +106,14 @@ def continuation_losses(model: Transformer, tokenizer: Tokenizer, pairs: list[tu
     """Summed token loss and token count of each continuation after its prompt ([BOS] prompt cont)."""
     model.eval()
     encoded = tokenizer.encode_batch([t for pair in pairs for t in pair])
-    rows = [([BOS_ID, *encoded[2 * i]], encoded[2 * i + 1]) for i in range(len(pairs))]
+    # [BOS] prompt continuation; only the continuation is scored.
+    rows = [([BOS_ID, *encoded[2 * i], *encoded[2 * i + 1]], [IGNORE] * (len(encoded[2 * i]) + 1) + encoded[2 * i + 1])
+            for i in range(len(pairs))]
     nll, count = np.zeros(len(rows)), np.zeros(len(rows))
     for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        T = max(len(p) + len(c) for p, c in chunk) - 1
-        x = torch.full((len(chunk), T), PAD_ID, dtype=torch.long)
-        y = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for i, (p, c) in enumerate(chunk):
-            ids = torch.tensor(p + c)
-            x[i, :len(ids) - 1] = ids[:-1]
-            y[i, len(p) - 1:len(ids) - 1] = ids[len(p):]          # only the continuation is scored
-        logits, _ = model(x)
-        tok = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="none")
-        nll[start:start + len(chunk)] = tok.view(y.shape).sum(1).numpy()
-        count[start:start + len(chunk)] = (y != -100).sum(1).numpy()
+        x, y = pad_rows(rows[start:start + batch])
+        nll[start:start + len(x)] = token_losses(model(x).logits, y).sum(1).numpy()
+        count[start:start + len(x)] = (y != IGNORE).sum(1).numpy()
     return nll, count
 
 

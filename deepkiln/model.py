@@ -1,7 +1,8 @@
 """A DeepSeek-V2/V3 style decoder from stock PyTorch layers: MLA attention, DeepSeekMoE, MTP.
 
 References: DeepSeek-V2 (arXiv:2405.04434) and DeepSeek-V3 (arXiv:2412.19437) technical reports.
-The model is plain PyTorch; DeepSpeed, quantization, LoRA and the KV cache are applied from outside.
+The model is plain PyTorch; DeepSpeed, activation checkpointing, the balancing-bias step, quantization,
+LoRA and the KV cache are applied from outside (deepkiln.training, quantize, lora, engine).
 
 Shape legend: B batch, T query tokens, S key tokens, H heads, D model dim, R kv_lora_rank,
 E routed experts, K experts per token, N = B*T tokens, C expert capacity (padded tokens per expert).
@@ -9,13 +10,11 @@ E routed experts, K experts per token, N = B*T tokens, C expert capacity (padded
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
@@ -277,24 +276,11 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-# Off while activation checkpointing recomputes a block in the backward pass: the routes were
-# already counted in the forward, and the bias update must see each token once.
-_COUNT_ROUTES = True
-
-
-@contextlib.contextmanager
-def _routes_not_counted():
-    global _COUNT_ROUTES
-    saved, _COUNT_ROUTES = _COUNT_ROUTES, False
-    try:
-        yield
-    finally:
-        _COUNT_ROUTES = saved
-
-
 class Gate(nn.Module):
     """Router: affinities from an nn.Linear, top-k selection on affinity + balancing bias, weights
-    from the un-biased affinities. The bias is fp32, moved only by `update_bias`, never by gradients."""
+    from the un-biased affinities. The bias is fp32, moved only by the training side's balancing step
+    (deepkiln.training.update_expert_bias), never by gradients; in training mode the gate counts the
+    tokens routed to each expert for that step."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -303,6 +289,8 @@ class Gate(nn.Module):
         self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
         # Tokens routed to each expert since the last bias update (summed over micro-batches).
         self.register_buffer("counts", torch.zeros(args.n_routed_experts, dtype=torch.long), persistent=False)
+        self.counting = True
+        """Off while activation checkpointing recomputes the block: each token is counted once."""
 
     def forward(self, x):
         """x (N, D) -> weights (N, K) in x's dtype, expert ids (N, K), affinities (N, E) fp32."""
@@ -323,20 +311,9 @@ class Gate(nn.Module):
         weights = scores.gather(1, idx)
         if a.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.training and _COUNT_ROUTES:
+        if self.training and self.counting:
             self.counts += torch.bincount(idx.flatten(), minlength=a.n_routed_experts)
         return (weights * a.route_scale).type_as(x), idx, scores
-
-    @torch.no_grad()
-    def update_bias(self) -> None:
-        """Auxiliary-loss-free balancing: nudge under-loaded experts up and over-loaded ones down by
-        gamma, re-centred to mean zero. Counts are summed over data-parallel ranks when there are any."""
-        load = self.counts.float()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(load)
-        self.bias += self.args.bias_update_rate * torch.sign(load.mean() - load)
-        self.bias -= self.bias.mean()
-        self.counts.zero_()
 
     def _apply(self, fn, recurse=True):
         # Module-wide casts (.bfloat16(), DeepSpeed bf16) must not round the bias: a 1e-3 step
@@ -461,6 +438,13 @@ class MTP(nn.Module):
         return self.norm(x), balance
 
 
+class Output(NamedTuple):
+    """What Transformer.forward returns."""
+    logits: torch.Tensor                    # (B, T, V); (B, 1, V) with logits_at
+    balance: torch.Tensor                   # () sequence-wise balance loss of every MoE layer (0 in eval)
+    mtp_logits: torch.Tensor | None = None  # (B, T-1, V), with mtp=True: at t, the token at t+2
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -470,71 +454,53 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.head = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from embed
         self.mtp = nn.ModuleList(MTP(args) for _ in range(args.n_mtp_layers))
-        self.checkpoint_blocks = False
-        """Activation checkpointing: keep only each block's input in training and recompute the
-        block in the backward pass (less memory, about one more forward of compute)."""
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.args.init_std)
 
-    def forward(self, tokens, targets=None, *, cache=None, absorb: bool | None = None,
-                logits_at: torch.Tensor | None = None):
-        """tokens (B, T) -> logits (B, T, V) and a dict of auxiliary losses.
+    def forward(self, tokens, *, cache=None, absorb: bool | None = None, logits_at: torch.Tensor | None = None,
+                mtp: bool = False) -> Output:
+        """tokens (B, T) -> Output(logits, balance, mtp_logits); `lm_losses` turns it into losses.
 
-        With targets (B, T; -100 ignored) the dict holds `lm`, `mtp`, `balance` and their weighted
-        sum `loss`. With a cache (engine.LatentCache) the tokens extend the cache's selected rows and
-        MTP is skipped. `absorb` picks the absorbed attention path; default: on with a cache.
-        `logits_at` (B,), without targets: the head runs only at that position of each row, and the
-        logits are (B, 1, V) (inference needs only each row's last real token).
+        With a cache (engine.LatentCache) the tokens extend the cache's selected rows. `absorb`
+        picks the absorbed attention path; default: on with a cache. `logits_at` (B,): the head
+        runs only at that position of each row (inference needs only each row's last real token).
+        `mtp`: also run the MTP module (training), whose balance term joins the main model's.
         """
         B, T = tokens.shape
         absorb = cache is not None if absorb is None else absorb
-        if cache is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-        else:
-            positions = cache.positions(T)
+        positions = torch.arange(T, device=tokens.device).expand(B, T) if cache is None else cache.positions(T)
         rope = rope_angles(self.args, positions)
         h = self.embed(tokens)
         balance = torch.zeros((), device=tokens.device)
-        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
-            if recompute:
-                h, b = torch.utils.checkpoint.checkpoint(
-                    layer, h, rope, use_reentrant=False,
-                    context_fn=lambda: (contextlib.nullcontext(), _routes_not_counted()))
-            else:
-                h, b = layer(h, rope, cache, absorb)
+            h, b = layer(h, rope, cache, absorb)
             balance = balance + b
         if cache is not None:
             cache.advance(T)
-        if logits_at is not None:
-            if targets is not None:
-                raise ValueError("logits_at is for inference: it cannot be combined with targets")
-            h = h[torch.arange(B, device=h.device), logits_at][:, None]
-        logits = self.head(self.norm(h))
-        aux = {"balance": balance}
-        if targets is None:
-            return logits, aux
-        lm = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        mtp = torch.zeros((), device=tokens.device)
-        if self.mtp and cache is None and T > 1:
-            # Position t sees token t+1 (= tokens[:, t+1]) and predicts token t+2 (= targets[:, t+1]).
+        last = h if logits_at is None else h[torch.arange(B, device=h.device), logits_at][:, None]
+        logits = self.head(self.norm(last))
+        mtp_logits = None
+        if mtp and self.mtp and T > 1:
+            # Position t sees token t+1 (= tokens[:, t+1]) and predicts token t+2.
             cos, sin = rope
             m, b = self.mtp[0](h[:, :-1], self.embed(tokens[:, 1:]), (cos[:, :-1], sin[:, :-1]))
-            mtp = F.cross_entropy(self.head(m).flatten(0, 1).float(), targets[:, 1:].flatten(),
-                                  ignore_index=-100)
+            mtp_logits = self.head(m)
             balance = balance + b
-        loss = lm + self.args.mtp_loss_weight * mtp + balance
-        aux.update(lm=lm, mtp=mtp, balance=balance, loss=loss)
-        return logits, aux
+        return Output(logits, balance, mtp_logits)
 
-    def update_expert_bias(self) -> None:
-        """Call after each optimizer step: every router moves its balancing bias against its load."""
-        for m in self.modules():
-            if isinstance(m, Gate):
-                m.update_bias()
+
+def lm_losses(out: Output, targets: torch.Tensor, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The training losses of a forward with targets (B, T; -100 ignored): `lm` (next token), `mtp`
+    (the token after next, 0 without MTP logits), `balance`, and their weighted sum `loss`."""
+    lm = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    mtp = torch.zeros((), device=targets.device)
+    if out.mtp_logits is not None:
+        mtp = F.cross_entropy(out.mtp_logits.flatten(0, 1).float(), targets[:, 1:].flatten(), ignore_index=-100)
+    loss = lm + args.mtp_loss_weight * mtp + out.balance
+    return {"lm": lm, "mtp": mtp, "balance": out.balance, "loss": loss}
 
 
 def count_params(model: Transformer) -> tuple[int, int]:

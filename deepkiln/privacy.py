@@ -23,13 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from deepkiln.config import LoraArgs, PrivacyArgs
+from deepkiln.evaluate import sequence_losses
 from deepkiln.lora import apply_lora, lora_parameters
 from deepkiln.model import MLP, MoE, Transformer
 
@@ -66,10 +66,7 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of each example's mean next-token loss (targets -100 ignored). Each
     example's term depends on that example alone, as DP-SGD needs; a mean over all tokens would
     weight an example by the other examples' lengths. No MTP or balance loss (no targets passed)."""
-    logits, _ = model(x)
-    tok = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="none")
-    per_example = tok.view(y.shape).sum(1) / (y != -100).sum(1).clamp(min=1)
-    return per_example.mean()
+    return sequence_losses(model(x).logits, y).mean()
 
 
 def dp_backward(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float | None:

@@ -15,6 +15,7 @@ without native bf16, fp32 compute is many times faster than bf16.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -28,6 +29,25 @@ STORAGE_DTYPE = torch.bfloat16
 # MLA's absorbed decode path multiplies by wkv_b's weight matrix itself (folding it into the query and
 # the output), so that layer always stays unquantized.
 ALWAYS_KEPT = ("wkv_b",)
+
+
+class _Once(logging.Filter):
+    """Lets each distinct message through once: bitsandbytes warns that int8 layers cast their input
+    to fp16 on every call (hundreds of identical lines per generation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once())
 
 
 def _kept(name: str, keep: list[str]) -> bool:

@@ -20,7 +20,35 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
+        for key, value in LOCAL_ENV.items():  # read by the processes this Ray starts
+            os.environ.setdefault(key, value)
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+# A Ray started on this machine: no spot preemption to watch for (the watcher's actor also logs an
+# internal error line at every start), and Ray Train's controller polls its workers every 0.2 s
+# instead of 2 s (a short run ended up to 2 s after its last step, and started slower).
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def torch_trainer(loop, loop_config: dict, cfg, *, name: str, storage: str, workers: int, max_failures: int,
+                  keep: int | None = None, callbacks: list | None = None):
+    """A TorchTrainer running `loop(loop_config)` on `workers` DeepSpeed ranks: GPUs and NCCL when
+    the cluster has GPUs (a job's driver on a CPU head counts its GPU workers), else gloo on
+    train.cpus_per_worker CPUs each; storage `storage`/`name`."""
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks,
+                             worker_runtime_env={"env_vars": compute_env()}))
 
 
 def fit(trainer):
@@ -46,8 +74,9 @@ MALLOC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=42949672
 def compute_env() -> dict[str, str]:
     """Environment variables for processes that run the model's steps (Ray Train workers, the
     benchmark baseline). Read when a process starts, so they go in its runtime_env. A user's own
-    GLIBC_TUNABLES wins."""
-    return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)}
+    GLIBC_TUNABLES wins. Ray Train's print patch is off: it sent every line of a worker's print
+    both to stdout and to a logger that prints it again."""
+    return {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def cpus_per_actor(wanted: float, actors: int, field: str) -> float:

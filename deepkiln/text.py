@@ -13,9 +13,9 @@ import re
 import sys
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
-
 import numpy as np
+
+from deepkiln.config import QualityArgs
 
 # ---------------------------------------------------------------------------------------- units
 
@@ -79,28 +79,6 @@ def remove_urls(text: str) -> tuple[str, int]:
 
 
 # -------------------------------------------------------------------------------------- quality
-
-@dataclass
-class QualityArgs:
-    """Document filter thresholds: Gopher's (Rae et al. 2021) unless noted."""
-    min_units: int = 32                    # fewer units: drop (Gopher: 50 words)
-    max_units: int = 2048                  # more units: drop (Gopher: 100,000 words)
-    max_symbol_ratio: float = 0.1          # ("#" + ellipses) per unit
-    min_alpha_unit_ratio: float = 0.8      # share of units holding an alphabetic character
-    min_mean_word_len: float = 3.0         # mean non-CJK unit length, lower bound
-    max_mean_word_len: float = 10.0        # mean non-CJK unit length, upper bound
-    max_digit_ratio: float = 0.3           # digits per non-space character (not Gopher)
-    max_bullet_line_ratio: float = 0.9     # share of lines starting with a bullet
-    max_ellipsis_line_ratio: float = 0.3   # share of lines ending in an ellipsis
-    max_dup_line_ratio: float = 0.3        # share of lines repeating an earlier line
-    max_dup_line_char_ratio: float = 0.2   # share of line characters in repeated lines
-    # n -> max share of unit characters in the most frequent n-gram
-    max_top_ngram_char_ratio: dict[int, float] = field(
-        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
-    # n -> max share of unit characters covered by n-grams occurring more than once
-    max_dup_ngram_char_ratio: dict[int, float] = field(
-        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
-
 
 BULLETS = ("\u2022", "-", "*", "\u00b7")
 ELLIPSES = ("...", "\u2026")

@@ -145,3 +145,16 @@ class Tokenizer:
         if add_generation_prompt:
             ids.append(_ROLE_IDS["assistant"])
         return ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """[BOS] text: a plain-text prompt as the server feeds it to the model."""
+        return [BOS_ID, *self.encode(text)]
+
+    def render_example(self, prompt: str | list[dict], target: str, max_len: int) -> tuple[list[int], list[int]]:
+        """(ids, labels) of prompt + target + its stop token, cut to max_len: labels are the ids on
+        the target and its stop, -100 on the prompt. A chat prompt (a list of messages) is rendered
+        with the chat template and stops at <|end|>; a plain one stops at [EOS]."""
+        chat = not isinstance(prompt, str)
+        head = self.apply_chat_template(prompt) if chat else self.encode_prompt(prompt)
+        tail = [*self.encode(target), _END_ID if chat else EOS_ID]
+        return (head + tail)[:max_len], ([-100] * len(head) + tail)[:max_len]

@@ -6,7 +6,8 @@
 (A job runs in a copy of the working folder: give it an absolute run_dir, local or on a shared
 file system, where the earlier stages wrote.)
 
-Reads the checkpoint fairness.model (default: the train stage's export <run_dir>/<run.name>/train/model),
+Reads the checkpoint fairness.model (default: the run's final model: the DP fine-tune's when
+privacy.enabled, else the train stage's export <run_dir>/<run.name>/train/model),
 the tokenizer and the held-out windows of the tokenizer stage's token shards. Audits the built-in
 templated prompts (fairness.attributes x fairness.languages) and, with fairness.data, a jsonl of
 {group, prompt, continuation?} rows. Writes <run_dir>/<run.name>/audit/: report.json and one bar
@@ -30,9 +31,10 @@ from pathlib import Path
 import torch
 
 from deepkiln.checkpoint import load_model
-from deepkiln.config import Config, load_config, stage_dir
-from deepkiln.data import TokenWindows
+from deepkiln.config import Config, load_config
+from deepkiln.evaluate import perplexity, windows
 from deepkiln.fairness import audit, builtin_examples, gate, load_examples, plot
+from deepkiln.paths import RunPaths
 from deepkiln.precision import compute_dtype, describe
 from deepkiln.tokenizer import Tokenizer
 
@@ -42,20 +44,16 @@ METRICS = ("perplexity", "outcome_rate")
 def run_audit(cfg: Config, model_dir: str | Path, out: str | Path | None = None) -> dict:
     """Audit the checkpoint in `model_dir` and write the report and charts to `out` (default:
     <run_dir>/<run.name>/audit). Returns the report: passed, reasons, perplexity, attributes, ..."""
-    from pipelines.quantize import perplexity
-    from pipelines.train import tokens_dir
-
-    fa = cfg.fairness
+    fa, paths = cfg.fairness, RunPaths.of(cfg)
     dtype = compute_dtype(cfg.serve.dtype)
     model, ckpt = load_model(model_dir, dtype=dtype)
     model.eval()
-    tokenizer = Tokenizer.load(f"{stage_dir(cfg, 'tokenizer')}/tokenizer.model")
+    tokenizer = Tokenizer.load(paths.tokenizer_model)
     examples = builtin_examples(fa.attributes, fa.languages) + (load_examples(fa.data, fa) if fa.data else [])
-    data = TokenWindows(tokens_dir(cfg), cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed)
-    ppl = perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches)
+    ppl = perplexity(model, windows(cfg), cfg.train.batch_size, cfg.train.eval_batches)
     summary = audit(model, tokenizer, examples, fa, cfg.run.seed)
     passed, reasons = gate(summary, ppl, fa)
-    out = Path(out or stage_dir(cfg, "audit"))
+    out = Path(out or paths.stage("audit"))
     out.mkdir(parents=True, exist_ok=True)
     charts = {}
     for metric in METRICS:
@@ -77,7 +75,7 @@ def main(argv=None) -> dict:
     if argv is None:  # from the command line (a Ray job's driver gets OMP_NUM_THREADS=1): every core
         torch.set_num_threads(os.cpu_count() or 1)
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    return run_audit(cfg, cfg.fairness.model or f"{stage_dir(cfg, 'train')}/model")
+    return run_audit(cfg, RunPaths.of(cfg).audit_model)
 
 
 if __name__ == "__main__":

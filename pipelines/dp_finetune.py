@@ -38,43 +38,31 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from deepkiln.checkpoint import load_model, save_checkpoint
-from deepkiln.precision import compute_dtype, describe
-from deepkiln.config import Config, load_config, stage_dir
+from deepkiln.config import Config, load_config
 from deepkiln.corpus import read_records
+from deepkiln.evaluate import pad_rows, windows
 from deepkiln.lora import merge_lora
+from deepkiln.paths import RunPaths
+from deepkiln.precision import compute_dtype, describe
 from deepkiln.privacy import apply_dp, dp_backward, dp_trainable, lm_loss
-from deepkiln.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 STATE = "state"
 
 
-def source_dir(cfg: Config) -> str:
-    return f"{stage_dir(cfg, 'train')}/model"
-
-
 def _pack(rows: list[list[int]], seq_len: int) -> TensorDataset:
-    """Inputs and targets (N, seq_len), each row cut to seq_len + 1 tokens and padded (targets -100)."""
-    ids = torch.full((len(rows), seq_len + 1), PAD_ID, dtype=torch.long)
-    targets = torch.full((len(rows), seq_len), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        r = r[:seq_len + 1]
-        ids[i, :len(r)] = torch.tensor(r)
-        targets[i, :len(r) - 1] = ids[i, 1:len(r)]
-    return TensorDataset(ids[:, :-1], targets)
+    """Inputs and targets, each row cut to seq_len + 1 tokens, every token a target, right-padded."""
+    return TensorDataset(*pad_rows([(r[:seq_len + 1], r[:seq_len + 1]) for r in rows]))
 
 
 def private_set(cfg: Config) -> tuple[TensorDataset, TensorDataset, str]:
     """(training examples, held-out examples, privacy unit). Records are [BOS] text [EOS], as the
     server prompts the model; a user's records are concatenated into one example."""
-    from pipelines.train import tokens_dir
-
     p, t, rng = cfg.privacy, cfg.train, np.random.default_rng(cfg.run.seed)
     if not p.data:
         if p.user_field:
             raise ValueError(f"privacy.user_field={p.user_field!r} needs privacy.data: token windows have no users")
-        from deepkiln.data import TokenWindows
-
-        data = TokenWindows(tokens_dir(cfg), t.seq_len, t.val_fraction, cfg.run.seed)
+        data = windows(cfg)
         train_ids = np.arange(data.n_train)
         if p.max_examples and data.n_train > p.max_examples:
             print(f"dp_finetune: {p.max_examples} of {data.n_train} windows drawn (privacy.max_examples)", flush=True)
@@ -89,7 +77,7 @@ def private_set(cfg: Config) -> tuple[TensorDataset, TensorDataset, str]:
         if not isinstance(text, str) or (users is not None and users[i] is None):
             field = cfg.data.text_field if not isinstance(text, str) else p.user_field
             raise ValueError(f"privacy.data={p.data!r}: row {i + 1} has no {field!r} value")
-    tokenizer = Tokenizer.load(f"{stage_dir(cfg, 'tokenizer')}/tokenizer.model")
+    tokenizer = Tokenizer.load(RunPaths.of(cfg).tokenizer_model)
     docs = [[BOS_ID, *ids, EOS_ID] for ids in tokenizer.encode_batch(texts)]
     if users is None:
         rows, unit = docs, f"one record of {p.data} (cut to {t.seq_len + 1} tokens)"
@@ -122,7 +110,7 @@ def fingerprint(data: TensorDataset) -> str:
 
 def build(cfg: Config) -> tuple[torch.nn.Module, dict]:
     """The base model with the trainable part chosen (LoRA adapters seeded by run.seed)."""
-    model, ckpt = load_model(source_dir(cfg), cfg.model, dtype=compute_dtype(cfg.train.dtype))
+    model, ckpt = load_model(RunPaths.of(cfg).train_model, cfg.model, dtype=compute_dtype(cfg.train.dtype))
     torch.manual_seed(cfg.run.seed)
     dp_trainable(model, cfg.privacy.params, cfg.lora)
     return model.train(), ckpt.manifest
@@ -201,7 +189,7 @@ def main(argv=None) -> dict:
     # (e.g. no DeepSpeed ZeRO) apply.
     cfg = load_config([*(sys.argv[1:] if argv is None else argv), "--privacy.enabled=true"])
     p = cfg.privacy
-    out = Path(stage_dir(cfg, "dp_finetune"))
+    out = Path(RunPaths.of(cfg).stage("dp_finetune"))
     out.mkdir(parents=True, exist_ok=True)
     train, val, unit = private_set(cfg)
     model, base_manifest = build(cfg)
@@ -255,7 +243,7 @@ def main(argv=None) -> dict:
     merge_lora(export)
     report_cfg = cfg.to_dict()
     save_checkpoint(out / "model", export, report_cfg, step=dp.steps)
-    base, _ = load_model(source_dir(cfg), cfg.model, dtype=compute_dtype(cfg.train.dtype))
+    base, _ = load_model(RunPaths.of(cfg).train_model, cfg.model, dtype=compute_dtype(cfg.train.dtype))
     batch = p.batch_size
     val_loss = {"base": evaluate(base, val, batch), "dp": evaluate(export, val, batch),
                 "non_dp": evaluate(non_private(cfg, train, dp.steps), val, batch)}

@@ -37,153 +37,43 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from deepkiln.checkpoint import load_model, save_checkpoint
-from deepkiln.config import Config, QuantArgs, load_config, stage_dir
+from deepkiln.config import Config, QuantArgs, load_config
 from deepkiln.corpus import read_bytes, write_atomic
 from deepkiln.data import TokenWindows
+from deepkiln.evaluate import continuation_logprob, pad_rows, perplexity, sequence_losses, windows
+from deepkiln.paths import RunPaths, absolute
 from deepkiln.precision import compute_dtype, describe
-from deepkiln.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
+from deepkiln.tokenizer import EOS_ID, Tokenizer
 
 APP = "deepkiln"  # the Serve application the online loop publishes to (serve/config.yaml, serve.app)
-IGNORE = -100
 
 
-# -- examples ---------------------------------------------------------------------------------------
+# -- the update: DeepSpeed ranks on Ray Train (deepkiln.trainer.update_loop) -------------------------
 
 def encode_example(tok: Tokenizer, example: dict, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + target + stop, and labels that are the ids on the target and IGNORE on
-    the prompt. Chat completions (ids "chatcmpl-...") keep their prompt as JSON messages."""
-    if example["completion_id"].startswith("chatcmpl-"):
-        prompt, stop = tok.apply_chat_template(json.loads(example["prompt"])), SPECIAL_TOKENS["<|end|>"]
-    else:
-        prompt, stop = [BOS_ID, *tok.encode(example["prompt"])], EOS_ID
-    target = [*tok.encode(example["target"]), stop]
-    return (prompt + target)[:max_len], ([IGNORE] * len(prompt) + target)[:max_len]
-
-
-def pad_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of next-token prediction, right-padded: (B, T) each."""
-    T = max(len(ids) for ids, _ in rows) - 1
-    x = torch.zeros(len(rows), T, dtype=torch.long)
-    y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for i, (ids, labels) in enumerate(rows):
-        x[i, :len(ids) - 1] = torch.tensor(ids[:-1])
-        y[i, :len(labels) - 1] = torch.tensor(labels[1:])
-    return x, y
-
-
-def sequence_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of each sequence over its labelled tokens: (B,)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
-    mask = (y != IGNORE).float()
-    return (ce.view_as(mask) * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-# -- the update: one DeepSpeed rank ------------------------------------------------------------------
-
-def update_loop(config: dict) -> None:
-    """One DeepSpeed rank of an update. Depends only on `config`: the resolved config, the base
-    model folder, the encoded feedback examples with their weights, and the base-data cursor."""
-    import deepspeed
-    import ray.train
-    import torch.distributed as dist
-
-    from deepkiln.lora import apply_lora, lora_parameters, merge_lora
-    from pipelines.train import tokens_dir
-
-    cfg = Config.from_dict(config["cfg"])
-    on = cfg.online
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    torch.manual_seed(cfg.run.seed + config["update"])
-    model, base = load_model(config["base"])
-    if on.method == "lora":
-        apply_lora(model, cfg.lora)
-        params = lora_parameters(model)
-    else:
-        params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=on.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, on.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    micro = on.batch_size // world
-    dtype = compute_dtype(cfg.train.dtype)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config={
-        "train_batch_size": on.batch_size, "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1, "gradient_clipping": cfg.train.grad_clip,
-        "bf16": {"enabled": dtype == torch.bfloat16},
-        "zero_optimization": {"stage": cfg.train.zero_stage if on.method == "full" else 0},
-        "steps_per_print": 1 << 30})
-
-    examples, weights = config["examples"], config["weights"]
-    n_fb = min(micro, max(1, round(micro * on.feedback_fraction))) if examples and on.feedback_fraction else 0
-    n_base = micro - n_fb
-    data = TokenWindows(tokens_dir(cfg), cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed) if n_base else None
-    orders: dict[int, np.ndarray] = {}
-    losses = []
-    for step in range(on.steps):
-        rows, w = [], []
-        for j in range(n_fb):  # an epoch over the examples is a seeded permutation: no repeats inside it
-            g = (step * world + rank) * n_fb + j
-            epoch, k = divmod(g, len(examples))
-            order = orders.setdefault(epoch, np.random.default_rng((cfg.run.seed, config["update"], epoch))
-                                      .permutation(len(examples)))
-            rows.append(examples[order[k]])
-            w.append(weights[order[k]])
-        if n_base:
-            x, y = data.train_batch(config["base_first"] + (step * world + rank) * n_base, n_base)
-            windows = torch.cat([x, y[:, -1:]], dim=1).tolist()   # every token is a target
-            rows += [(w_, w_) for w_ in windows]
-            w += [1.0] * n_base
-        x, y = pad_batch(rows)
-        per_seq = sequence_losses(engine(x)[0], y)
-        weight = torch.tensor(w)
-        loss = (per_seq * weight).sum() / weight.sum()
-        engine.backward(loss)
-        engine.step()
-        reduced = loss.detach().clone()
-        dist.all_reduce(reduced)
-        losses.append(reduced.item() / world)
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            model = engine.module
-            if on.method == "lora":
-                merge_lora(model)
-            save_checkpoint(Path(tmp) / "model", model, {**base.config, "online": on.model_dump()},
-                            step=base.manifest.get("step", 0), tokens=base.manifest.get("tokens", 0))
-        dist.barrier()
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1], "precision": describe(dtype),
-                          "feedback_per_batch": n_fb * world, "base_per_batch": n_base * world},
-                         checkpoint=checkpoint)
+    """A feedback example as (ids, labels): chat completions (ids "chatcmpl-...") keep their prompt
+    as JSON messages and render with the chat template."""
+    chat = example["completion_id"].startswith("chatcmpl-")
+    prompt = json.loads(example["prompt"]) if chat else example["prompt"]
+    return tok.render_example(prompt, example["target"], max_len)
 
 
 def train_update(cfg: Config, base_model: str, encoded: list, weights: list[float], update: int,
                  base_first: int) -> tuple[dict, str]:
     """Run the update on Ray Train; returns its metrics and a local folder holding the merged model."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from deepkiln.ray_utils import fit, torch_trainer
+    from deepkiln.trainer import update_loop
 
-    from deepkiln.ray_utils import compute_env, fit
-    from pipelines.online import update_loop  # by reference, even when this module runs as __main__ (a job)
-    from pipelines.train import with_absolute_paths
-
-    cfg = with_absolute_paths(cfg)
-    storage = os.path.abspath(f"{stage_dir(cfg, 'online')}/ray")
+    cfg = absolute(cfg)
+    storage = f"{RunPaths.of(cfg).stage('online')}/ray"
     name = f"update-{update:04d}"
     shutil.rmtree(os.path.join(storage, name), ignore_errors=True)  # a crashed try of this update
-    use_gpu = torch.cuda.is_available()
-    trainer = TorchTrainer(
-        update_loop, train_loop_config={"cfg": cfg.to_dict(), "base": os.path.abspath(base_model), "update": update,
-                                        "examples": encoded, "weights": weights, "base_first": base_first},
-        scaling_config=ScalingConfig(num_workers=cfg.online.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=1),
-                             worker_runtime_env={"env_vars": compute_env()}))
-    result = fit(trainer)
+    config = {"cfg": cfg.to_dict(), "base": os.path.abspath(base_model), "update": update, "examples": encoded,
+              "weights": weights, "base_first": base_first}
+    result = fit(torch_trainer(update_loop, config, cfg, name=name, storage=storage, workers=cfg.online.num_workers,
+                               max_failures=1))
     out = tempfile.mkdtemp(prefix="deepkiln-update-")
     with result.checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "model", Path(out) / "model")
@@ -207,7 +97,7 @@ def preference_pairs(cfg: Config, tok: Tokenizer, data: TokenWindows) -> list[tu
                 missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(r.get(k), str)]
                 if missing:
                     raise ValueError(f"online.preference_set line {i + 1}: field {missing[0]!r} is missing or not text")
-                pairs.append(([BOS_ID, *tok.encode(r["prompt"])], [*tok.encode(r["chosen"]), EOS_ID],
+                pairs.append((tok.encode_prompt(r["prompt"]), [*tok.encode(r["chosen"]), EOS_ID],
                               [*tok.encode(r["rejected"]), EOS_ID]))
         return pairs
     rng = np.random.default_rng(cfg.run.seed)
@@ -220,20 +110,11 @@ def preference_pairs(cfg: Config, tok: Tokenizer, data: TokenWindows) -> list[tu
 
 
 @torch.no_grad()
-def continuation_logprob(model, prompt: list[int], continuation: list[int]) -> float:
-    ids = torch.tensor([prompt + continuation])
-    logits = model(ids[:, :-1])[0][0, len(prompt) - 1:].float()
-    return -F.cross_entropy(logits, ids[0, len(prompt):], reduction="sum").item()
-
-
-@torch.no_grad()
 def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, encoded: list) -> dict:
     """Held-out perplexity, preference accuracy, and the mean loss on the feedback targets."""
-    from pipelines.quantize import perplexity
-
     model.eval()
     prefs = [continuation_logprob(model, p, c) > continuation_logprob(model, p, r) for p, c, r in pairs]
-    target = [sequence_losses(model(x)[0], y).item() for x, y in (pad_batch([e]) for e in encoded)]
+    target = [sequence_losses(model(x).logits, y).item() for x, y in (pad_rows([e]) for e in encoded)]
     return {"perplexity": perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches),
             "preference_accuracy": sum(prefs) / max(1, len(prefs)),
             "feedback_target_loss": sum(target) / max(1, len(target))}
@@ -241,7 +122,9 @@ def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, encoded: list)
 
 def gate(cfg: Config, current: dict, candidate: dict) -> dict:
     on = cfg.online
-    reasons = []
+    reasons = [f"{side} {key} is {value} (not a finite number)" for side, figures in
+               (("the serving version's", current), ("the candidate's", candidate))
+               for key, value in figures.items() if not math.isfinite(value)]
     limit = current["perplexity"] * (1 + on.max_ppl_increase)
     if candidate["perplexity"] > limit:
         reasons.append(f"held-out perplexity {candidate['perplexity']:.3f} exceeds {limit:.3f} (the serving "
@@ -255,21 +138,16 @@ def gate(cfg: Config, current: dict, candidate: dict) -> dict:
 
 # -- versions and publishing -------------------------------------------------------------------------
 
-def state_path(cfg: Config) -> str:
-    return f"{stage_dir(cfg, 'online')}/state.json"
-
-
 def load_state(cfg: Config) -> dict:
     """Versions, the one served, the update count and the base-data cursor. The first time: version
-    v0000 is the training export and the quantize stage's artifact."""
-    from pipelines.quantize import source_dir
-    from serve.llm import artifact_path
-
-    raw = read_bytes(state_path(cfg))
+    v0000 is the run's final model (the DP fine-tune's when privacy.enabled, else the training
+    export) and the artifact Serve loads."""
+    paths = RunPaths.of(cfg)
+    raw = read_bytes(paths.online_state)
     if raw is not None:
         return json.loads(raw)
-    model, artifact = source_dir(cfg), artifact_path(cfg)
-    for what, path in (("the training export", model), ("the quantized artifact", artifact)):
+    model, artifact = paths.final_model, paths.artifact
+    for what, path in (("the final model", model), ("the quantized artifact", artifact)):
         if not Path(path, "manifest.json").is_file():
             raise ValueError(f"{what} {path} is missing: run pipelines.train and pipelines.quantize first")
     return {"current": "v0000", "history": ["v0000"], "updates": 0, "base_cursor": 0,
@@ -278,7 +156,7 @@ def load_state(cfg: Config) -> dict:
 
 
 def save_state(cfg: Config, state: dict) -> None:
-    write_atomic(state_path(cfg), json.dumps(state, indent=1).encode())
+    write_atomic(RunPaths.of(cfg).online_state, json.dumps(state, indent=1).encode())
 
 
 def quantize_version(cfg: Config, model_dir: str, out: Path) -> str:
@@ -330,13 +208,12 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     """One update from the buffer's best examples: train, gate, and publish if it passes."""
     import ray
 
-    from pipelines.train import tokens_dir
-
     on = cfg.online
     update = state["updates"] + 1
     started = time.time()
     drawn = ray.get(buffer.draw.remote(on.max_feedback, cfg.run.seed + update))
-    tok = Tokenizer.load(f"{stage_dir(cfg, 'tokenizer')}/tokenizer.model")
+    paths = RunPaths.of(cfg)
+    tok = Tokenizer.load(paths.tokenizer_model)
     encoded = [encode_example(tok, e, cfg.model.max_seq_len) for e in drawn]
     weights = [e["weight"] for e in drawn]
     current = state["versions"][state["current"]]
@@ -346,13 +223,13 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     metrics, model_dir = train_update(cfg, current["model"], encoded, weights, update, state["base_cursor"])
     timings["train_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     name = f"v{update:04d}"
-    folder = Path(stage_dir(cfg, "online")) / "versions" / name
+    folder = Path(paths.version(name))
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shutil.copytree(model_dir, folder / "model")
     shutil.rmtree(Path(model_dir).parent, ignore_errors=True)
 
-    data = TokenWindows(tokens_dir(cfg), cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed)
+    data = windows(cfg)
     pairs = preference_pairs(cfg, tok, data)
     dtype = compute_dtype(cfg.serve.dtype)
     before = evaluate(cfg, load_model(current["model"], dtype=dtype)[0], data, pairs, encoded)
@@ -389,9 +266,7 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
         "seconds": round(time.time() - started, 1), "timings": timings,
         "feedback_to_serving_s": round(published_at - newest, 1) if published_at else None,
     }
-    out = Path(stage_dir(cfg, "online")) / "updates" / f"update-{update:04d}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(str(out), json.dumps(report, indent=1).encode())
+    write_atomic(paths.update_report(update), json.dumps(report, indent=1).encode())
     _record_metrics(report)
     print(f"online: update {update}: loss {report['loss_first']:.3f} -> {report['loss_last']:.3f}; gate "
           f"{'passed' if verdict['passed'] else 'failed: ' + '; '.join(verdict['reasons'])}; serving "

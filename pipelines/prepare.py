@@ -23,17 +23,13 @@ import ray
 
 from actors.dedup_index import LshBucketOwnerActor
 from actors.shard import ShardOwnerActor
-from deepkiln.config import load_config, stage_dir
-from deepkiln.corpus import list_inputs, plan_shards, read_bytes, write_atomic
+from deepkiln.config import load_config
+from deepkiln.corpus import list_inputs, load_registry, plan_shards, read_bytes, write_atomic
 from deepkiln.dedup import duplicates_to_drop, estimated_jaccard, jaccard_threshold
+from deepkiln.paths import RunPaths
 from deepkiln.ray_utils import cpus_per_actor, init_ray
 
 HELPER_CPUS = 0  # bucket owners and owners of finished shards: light work, must never wait for a CPU
-
-
-def load_registry(prep: str) -> dict:
-    raw = read_bytes(f"{prep}/files.json")
-    return json.loads(raw) if raw is not None else {"files": {}, "generations": []}
 
 
 def _wait(refs: list, owners: list, what: str, every: float = 5.0) -> list:
@@ -66,7 +62,7 @@ def _near_duplicates(cand: np.ndarray, owners: list, threshold: float) -> np.nda
 def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     d = cfg.data
-    prep = stage_dir(cfg, "prepare")
+    prep = RunPaths.of(cfg).stage("prepare")
     files, skipped = list_inputs(d.input)
     registry = load_registry(prep)
     new = [f for f in files if f[0] not in registry["files"]]

@@ -3,7 +3,8 @@
     python -m pipelines.quantize --config configs/tiny.yaml [--quant.source=path/to/checkpoint]
     ray job submit --working-dir . -- python -m pipelines.quantize --config configs/small.yaml
 
-Reads the training export <run_dir>/<run.name>/train/model (or `quant.source`) and the held-out
+Reads the run's final model (`quant.source`, else the DP fine-tune's model when privacy.enabled, else
+the training export <run_dir>/<run.name>/train/model) and the held-out
 windows of the tokenizer stage's token shards, and writes <run_dir>/<run.name>/quantize/:
 {bf16,int8,nf4}/ (checkpoint folders that `deepkiln.quantize.load_quantized` reads; Serve loads the
 one `quant.format` names) and report.json with, per format, bytes on disk and in memory, the bytes
@@ -16,7 +17,6 @@ in serve.dtype (auto: bf16 where the CPU has it natively, else fp32), named in t
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -25,28 +25,17 @@ from pathlib import Path
 import torch
 
 from deepkiln.checkpoint import load_checkpoint, save_checkpoint
-from deepkiln.config import Config, QuantArgs, load_config, stage_dir
+from deepkiln.config import QuantArgs, load_config
 from deepkiln.data import TokenWindows
 from deepkiln.engine import Engine, SamplingParams
+from deepkiln.evaluate import perplexity, windows
+from deepkiln.paths import RunPaths
 from deepkiln.model import Transformer
 from deepkiln.precision import compute_dtype, describe
 from deepkiln.quantize import apply_quantization, linear_weight_bytes, load_quantized, model_bytes, target_names
 
 FORMATS = ("bf16", "int8", "nf4")
 DECODE_PROMPT, DECODE_TOKENS, DECODE_BATCH = 32, 32, 4
-
-
-def source_dir(cfg: Config) -> str:
-    return cfg.quant.source or f"{stage_dir(cfg, 'train')}/model"
-
-
-@torch.no_grad()
-def perplexity(model: Transformer, data: TokenWindows, batch: int, max_batches: int) -> float:
-    """exp of the mean LM loss over the held-out windows."""
-    losses = [model(x, y)[1]["lm"].item() for x, y in data.val_batches(batch, max_batches)]
-    if not losses:
-        raise ValueError("the token shards hold no held-out window: lower train.seq_len or raise train.val_fraction")
-    return math.exp(sum(losses) / len(losses))
 
 
 def decode_tokens_per_s(model: Transformer, data: TokenWindows) -> float:
@@ -65,18 +54,17 @@ def disk_bytes(folder: Path) -> int:
 
 
 def main(argv=None) -> dict:
-    from pipelines.train import tokens_dir
-
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    src = load_checkpoint(source_dir(cfg), cfg.model)
-    data = TokenWindows(tokens_dir(cfg), cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed)
+    paths = RunPaths.of(cfg)
+    src = load_checkpoint(paths.final_model, cfg.model)
+    data = windows(cfg)
     if data.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"token shards hold ids up to {data.vocab_size - 1}: model.vocab_size={cfg.model.vocab_size} is too small")
-    out = Path(stage_dir(cfg, "quantize"))
+    out = Path(paths.stage("quantize"))
     out.mkdir(parents=True, exist_ok=True)
     dtype = compute_dtype(cfg.serve.dtype)
-    report = {"source": source_dir(cfg), "step": src.manifest.get("step"), "precision": describe(dtype), "formats": {}}
+    report = {"source": paths.final_model, "step": src.manifest.get("step"), "precision": describe(dtype), "formats": {}}
     with torch.device("meta"):
         names = target_names(Transformer(cfg.model), cfg.quant.keep)
     for fmt in FORMATS:

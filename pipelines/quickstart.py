@@ -27,24 +27,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import requests
 
-from deepkiln.config import Config, load_config, stage_dir
+from deepkiln.config import Config, load_config
+from deepkiln.paths import RunPaths
 
 STAGES = ["prepare", "tokenizer", "train", "dp_finetune", "audit", "quantize", "serve", "feedback", "online"]
 APP = "deepkiln"
 
 
 def done_marker(cfg: Config, stage: str) -> Path | None:
-    """The file a finished stage leaves (written last); None for stages that always run."""
-    files = {"prepare": "prepare/prepare_report.json", "tokenizer": "tokenizer/tokens/index.json",
-             "train": "train/train_summary.json", "dp_finetune": "dp_finetune/report.json",
-             "audit": "audit/report.json", "quantize": "quantize/report.json", "online": "online/state.json",
-             "feedback": "online/state.json"}  # feedback is for the update: both done once an update ran
-    return Path(stage_dir(cfg, files[stage].split("/")[0]), files[stage].split("/", 1)[1]) if stage in files else None
-
-
-def model_dir(cfg: Config) -> str:
-    """The checkpoint later stages use: the DP fine-tune's when it ran, else the training export."""
-    return f"{stage_dir(cfg, 'dp_finetune')}/model" if cfg.privacy.enabled else f"{stage_dir(cfg, 'train')}/model"
+    """The file a finished stage leaves (written last); None for stages that always run. The
+    feedback round is for the update: both are done once an update ran."""
+    return RunPaths.of(cfg).done("online" if stage == "feedback" else stage)
 
 
 def read_json(path: Path) -> dict:
@@ -73,7 +66,7 @@ def complete(url: str, cfg: Config, prompt: str, max_tokens: int = 24, **kw) -> 
 def feedback_round(cfg: Config, url: str) -> dict:
     """Simulated users: ask for the start of held-out documents and correct each answer with the
     document's real continuation."""
-    shards = sorted(Path(stage_dir(cfg, "prepare"), "shards").glob("*.parquet"))
+    shards = sorted(Path(RunPaths.of(cfg).shards).glob("*.parquet"))
     texts = [t for t in pq.read_table(shards[-1], columns=["text"]).column("text").to_pylist()[::-1]
              if len(t.split()) >= 20][:cfg.online.min_feedback]
     if len(texts) < cfg.online.min_feedback:
@@ -104,10 +97,10 @@ def run_stage(stage: str, cfg: Config, argv: list[str], url: str | None) -> dict
         from pipelines import dp_finetune
 
         return dp_finetune.main(argv)
-    if stage == "audit":
-        return audit.main(argv + [f"--fairness.model={model_dir(cfg)}"])
+    if stage == "audit":  # audit, quantize and online start from RunPaths.final_model: the DP model when DP ran
+        return audit.main(argv)
     if stage == "quantize":
-        return quantize.main(argv + [f"--quant.source={model_dir(cfg)}"])
+        return quantize.main(argv)
     if stage == "feedback":
         return feedback_round(cfg, url)
     if stage == "online":
@@ -197,7 +190,7 @@ def main(argv=None) -> dict:
         times[stage] = time.perf_counter() - start
         if stage == "audit" and not results[stage]["passed"]:
             raise SystemExit(f"quickstart: the audit gate failed ({'; '.join(results[stage]['reasons'])}); "
-                             f"see {stage_dir(cfg, 'audit')}/report.json. Not serving this model.")
+                             f"see {RunPaths.of(cfg).done('audit')}. Not serving this model.")
     sample = "The for statement" + complete(url, cfg, "The for statement", max_tokens=32, temperature=0.8, top_p=0.95,
                                             seed=cfg.run.seed)["choices"][0]["text"]
     rows = summary_rows(cfg, times, url, sample)

@@ -20,16 +20,17 @@ from itertools import chain
 import ray
 
 from actors.shard import ShardOwnerActor
-from deepkiln.config import load_config, stage_dir
-from deepkiln.corpus import write_atomic
+from deepkiln.config import load_config
+from deepkiln.corpus import load_registry, write_atomic
+from deepkiln.paths import RunPaths
 from deepkiln.ray_utils import cpus_per_actor, init_ray
 from deepkiln.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, train_tokenizer
-from pipelines.prepare import load_registry
 
 
 def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    prep, out = stage_dir(cfg, "prepare"), stage_dir(cfg, "tokenizer")
+    paths = RunPaths.of(cfg)
+    prep, out = paths.stage("prepare"), paths.stage("tokenizer")
     names = [n for g in load_registry(prep)["generations"] for n in g["shards"]]
     if not names:
         raise ValueError(f"no prepared shards under {prep}: run pipelines.prepare first")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from deepkiln.config import Config, load_config, stage_dir
+from deepkiln.config import Config, load_config
+from deepkiln.paths import RunPaths, absolute
 
 # Dotted config keys searched, with how Tune samples them.
 SEARCH = {
@@ -50,14 +51,13 @@ def trial(config: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import make_trainer
+    from deepkiln.trainer import make_trainer
 
     cfg = with_overrides(Config.from_dict(config["base"]), {k: config[k] for k in SEARCH})
-    cfg.run.run_dir = f"{stage_dir(cfg, 'tune')}/trials"
+    cfg.run.run_dir = f"{RunPaths.of(cfg).stage('tune')}/trials"
     cfg.run.name = tune.get_context().get_trial_id()
     cfg.train.resume = True  # a retried trial continues from its own checkpoints
-    trainer, _ = make_trainer(cfg, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
 
 def plot_trials(results, path: Path) -> None:
@@ -84,9 +84,9 @@ def main(argv=None) -> dict:
     from ray.tune.schedulers import ASHAScheduler
 
     from deepkiln.ray_utils import init_ray
-    from pipelines.train import check_inputs, with_absolute_paths
+    from deepkiln.trainer import check_inputs
 
-    cfg = with_absolute_paths(load_config(sys.argv[1:] if argv is None else argv))
+    cfg = absolute(load_config(sys.argv[1:] if argv is None else argv))
     tu, t = cfg.tune, cfg.train
     base = cfg.model_copy(deep=True)
     base.train.steps = tu.max_steps
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     for size in SEARCH["train.batch_size"][1]:  # every sampled batch must split over the workers
         check_inputs(with_overrides(base, {"train.batch_size": size}), t.num_workers)
     init_ray()
-    out = Path(stage_dir(cfg, "tune"))
+    out = Path(RunPaths.of(cfg).stage("tune"))
     out.mkdir(parents=True, exist_ok=True)
     samplers = {"loguniform": tune.loguniform, "choice": tune.choice}
     space = {k: samplers[kind](*args) for k, (kind, *args) in SEARCH.items()}

@@ -27,8 +27,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.feedback import FeedbackError, collectors, shard_of
 from deepkiln.config import Config
+from deepkiln.paths import RunPaths
 from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS, Tokenizer
-from serve.engine_process import tokenizer_path
 from serve.llm import context_length
 from serve.schemas import (ChatChoice, ChatCompletion, ChatMessage, ChatRequest, Completion, CompletionChoice,
                            CompletionRequest, Usage)
@@ -97,7 +97,7 @@ class OpenAIIngress:
     def __init__(self, llm, config: dict):
         self.cfg = Config.from_dict(config)
         self.llm = llm
-        self.tokenizer = Tokenizer.load(tokenizer_path(self.cfg))
+        self.tokenizer = Tokenizer.load(RunPaths.of(self.cfg).tokenizer_model)
         self.api_key = read_api_key(self.cfg)
         self.context = context_length(self.cfg)
         self.metrics = _Metrics()
@@ -219,7 +219,7 @@ class OpenAIIngress:
             prompt = self.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
             stops = (EOS_ID, END_ID)
         else:
-            prompt = [SPECIAL_TOKENS["<s>"], *self.tokenizer.encode(body.prompt)]
+            prompt = self.tokenizer.encode_prompt(body.prompt)
             stops = (EOS_ID,)
         if len(prompt) >= self.context:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; the context length is {self.context}",

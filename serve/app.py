@@ -18,10 +18,10 @@ import time
 
 from ray import serve
 
-from actors.feedback import store_dir
 from deepkiln.config import Config, load_config
-from serve.api import OpenAIIngressDeployment, tokenizer_path
-from serve.llm import LLMServerDeployment, artifact_path
+from deepkiln.paths import RunPaths, absolute
+from serve.api import OpenAIIngressDeployment
+from serve.llm import LLMServerDeployment
 
 
 def llm_options(cfg: Config, artifact: str | None = None) -> dict:
@@ -29,22 +29,13 @@ def llm_options(cfg: Config, artifact: str | None = None) -> dict:
     return {"num_replicas": s.replicas, "ray_actor_options": {"num_cpus": s.replica_cpus},
             # Serve never queues in front of a replica: LLMServer's own queue answers 503 when full.
             "max_ongoing_requests": s.max_batch + s.max_queue + 1,
-            "user_config": {"artifact": artifact or artifact_path(cfg)}}
-
-
-def resolved(cfg: Config) -> Config:
-    """A copy of `cfg` whose artifact, tokenizer and feedback store are absolute paths: replicas
-    run in folders of their own."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.serve.artifact, cfg.serve.tokenizer, cfg.feedback.store = (
-        p if "://" in p else os.path.abspath(p) for p in (artifact_path(cfg), tokenizer_path(cfg), store_dir(cfg)))
-    return cfg
+            "user_config": {"artifact": artifact or RunPaths.of(cfg).artifact}}
 
 
 def build(cfg: Config, artifact: str | None = None):
     """The app serving `artifact` (default: the config's). Redeployed with another artifact, Serve
     replaces the LLMServer replicas one by one, each loading the new version (no request dropped)."""
-    cfg = resolved(cfg)
+    cfg = absolute(cfg)  # replicas run in folders of their own
     served = cfg.model_copy(deep=True)
     if artifact:  # a new replica loads it in __init__, and reconfigure then finds it loaded
         served.serve.artifact = artifact if "://" in artifact else os.path.abspath(artifact)

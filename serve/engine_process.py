@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from deepkiln.config import Config, stage_dir
+from deepkiln.config import Config
 from deepkiln.engine import Engine, Request, SamplingParams
+from deepkiln.paths import RunPaths
 
 POLL_S = 0.05  # how often an idle loop looks for a finished model load
 
@@ -47,10 +48,6 @@ def version_of(path: str | Path) -> str:
     """A model version's name: the artifact folder, its training step and a prefix of its weights' hash."""
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     return f"{Path(path).name}-step{manifest.get('step', 0)}-{manifest['files']['model.safetensors']['sha256'][:8]}"
-
-
-def tokenizer_path(cfg: Config) -> str:
-    return cfg.serve.tokenizer or f"{stage_dir(cfg, 'tokenizer')}/tokenizer.model"
 
 
 def load_engine(cfg: Config, path: str) -> tuple[str, Engine, dict]:
@@ -66,7 +63,7 @@ def load_engine(cfg: Config, path: str) -> tuple[str, Engine, dict]:
     model, _ = load_quantized(path, dtype)
     s = cfg.serve
     engine = Engine(model, max_batch=s.max_batch, max_len=cfg.model.max_seq_len, max_step_tokens=s.max_step_tokens or None,
-                    vocab_size=Tokenizer.load(tokenizer_path(cfg)).vocab_size)
+                    vocab_size=Tokenizer.load(RunPaths.of(cfg).tokenizer_model).vocab_size)
     layers = Counter(type(m).__name__ for m in model.modules() if not list(m.children()))
     return version, engine, {"layers": dict(layers), "weight_bytes": model_bytes(model), "dtype": dtype_name(dtype)}
 

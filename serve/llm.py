@@ -29,15 +29,12 @@ from multiprocessing.connection import Connection
 
 from ray import serve
 
-from deepkiln.config import Config, stage_dir
+from deepkiln.config import Config
+from deepkiln.paths import RunPaths
 from serve.engine_process import version_of
 
 logger = logging.getLogger("ray.serve")
 START_TIMEOUT_S = 600  # a large artifact can take minutes to load
-
-
-def artifact_path(cfg: Config) -> str:
-    return cfg.serve.artifact or f"{stage_dir(cfg, 'quantize')}/{cfg.quant.format}"
 
 
 def context_length(cfg: Config) -> int:
@@ -51,7 +48,7 @@ class EngineFailed(RuntimeError):
 class LLMServer:
     def __init__(self, config: dict):
         self.cfg = Config.from_dict(config)
-        self.artifact = artifact_path(self.cfg)
+        self.artifact = RunPaths.of(self.cfg).artifact
         self.streams: dict[int, asyncio.Queue] = {}  # open requests' queues, by stream id
         self.ids = itertools.count()
         self.running = 0                             # requests in the engine's batch, as it last said
@@ -171,7 +168,7 @@ class LLMServer:
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve calls this with the deployment's user_config: {"artifact": path} switches versions."""
-        path = (user_config or {}).get("artifact") or artifact_path(self.cfg)
+        path = (user_config or {}).get("artifact") or RunPaths.of(self.cfg).artifact
         if version_of(path) == self.version:
             return
         await self._ensure_engine()

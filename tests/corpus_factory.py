@@ -6,22 +6,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-WORDS = ("time year people way day man thing woman life child world school state family student "
-         "group country problem hand part place case week company system program question work "
-         "government number night point home water room mother area money story fact month lot "
-         "right study book eye job word business issue side kind head house service friend father "
-         "power hour game line end member law car city community name president team minute idea "
-         "kid body information back parent face others level office door health person art war "
-         "history party result change morning reason research girl guy moment air teacher force "
-         "education river garden window bridge market letter summer winter village doctor").split()
-
-
-def paragraph(rng: random.Random, n_words: int = 90) -> str:
-    sentences, words = [], [rng.choice(WORDS) for _ in range(n_words)]
-    for i in range(0, n_words, 9):
-        s = " ".join(words[i:i + 9])
-        sentences.append(s[0].upper() + s[1:] + ".")
-    return " ".join(sentences)
+from deepkiln.testing import WORDS, paragraph  # noqa: F401  (re-exported for the tests)
 
 
 def near_copy(text: str, rng: random.Random, changes: int = 1) -> str:

@@ -1,21 +1,16 @@
 """Helpers for tests that talk to a `ray start --head` cluster (the ray_head fixture)."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from deepkiln.testing import free_port  # noqa: F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 SERVE_CLI = str(Path(sys.executable).parent / "serve")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def submit_job(head, *argv: str, runtime_env: dict | None = None, timeout: float = 900, program: str = sys.executable):

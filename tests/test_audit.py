@@ -7,7 +7,7 @@ from deepkiln.checkpoint import save_checkpoint
 from deepkiln.config import load_config
 from deepkiln.fairness import TEMPLATES, TERMS
 from pipelines import audit, dp_finetune
-from tests.serving_run import make_run
+from deepkiln.testing import make_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -62,7 +62,7 @@ def test_wrong_type_names_key_and_value():
     (["--model.n_limited_groups=3"], r"model\.n_limited_groups=3"),
     (["--train.seq_len=4096"], r"train\.seq_len=4096.*max_seq_len"),
     (["--train.zero_stage=4"], r"train\.zero_stage=4"),
-    (["--tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100 is below 265"),
+    (["--tokenizer.vocab_size=100"], r"tokenizer\.vocab_size=100 must be >= 265"),
     (["--tokenizer.vocab_size=8000"], r"tokenizer\.vocab_size=8000 exceeds model\.vocab_size=4096"),
     (["--data.bands=30", "--data.rows=5"], r"data\.bands x data\.rows = 150 exceeds data\.num_perm=128"),
     (["--model.preset=huge"], r"model\.preset='huge'"),
@@ -70,13 +70,16 @@ def test_wrong_type_names_key_and_value():
     (["--tune.reports=60", "--tune.max_steps=50"], r"tune\.reports=60 exceeds tune\.max_steps=50"),
     (["--tune.num_samples=0"], r"tune\.num_samples=0 must be >= 1"),
     (["--serve.max_queue=0"], r"serve\.max_queue=0 must be >= 1"),
-    (["--serve.replica_cpus=0"], r"serve\.replica_cpus=0\.0"),
+    (["--serve.replica_cpus=0"], r"serve\.replica_cpus=0 must be > 0"),
     (["--serve.max_step_tokens=4"], r"serve\.max_step_tokens=4 must be 0 or >= serve\.max_batch=8"),
     (["--feedback.collectors=0"], r"feedback\.collectors=0 must be >= 1"),
     (["--feedback.rating_min=5", "--feedback.rating_max=5"], r"feedback\.rating_min=5 must be below feedback\.rating_max=5"),
     (["--serve.torch_threads=-1"], r"serve\.torch_threads=-1 must be >= 0"),
     (["--serve.response_cache=-1"], r"serve\.response_cache=-1 must be >= 0"),
-    (["--serve.stream_interval_ms=-5"], r"serve\.stream_interval_ms=-5\.0 must be >= 0"),
+    (["--serve.stream_interval_ms=-5"], r"serve\.stream_interval_ms=-5 must be >= 0"),
+    (["--run.name=/home/user"], r"run\.name='/home/user' must be a single folder name"),
+    (["--run.name=../x"], r"run\.name='\.\./x' must be a single folder name"),
+    (["--data.quality.min_units=5000"], r"data\.quality\.min_units=5000 exceeds data\.quality\.max_units=2048"),
 ])
 def test_impossible_combinations_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -116,3 +119,13 @@ def test_help_lists_every_key_with_its_doc(capsys):
     out = capsys.readouterr().out
     assert "--train.lr=0.003  Peak learning rate." in out
     assert "--model.kv_lora_rank=32" in out and "--online.buffer_size=10000" in out
+
+
+def test_quality_thresholds_are_a_config_section(tmp_path):
+    path = write(tmp_path, "data:\n  quality:\n    max_digit_ratio: 0.5\n    max_top_ngram_char_ratio: {2: 0.3}\n")
+    cfg = load_config(["--config", path, "--data.quality.min_units=8"])
+    q = cfg.data.quality
+    assert q.max_digit_ratio == 0.5 and q.max_top_ngram_char_ratio == {2: 0.3} and q.min_units == 8
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"data\.quality\.max_digit_ratio=2 must be <= 1"):
+        load_config(["--data.quality.max_digit_ratio=2"])

@@ -7,7 +7,7 @@ import torch
 
 from deepkiln.checkpoint import load_model
 from pipelines import dp_finetune
-from tests.serving_run import make_run
+from deepkiln.testing import make_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -27,7 +27,7 @@ def test_incremental_decode_matches_full_forward_for_ragged_batch(model, absorb)
         for t in range(min(prompt_lens), max(len(s) for s in seqs)):
             rows = [i for i, (s, p) in enumerate(zip(seqs, prompt_lens)) if p <= t < len(s)]
             cache.select([i + 1 for i in rows])
-            logits, _ = model(torch.stack([seqs[i][t:t + 1] for i in rows]), cache=cache, absorb=absorb)
+            logits = model(torch.stack([seqs[i][t:t + 1] for i in rows]), cache=cache, absorb=absorb).logits
             for j, i in enumerate(rows):
                 got[i].append(logits[j])
     for i in range(len(seqs)):

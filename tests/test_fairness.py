@@ -50,7 +50,7 @@ def test_continuations_are_scored_alone_whatever_the_batch(lm):
         p, c = [BOS_ID, *tokenizer.encode(prompt)], tokenizer.encode(cont)
         ids = torch.tensor([p + c])
         with torch.no_grad():
-            logits, _ = model(ids[:, :-1])
+            logits = model(ids[:, :-1]).logits
         direct = F.cross_entropy(logits[0, len(p) - 1:].float(), ids[0, len(p):], reduction="sum")
         assert count[i] == len(c) and nll[i] == pytest.approx(direct.item(), rel=1e-4)
 

@@ -4,7 +4,7 @@ from torch import nn
 
 from deepkiln.config import LoraArgs
 from deepkiln.lora import LoraLinear, apply_lora, lora_parameters, merge_lora
-from deepkiln.model import PRESETS, Transformer
+from deepkiln.model import PRESETS, Transformer, lm_losses
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_adapted_model_starts_equal_trains_only_adapters_and_merges_to_the_same_
 
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     for _ in range(20):
-        loss = model(tokens[:, :-1], tokens[:, 1:])[1]["loss"]
+        loss = lm_losses(model(tokens[:, :-1], mtp=True), tokens[:, 1:], model.args)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from deepkiln.model import PRESETS, Gate, ModelArgs, MoE, Transformer, count_params, rope_angles
+from deepkiln.model import PRESETS, Gate, ModelArgs, MoE, Transformer, count_params, lm_losses, rope_angles
+from deepkiln.training import apply_ac, update_expert_bias
 
 TINY = PRESETS["tiny"]
 
@@ -13,8 +14,10 @@ def tiny(**changes) -> Transformer:
 def test_forward_shapes_and_losses():
     model = tiny()
     tokens = torch.randint(0, TINY.vocab_size, (2, 16))
-    logits, aux = model(tokens, tokens)
-    assert logits.shape == (2, 16, TINY.vocab_size)
+    out = model(tokens, mtp=True)
+    assert out.logits.shape == (2, 16, TINY.vocab_size) and out.mtp_logits.shape == (2, 15, TINY.vocab_size)
+    assert model(tokens).mtp_logits is None  # MTP runs only when asked (training)
+    aux = lm_losses(out, tokens, TINY)
     assert set(aux) == {"lm", "mtp", "balance", "loss"}
     expected = aux["lm"] + TINY.mtp_loss_weight * aux["mtp"] + aux["balance"]
     torch.testing.assert_close(aux["loss"], expected)
@@ -27,8 +30,8 @@ def test_causal_future_tokens_never_change_past_logits(absorb):
     tokens = torch.randint(0, TINY.vocab_size, (2, 20))
     changed = tokens.clone()
     changed[:, 12:] = torch.randint(0, TINY.vocab_size, (2, 8))
-    a, _ = model(tokens, absorb=absorb)
-    b, _ = model(changed, absorb=absorb)
+    a = model(tokens, absorb=absorb).logits
+    b = model(changed, absorb=absorb).logits
     torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
@@ -40,11 +43,11 @@ def test_tiny_overfits_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []
     for _ in range(150):
-        _, aux = model(x, y)
+        aux = lm_losses(model(x, mtp=True), y, TINY)
         opt.zero_grad()
         aux["loss"].backward()
         opt.step()
-        model.update_expert_bias()
+        update_expert_bias(model)
         losses.append(aux["lm"].item())
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
 
@@ -63,8 +66,8 @@ def test_naive_and_absorbed_attention_agree(q_lora_rank):
     # Same math in a different association order; fp32 agreement to 1e-5 relative to the logit scale.
     model = tiny(q_lora_rank=q_lora_rank, init_std=0.05).eval()
     tokens = torch.randint(0, TINY.vocab_size, (3, 24))
-    naive, _ = model(tokens, absorb=False)
-    absorbed, _ = model(tokens, absorb=True)
+    naive = model(tokens, absorb=False).logits
+    absorbed = model(tokens, absorb=True).logits
     torch.testing.assert_close(absorbed, naive, rtol=0, atol=1e-5 * naive.abs().max().item())
 
 
@@ -121,8 +124,8 @@ def test_bias_stays_fp32_and_zero_mean_after_updates_and_casts():
     gates = [m for m in model.modules() if isinstance(m, Gate)]
     model.train()
     for _ in range(5):
-        model(torch.randint(0, TINY.vocab_size, (2, 32)), torch.randint(0, TINY.vocab_size, (2, 32)))
-        model.update_expert_bias()
+        model(torch.randint(0, TINY.vocab_size, (2, 32)), mtp=True)
+        update_expert_bias(model)
     before = [g.bias.clone() for g in gates]
     assert any(b.abs().sum() > 0 for b in before)
     model.to(torch.bfloat16)
@@ -136,7 +139,7 @@ def test_bias_stays_fp32_and_zero_mean_after_updates_and_casts():
 def test_bias_moves_against_load():
     gate = gate_for(n_expert_groups=1).train()
     gate.counts.copy_(torch.tensor([10, 0, 0, 0, 0, 0, 0, 6]))
-    gate.update_bias()
+    assert update_expert_bias(gate) == pytest.approx(10 / 2)  # the busiest expert over the mean load
     assert gate.bias[0] < 0 and gate.bias[7] < 0 and gate.bias[1] > 0
     assert gate.counts.sum() == 0
 
@@ -191,7 +194,7 @@ def _bias_update_rank(rank, world, init_file, counts, out):
     try:
         gate = Gate(TINY.model_copy(update={"n_expert_groups": 1}))
         gate.counts.copy_(torch.tensor(counts[rank]))
-        gate.update_bias()
+        update_expert_bias(gate)
         torch.save(gate.bias, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -215,11 +218,12 @@ def test_activation_checkpointing_gives_the_same_grads_and_counts_each_route_onc
     plain = Transformer(TINY).train()
     ckpt = Transformer(TINY).train()
     ckpt.load_state_dict(plain.state_dict())
-    ckpt.checkpoint_blocks = True
+    apply_ac(ckpt)
+    assert list(ckpt.state_dict()) == list(plain.state_dict())  # applied in place: names unchanged
     tokens = torch.randint(0, TINY.vocab_size, (2, 17))
     grads, counts = [], []
     for model in (plain, ckpt):
-        loss = model(tokens[:, :-1], tokens[:, 1:])[1]["loss"]
+        loss = lm_losses(model(tokens[:, :-1], mtp=True), tokens[:, 1:], TINY)["loss"]
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
         counts.append([m.counts.clone() for m in model.modules() if isinstance(m, Gate)])
@@ -247,9 +251,27 @@ def test_logits_at_runs_the_head_at_one_position_per_row():
     tokens = torch.randint(0, TINY.vocab_size, (3, 10))
     at = torch.tensor([9, 0, 4])
     with torch.no_grad():
-        full, _ = model(tokens)
-        picked, _ = model(tokens, logits_at=at)
+        full = model(tokens).logits
+        picked = model(tokens, logits_at=at).logits
     assert picked.shape == (3, 1, TINY.vocab_size)
     torch.testing.assert_close(picked[:, 0], full[torch.arange(3), at], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="logits_at"):
-        model(tokens, tokens, logits_at=at)
+
+
+def test_the_model_knows_nothing_of_distribution_or_recomputation():
+    # STYLE.md 4: DeepSpeed, activation checkpointing and the balancing step are applied from
+    # outside (deepkiln.training); the model keeps no module-level mutable state.
+    import ast
+    import inspect
+
+    import deepkiln.model as m
+
+    tree = ast.parse(inspect.getsource(m))
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    assert not {n for n in names if "distributed" in n or "checkpoint" in n}
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)]
+    mutable = [t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+               for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+               if isinstance(t, ast.Name) and isinstance(getattr(m, t.id), (list, set)) and not t.id.isupper()]
+    assert not mutable, mutable

@@ -14,20 +14,21 @@ import torch
 
 from deepkiln.checkpoint import load_model
 from deepkiln.config import load_config
+from deepkiln.evaluate import continuation_logprob, pad_rows, sequence_losses
+from deepkiln.model import Gate
+from deepkiln.testing import free_port, make_run, paragraph
 from deepkiln.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
 from pipelines import online
 from pipelines import quantize
-from tests.ray_cluster import free_port
-from tests.serving_run import make_run
 
 MODEL = "deepkiln"
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from deepkiln.tokenizer import train_tokenizer
-    from tests.corpus_factory import paragraph
     import random
+
+    from deepkiln.tokenizer import train_tokenizer
 
     rng = random.Random(0)
     return Tokenizer(train_tokenizer([paragraph(rng, 30) for _ in range(200)], 512))
@@ -45,11 +46,11 @@ def test_examples_label_only_the_answer_and_its_stop(tok):
 
 
 def test_each_sequence_counts_once_whatever_its_length():
-    x, y = online.pad_batch([([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]), ([1, 2, 3], [-100, -100, 3])])
+    x, y = pad_rows([([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]), ([1, 2, 3], [-100, -100, 3])])
     assert x.shape == y.shape == (2, 7) and y[1].tolist() == [-100, 3] + [-100] * 5
     logits = torch.zeros(2, 7, 10)
     logits[1, 1, 3] = 5.0  # the short sequence's one target, predicted well
-    per_seq = online.sequence_losses(logits, y)
+    per_seq = sequence_losses(logits, y)
     assert per_seq[0] == pytest.approx(torch.log(torch.tensor(10.0)).item(), rel=1e-5)
     assert per_seq[1] == pytest.approx(math.log(1 + 9 * math.exp(-5)), rel=1e-5)  # its one target alone
 
@@ -153,8 +154,12 @@ def test_feedback_to_a_served_update_then_a_rejected_candidate_then_rollback(tmp
         old = load_model(state["versions"]["v0000"]["model"])[0].float()
         new = load_model(state["versions"]["v0001"]["model"])[0].float()
         for prompt, correction in zip(PROMPTS, CORRECTIONS):
-            ids, target = [BOS_ID, *tok.encode(prompt)], [*tok.encode(correction), EOS_ID]
-            assert online.continuation_logprob(new, ids, target) > online.continuation_logprob(old, ids, target) + 1.0
+            ids, target = tok.encode_prompt(prompt), [*tok.encode(correction), EOS_ID]
+            assert continuation_logprob(new, ids, target) > continuation_logprob(old, ids, target) + 1.0
+        # The update stepped the routers' balancing bias after its optimizer steps, as pretraining
+        # does (the routes it counted were spent on it: the bias moved, and stays zero-mean).
+        gates = [(a.bias, b.bias) for a, b in zip(old.modules(), new.modules()) if isinstance(a, Gate)]
+        assert gates and all(not torch.equal(a, b) and abs(b.mean().item()) < 1e-6 for a, b in gates)
         assert report["gate"]["candidate"]["feedback_target_loss"] < report["gate"]["current"]["feedback_target_loss"]
 
         # A candidate trained far too hard fails the gate: kept, not published, the report says why.

@@ -15,8 +15,7 @@ from deepkiln.model import Transformer
 from deepkiln.precision import compute_dtype
 from deepkiln.quantize import apply_quantization
 from deepkiln.tokenizer import Tokenizer, train_tokenizer
-from tests.corpus_factory import paragraph
-from tests.ray_cluster import free_port
+from deepkiln.testing import free_port, paragraph
 
 # capability (ATen's level), AMX tiles, AVX-512 BF16
 HOSTS = {"avx2": ("AVX2", False, False), "avx512": ("AVX512", False, False),
@@ -93,15 +92,15 @@ def dist_group():
 
 @pytest.mark.parametrize("host, expected", [("avx2", torch.float32), ("avx512_bf16", torch.bfloat16)])
 def test_the_deepspeed_engine_trains_in_the_chosen_dtype(monkeypatch, dist_group, host, expected):
-    from pipelines.train import build_engine
+    from deepkiln.model import lm_losses
+    from deepkiln.training import build_engine
 
     as_host(monkeypatch, host)
     engine, dtype = build_engine(load_config(["--train.zero_stage=0"]), world=1)
     assert dtype == expected and engine.bfloat16_enabled() == (expected == torch.bfloat16)
     assert {p.dtype for p in engine.module.parameters()} == {expected}
     x = torch.randint(0, 4096, (2, 16))
-    _, aux = engine(x, x)
-    engine.backward(aux["loss"])
+    engine.backward(lm_losses(engine(x, mtp=True), x, engine.module.args)["loss"])
     engine.step()  # the step runs in that dtype too
     assert {p.dtype for p in engine.module.parameters()} == {expected}
     assert all(g.bias.dtype == torch.float32 for g in engine.module.modules() if hasattr(g, "counts"))

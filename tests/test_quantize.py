@@ -69,7 +69,7 @@ def test_pipeline_writes_three_artifacts_and_a_report(tmp_path):
     import json
 
     from pipelines import quantize
-    from tests.serving_run import make_run
+    from deepkiln.testing import make_run
 
     report = quantize.main(make_run(tmp_path))
     formats = report["formats"]

@@ -14,10 +14,9 @@ from deepkiln.config import load_config
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.precision import compute_dtype
 from deepkiln.quantize import load_quantized
+from deepkiln.testing import free_port, make_run
 from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from pipelines import quantize
-from tests.ray_cluster import free_port
-from tests.serving_run import make_run
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 MODEL = "deepkiln"
@@ -325,10 +324,10 @@ def test_killed_replica_is_replaced_and_the_load_finishes_with_retries(http):
 def test_reconfigure_switches_versions_and_in_flight_requests_finish_on_theirs(run):
     import asyncio
 
-    from serve.app import resolved
+    from deepkiln.paths import absolute
     from serve.llm import LLMServer
 
-    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16"]))
+    cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16"]))
     prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
     params = {"max_tokens": 24, "temperature": 0, "stop_token_ids": (EOS_ID,)}
     want = {fmt: expected_text(run, fmt, "The people", 24) for fmt in ("bf16", "nf4")}
@@ -422,10 +421,10 @@ def test_a_replica_that_fails_before_its_first_message_is_retried_and_one_after_
 def test_tokens_go_out_first_at_once_then_batched_by_the_stream_interval(run, interval_ms):
     import asyncio
 
-    from serve.app import resolved
+    from deepkiln.paths import absolute
     from serve.llm import LLMServer
 
-    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16", f"--serve.stream_interval_ms={interval_ms}"]))
+    cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16", f"--serve.stream_interval_ms={interval_ms}"]))
     prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
     params = {"max_tokens": 12, "temperature": 0, "stop_token_ids": ()}
 
@@ -447,10 +446,10 @@ def test_tokens_go_out_first_at_once_then_batched_by_the_stream_interval(run, in
 def test_response_cache_answers_a_repeated_deterministic_request_and_is_keyed_on_the_version(run):
     import asyncio
 
-    from serve.app import resolved
+    from deepkiln.paths import absolute
     from serve.llm import LLMServer
 
-    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16", "--serve.response_cache=2"]))
+    cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16", "--serve.response_cache=2"]))
     prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
     greedy = {"max_tokens": 12, "temperature": 0, "stop_token_ids": (EOS_ID,)}
     sampled = {**greedy, "temperature": 1.0}
@@ -486,10 +485,10 @@ def test_a_dead_engine_process_fails_its_requests_at_once_and_the_next_request_s
     import os
     import signal
 
-    from serve.app import resolved
+    from deepkiln.paths import absolute
     from serve.llm import LLMServer
 
-    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16"]))
+    cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16"]))
     prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
     long = {"max_tokens": 200, "temperature": 0, "stop_token_ids": ()}  # still decoding when the process dies
     short = {**long, "max_tokens": 40}
@@ -530,9 +529,9 @@ def test_the_engine_process_exits_with_its_replica(run, tmp_path):
 
     import psutil
 
-    from serve.app import resolved
+    from deepkiln.paths import absolute
 
-    cfg = resolved(load_config(run["argv"] + ["--quant.format=bf16"]))
+    cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16"]))
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     script = ("import json, sys, time\nfrom serve.llm import LLMServer\n"
               f"s = LLMServer(json.load(open({str(tmp_path / 'cfg.json')!r})))\n"
@@ -569,9 +568,9 @@ def test_feedback_is_stored_once_joined_to_the_completion_and_bad_feedback_is_a_
         assert r.status_code == status and r.json()["error"]["param"] == field, (body, r.text)
         assert field in r.json()["error"]["message"]
     from actors.feedback import collectors
-    from serve.app import resolved
+    from deepkiln.paths import absolute
 
-    [collector] = collectors(resolved(load_config(run["argv"] + ["--feedback.max_text_chars=200"])))
+    [collector] = collectors(absolute(load_config(run["argv"] + ["--feedback.max_text_chars=200"])))
     import ray
 
     stored = {r["feedback_id"]: r for r in ray.get(collector.records.remote())}
@@ -589,12 +588,12 @@ def test_500_feedback_posts_with_the_collector_killed_twice_are_each_stored_once
     import ray
 
     from actors.feedback import collectors
-    from serve.app import resolved
+    from deepkiln.paths import absolute
 
     store = f"--feedback.store={tmp_path / 'feedback'}"  # a collector of its own
     url = http("--quant.format=bf16", store)
     completion = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 2}).json()["id"]
-    [collector] = collectors(resolved(load_config(run["argv"] + [store])))
+    [collector] = collectors(absolute(load_config(run["argv"] + [store])))
     pid = lambda: ray.get(collector.__ray_call__.remote(lambda self: os.getpid()))  # noqa: E731
     done, killed, failures = [], [], []
 

@@ -1,0 +1,194 @@
+"""FeedbackCollector: a durable, idempotent store of user feedback, one SQLite file in WAL mode.
+
+A record is acknowledged only after its transaction committed with `synchronous=FULL`, so an
+acknowledged record survives a crash of the process (or of the machine) at any moment. The client's
+`feedback_id` is the key: the same id sent again (a client retry, or Ray re-running a call that a
+killed actor had already committed) is stored once and answered `duplicate: true`.
+
+Feedback refers to a completion by id. The server calls `remember` with every completion it
+returns (the newest `feedback.retention` are kept), and a stored record carries that prompt,
+completion and model version, so later stages need nothing else. Free text (a corrected answer,
+tags) is PII-masked with the curation stage's rules before it is stored.
+
+Several collectors can run: `shard_of(completion_id, n)` says which one owns a completion and the
+feedback on it. A restarted actor runs `__init__` again and reopens the same file; `export` writes
+a Parquet snapshot atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pydantic
+import ray
+
+from deepkiln.config import Config, FeedbackArgs
+from deepkiln.corpus import write_atomic
+from deepkiln.paths import RunPaths
+from deepkiln.text import mask_pii
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS completions (
+    completion_id TEXT PRIMARY KEY, prompt TEXT NOT NULL, completion TEXT NOT NULL,
+    model_version TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, feedback_id TEXT NOT NULL UNIQUE, completion_id TEXT NOT NULL,
+    rating INTEGER NOT NULL, correction TEXT, tags TEXT NOT NULL, prompt TEXT NOT NULL,
+    completion TEXT NOT NULL, model_version TEXT NOT NULL, pii_masked INTEGER NOT NULL, created REAL NOT NULL);
+"""
+COLUMNS = ["seq", "feedback_id", "completion_id", "rating", "correction", "tags", "prompt", "completion",
+           "model_version", "pii_masked", "created"]
+
+
+class FeedbackError(ValueError):
+    """Feedback that can't be stored: `status` is the HTTP status it deserves, `param` the field."""
+
+    def __init__(self, status: int, message: str, param: str):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def __reduce__(self):  # crosses Ray's process boundary whole (the default pickles only the message)
+        return FeedbackError, (self.status, self.message, self.param)
+
+
+class Feedback(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    feedback_id: str = pydantic.Field(min_length=1, max_length=128)
+    completion_id: str = pydantic.Field(min_length=1, max_length=128)
+    rating: int | Literal["up", "down"]
+    correction: str | None = None
+    tags: list[str] = []
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection):
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception (also the ReplayBuffer's)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def shard_of(key: str, collectors: int) -> int:
+    """The collector that owns `key` (stable across processes and restarts). The server shards by
+    completion id: a completion and the feedback on it meet in one collector."""
+    return zlib.crc32(key.encode()) % collectors
+
+
+class FeedbackCollector:
+    def __init__(self, path: str, args: dict | None = None):
+        self.args = FeedbackArgs(**(args or {}))
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a commit is on disk when it returns
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.executescript(SCHEMA)
+
+    def remember(self, completion_id: str, prompt: str, completion: str, model_version: str) -> None:
+        """Keep a served completion for feedback to refer to; forget the oldest beyond retention."""
+        with transaction(self.db):
+            self.db.execute("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
+                            (completion_id, prompt, completion, model_version, time.time()))
+            self.db.execute("DELETE FROM completions WHERE rowid <= (SELECT max(rowid) FROM completions) - ?",
+                            (self.args.retention,))
+
+    def submit(self, record: dict) -> dict:
+        """Validate, mask and commit one feedback record. Returns {"feedback_id", "seq", "duplicate"};
+        raises FeedbackError (nothing stored) for bad input or an unknown completion id."""
+        fb = self._validate(record)
+        with transaction(self.db):
+            row = self.db.execute("SELECT seq FROM feedback WHERE feedback_id = ?", (fb.feedback_id,)).fetchone()
+            if row:
+                return {"feedback_id": fb.feedback_id, "seq": row[0], "duplicate": True}
+            served = self.db.execute("SELECT prompt, completion, model_version FROM completions "
+                                     "WHERE completion_id = ?", (fb.completion_id,)).fetchone()
+            if served is None:
+                raise FeedbackError(404, f"completion_id {fb.completion_id!r} is unknown (or older than the "
+                                    f"last {self.args.retention} completions kept)", "completion_id")
+            correction, masked = (mask_pii(fb.correction) if fb.correction is not None else (None, {}))
+            tags = [mask_pii(t) for t in fb.tags]
+            n_masked = sum(masked.values()) + sum(sum(c.values()) for _, c in tags)
+            rating = {"up": self.args.rating_max, "down": self.args.rating_min}.get(fb.rating, fb.rating)
+            cur = self.db.execute(
+                "INSERT INTO feedback (feedback_id, completion_id, rating, correction, tags, prompt, completion, "
+                "model_version, pii_masked, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (fb.feedback_id, fb.completion_id, rating, correction, json.dumps([t for t, _ in tags]),
+                 *served, n_masked, time.time()))
+            return {"feedback_id": fb.feedback_id, "seq": cur.lastrowid, "duplicate": False}
+
+    def _validate(self, record: dict) -> Feedback:
+        if not isinstance(record, dict):
+            raise FeedbackError(400, "the body must be a JSON object", "body")
+        try:
+            fb = Feedback.model_validate(record)
+        except pydantic.ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"][:1]) or "body"
+            raise FeedbackError(400, f"{field}: {err['msg']}", field) from None
+        a = self.args
+        if isinstance(fb.rating, int) and not a.rating_min <= fb.rating <= a.rating_max:
+            raise FeedbackError(400, f"rating={fb.rating} is outside the scale {a.rating_min}..{a.rating_max} "
+                                "(or 'up'/'down')", "rating")
+        if fb.correction is not None and len(fb.correction) > a.max_text_chars:
+            raise FeedbackError(400, f"correction has {len(fb.correction)} characters; the limit is "
+                                f"{a.max_text_chars} (feedback.max_text_chars)", "correction")
+        if sum(len(t) for t in fb.tags) > a.max_text_chars:
+            raise FeedbackError(400, f"tags exceed {a.max_text_chars} characters (feedback.max_text_chars)", "tags")
+        return fb
+
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM feedback").fetchone()[0]
+
+    def records(self, after: int = 0) -> list[dict]:
+        """Stored records with seq > `after`, oldest first."""
+        rows = self.db.execute(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE seq > ? ORDER BY seq", (after,))
+        return [dict(zip(COLUMNS, r)) | {"tags": json.loads(r[5])} for r in rows]
+
+    def integrity(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def export(self, path: str) -> int:
+        """Every record as a Parquet file at `path` (local or a pyarrow.fs URI), written under a
+        temporary name, fsynced and renamed: a reader sees the old file or the new one, never half."""
+        records = self.records()
+        table = pa.Table.from_pylist(records, schema=pa.schema(
+            [("seq", pa.int64()), ("feedback_id", pa.string()), ("completion_id", pa.string()),
+             ("rating", pa.int64()), ("correction", pa.string()), ("tags", pa.list_(pa.string())),
+             ("prompt", pa.string()), ("completion", pa.string()), ("model_version", pa.string()),
+             ("pii_masked", pa.int64()), ("created", pa.float64())]))
+        write_atomic(path, table)
+        return len(records)
+
+
+# Restarted after a crash, with calls in flight re-run: feedback_id makes the re-run harmless.
+FeedbackCollectorActor = ray.remote(max_restarts=-1, max_task_retries=-1)(FeedbackCollector)
+
+
+def collectors(cfg: Config) -> list:
+    """Handles of the run's collectors, started on first use: named after their SQLite file and
+    their settings, and detached, so every ingress replica (and a restarted one) talks to the same
+    actors. New settings (limits, retention) start new actors on the same files: SQLite's
+    transactions keep records single across them."""
+    handles, args = [], cfg.feedback.model_dump()
+    for i in range(cfg.feedback.collectors):
+        path = os.path.abspath(RunPaths.of(cfg).collector_db(i))
+        key = json.dumps([path, args], sort_keys=True)
+        name = f"deepkiln-feedback-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+        handles.append(FeedbackCollectorActor.options(
+            name=name, namespace="deepkiln", lifetime="detached", get_if_exists=True, num_cpus=0,
+        ).remote(path, args))
+    return handles

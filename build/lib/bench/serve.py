@@ -1,0 +1,172 @@
+"""Serving throughput and latency of the Serve app (one LLMServer replica, tiny model) at concurrency
+1, 4 and 16, for bf16 and nf4, against the same prompts generated one at a time through the engine
+without batching, in one run; plus the artifacts' sizes. One JSON object.
+
+    python -m bench.serve                 # about 4 minutes here
+    python -m bench.serve --max-tokens 16 --levels 1 4 --proxy python
+
+The model is the tiny preset trained for a few seconds on made-up English (tests/serving_run.py),
+quantized by pipelines.quantize. Each level sends max(8, `--requests` x concurrency) streamed
+completions (greedy, `--max-tokens` each) from that many client threads over 127.0.0.1. Time to
+first token is the first streamed text chunk; output tokens are the usage counts the server returns.
+Each of `--rounds` rounds measures the sequential baseline and then every level; the JSON has each
+figure's median over the rounds, and `batching_speedup` is the median of the rounds' own ratios.
+`--proxy haproxy` (the default) starts Ray with RAY_SERVE_ENABLE_HA_PROXY=1, Ray's high-throughput
+HTTP proxy; `--proxy python` uses Serve's default Python proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+from deepkiln.config import load_config
+from deepkiln.engine import Engine, SamplingParams
+from deepkiln.precision import compute_dtype, describe
+from deepkiln.quantize import load_quantized
+from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+WORDS = "the river people school market garden window bridge summer village doctor letter".split()
+
+
+def prompts(n: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(4, 12)))).capitalize() for _ in range(n)]
+
+
+def one_request(url: str, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    first, usage = None, None
+    body = {"model": "deepkiln", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.perf_counter() - start
+            usage = chunk.get("usage") or usage
+    latency = time.perf_counter() - start
+    return {"ttft": first if first is not None else latency, "latency": latency, "tokens": usage["completion_tokens"]}
+
+
+def load_level(url: str, concurrency: int, max_tokens: int, per_client: int) -> dict:
+    texts = prompts(max(8, per_client * concurrency))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        done = list(pool.map(lambda p: one_request(url, p, max_tokens), texts))
+    wall = time.perf_counter() - start
+    ttft, lat = [d["ttft"] for d in done], [d["latency"] for d in done]
+    return {"requests": len(done), "requests_per_s": round(len(done) / wall, 3),
+            "output_tokens_per_s": round(sum(d["tokens"] for d in done) / wall, 1),
+            "ttft_p50_s": round(float(np.percentile(ttft, 50)), 4), "ttft_p99_s": round(float(np.percentile(ttft, 99)), 4),
+            "latency_p50_s": round(float(np.percentile(lat, 50)), 4), "latency_p99_s": round(float(np.percentile(lat, 99)), 4)}
+
+
+def sequential_tokens_per_s(artifact: str, tokenizer: Tokenizer, max_tokens: int, n: int, threads: int,
+                            dtype: torch.dtype) -> float:
+    """The same prompts through the engine one at a time (a batch of one), in this process."""
+    torch.set_num_threads(threads)
+    model, _ = load_quantized(artifact, dtype)
+    engine = Engine(model, max_batch=1)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=(EOS_ID,))
+    ids = [[BOS_ID, *tokenizer.encode(p)] for p in prompts(n)]
+    engine.generate(ids[:1], params)  # warm-up
+    start = time.perf_counter()
+    tokens = sum(len(engine.generate([p], params)[0].output) for p in ids)
+    return tokens / (time.perf_counter() - start)
+
+
+def summarize(rounds: list[tuple[float, dict]], top: int) -> dict:
+    """Each figure's median over the rounds; `batching_speedup` is the median of each round's
+    tokens/s at the top level over that round's sequential tokens/s (this VM's speed drifts by
+    +-20% within minutes, so a ratio is taken between measurements made close together)."""
+    levels = {c: {k: round(float(np.median([r[1][c][k] for r in rounds])), 4) for k in level}
+              for c, level in rounds[0][1].items()}
+    speedups = [r[1][str(top)]["output_tokens_per_s"] / r[0] for r in rounds]
+    return {"sequential_tokens_per_s": round(float(np.median([r[0] for r in rounds])), 1), "levels": levels,
+            "batching_speedup": round(float(np.median(speedups)), 3),
+            "batching_speedup_per_round": [round(x, 3) for x in speedups]}
+
+
+def main(argv=None) -> dict:
+    import ray
+    from ray import serve
+
+    from pipelines import quantize
+    from serve.app import build
+    from deepkiln.testing import free_port, make_run
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--formats", nargs="+", default=["bf16", "nf4"])
+    p.add_argument("--requests", type=int, default=4, help="requests per client thread at each level")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (sequential baseline, every level); medians reported")
+    p.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy")
+    p.add_argument("--replica-cpus", type=float, default=os.cpu_count() or 1)
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides for the served app, e.g. serve.stream_interval_ms=0")
+    opts = p.parse_args(argv)
+    cpus = opts.replica_cpus
+    result: dict = {"levels": opts.levels, "max_tokens": opts.max_tokens, "requests_per_client": opts.requests,
+                    "rounds": opts.rounds,
+                    "proxy": opts.proxy, "replica_cpus": cpus, "set": opts.set}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_argv = make_run(Path(tmp))
+        report = quantize.main(run_argv)["formats"]
+        tokenizer = Tokenizer.load(Path(tmp) / "served" / "tokenizer" / "tokenizer.model")
+        for fmt in ("bf16", "int8", "nf4"):
+            result[f"bytes_{fmt}"] = report[fmt]["bytes_on_disk"]
+            result[f"bytes_in_memory_{fmt}"] = report[fmt]["bytes_in_memory"]
+            result[f"perplexity_{fmt}"] = report[fmt]["perplexity"]
+        result["linear_bytes_bf16"], result["linear_bytes_nf4"] = report["bf16"]["linear_bytes"], report["nf4"]["linear_bytes"]
+        result["linear_bytes_ratio_nf4"] = round(report["bf16"]["linear_bytes"] / report["nf4"]["linear_bytes"], 3)
+
+        started = not ray.is_initialized()  # a test's Ray is used as it is
+        if started:
+            if opts.proxy == "haproxy":  # read by the Serve controller, which this process's Ray starts
+                os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            for fmt in opts.formats:
+                cfg = load_config(run_argv + [f"--quant.format={fmt}", f"--serve.replica_cpus={cpus}",
+                                              f"--serve.max_batch={max(opts.levels)}", *(f"--{o}" for o in opts.set)])
+                threads = cfg.serve.torch_threads or max(1, int(cpus))  # as many as a replica's engine
+                dtype = compute_dtype(cfg.serve.dtype)  # as the replica resolves it on this machine
+                result["precision"] = describe(dtype)
+                n = max(8, opts.requests * max(opts.levels))
+                serve.run(build(cfg), name="deepkiln", route_prefix="/")
+                url = f"http://127.0.0.1:{port}"
+                # Warm-up: one wave at the top level (a replica's first batches build their kernels).
+                load_level(url, max(opts.levels), opts.max_tokens, 1)
+                rounds = []
+                for _ in range(opts.rounds):  # the baseline and the loads back to back, each round
+                    sequential = sequential_tokens_per_s(report[fmt]["path"], tokenizer, opts.max_tokens, n, threads, dtype)
+                    levels = {str(c): load_level(url, c, opts.max_tokens, opts.requests) for c in opts.levels}
+                    rounds.append((sequential, levels))
+                result[fmt] = summarize(rounds, max(opts.levels))
+                serve.delete("deepkiln")
+        finally:
+            serve.shutdown()
+            if started:
+                ray.shutdown()
+    result["batching_speedup"] = result[opts.formats[0]]["batching_speedup"]
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

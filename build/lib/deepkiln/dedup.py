@@ -1,0 +1,161 @@
+"""Exact and near-duplicate detection: normalised-text hashes, MinHash signatures, LSH bands.
+
+Everything is vectorised over a batch of documents with NumPy: texts become one array of code
+points, words (or single CJK characters) are hashed with a polynomial prefix hash, w-unit shingles
+are combined from those, and every permutation is a multiply-shift hash. No per-shingle Python.
+
+Shape legend: N documents, U units (words / CJK chars), S shingles, P permutations, Bd bands, Rw rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+EMPTY = np.uint32(0xFFFFFFFF)  # signature value of a document with no shingle
+_MASK64 = (1 << 64) - 1
+_P = 0x100000001B3              # prefix-hash base (odd, so invertible mod 2^64)
+_Q = 0x9E3779B97F4A7C15         # shingle-combine multiplier
+_CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xAC00, 0xD7AF))
+
+
+def exact_hash(text: str) -> int:
+    """64-bit hash of the text with case and whitespace runs normalised away."""
+    key = " ".join(text.lower().split()).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+def jaccard_threshold(bands: int, rows: int) -> float:
+    """Jaccard similarity at which a pair becomes an LSH candidate with probability about 1/2."""
+    return (1.0 / bands) ** (1.0 / rows)
+
+
+def candidate_probability(jaccard: float, bands: int, rows: int) -> float:
+    return 1.0 - (1.0 - jaccard ** rows) ** bands
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads the linear prefix hash over all 64 bits."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _unit_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Hash of every unit (maximal word run, or one CJK character) of every text, lower-cased.
+    Returns hashes (U,) uint64 and the document index (U,) of each unit, in order."""
+    joined = "\x00".join(texts).lower()
+    cp = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    doc = np.cumsum(cp == 0)                                             # document of each code point
+    cjk = np.zeros(len(cp), dtype=bool)
+    for lo, hi in _CJK_RANGES:
+        cjk |= (cp >= lo) & (cp <= hi)
+    ascii_word = ((cp >= 48) & (cp <= 57)) | ((cp >= 97) & (cp <= 122)) | (cp == 95)
+    punct = (cp >= 0x2000) & (cp <= 0x206F) | (cp >= 0x3000) & (cp <= 0x303F) | (cp >= 0xFF00) & (cp <= 0xFF65)
+    word = (ascii_word | ((cp >= 0xC0) & ~punct)) & ~cjk
+    prev_word = np.concatenate([[False], word[:-1]])
+    next_word = np.concatenate([word[1:], [False]])
+    starts = np.flatnonzero((word & ~prev_word) | cjk)
+    ends = np.flatnonzero((word & ~next_word) | cjk) + 1
+    # Polynomial prefix hash: hash(i, j) = (H[j] - H[i]) * P^-i, position independent (mod 2^64).
+    with np.errstate(over="ignore"):
+        powers = np.concatenate([[np.uint64(1)], np.cumprod(np.full(len(cp), _P, dtype=np.uint64))])[:-1]
+        inv = np.concatenate([[np.uint64(1)], np.cumprod(np.full(len(cp), pow(_P, -1, 1 << 64), dtype=np.uint64))])
+        prefix = np.concatenate([[np.uint64(0)], np.cumsum((cp + np.uint64(1)) * powers)])
+        units = _mix((prefix[ends] - prefix[starts]) * inv[starts])
+    return units, doc[starts]
+
+
+def shingle_hashes(texts: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes (S,) uint64 of every run of `size` consecutive units inside one document, and the
+    document index (S,) of each. A document shorter than `size` units contributes no shingle."""
+    units, doc = _unit_hashes(texts)
+    n = len(units) - size + 1
+    if n <= 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        h = units[:n].copy()
+        for k in range(1, size):
+            h = h * np.uint64(_Q) + units[k:k + n]
+        h = _mix(h)
+    same_doc = doc[:n] == doc[size - 1:]
+    return h[same_doc], doc[:n][same_doc]
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multiply-shift hash parameters (a odd, b) for each of num_perm permutations."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 1 << 63, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def minhash(texts: list[str], num_perm: int = 128, shingle_size: int = 5, seed: int = 0,
+            chunk: int = 1024) -> np.ndarray:
+    """MinHash signatures (N, P) uint32. A document without shingles gets all EMPTY."""
+    a, b = permutations(num_perm, seed)
+    sig = np.full((len(texts), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+    shingles, doc = shingle_hashes(texts, shingle_size)
+    buf = np.empty((chunk, num_perm), dtype=np.uint64)  # a cache-sized block of (S, P) hashes
+    for lo in range(0, len(shingles), chunk):
+        s, d = shingles[lo:lo + chunk], doc[lo:lo + chunk]
+        h = buf[:len(s)]
+        np.multiply(s[:, None], a, out=h)
+        h += b
+        first = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])                    # segment starts
+        docs = d[first]
+        # The min of the full 64-bit values has the min top 32 bits: shift once, after reducing.
+        sig[docs] = np.minimum(sig[docs], np.minimum.reduceat(h, first, axis=0))
+    out = (sig >> np.uint64(32)).astype(np.uint32)
+    out[(sig == np.iinfo(np.uint64).max).all(axis=1)] = EMPTY
+    return out
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """LSH band keys (N, Bd) uint64: a hash of each band's `rows` signature values."""
+    if bands * rows > sig.shape[1]:
+        raise ValueError(f"data.bands x data.rows = {bands * rows} exceeds data.num_perm = {sig.shape[1]}")
+    v = sig[:, :bands * rows].reshape(len(sig), bands, rows).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = np.zeros(v.shape[:2], dtype=np.uint64)
+        for r in range(rows):
+            h = _mix(h * np.uint64(_Q) + v[:, :, r])
+    return h
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Share of equal signature values, row by row: an unbiased Jaccard estimate."""
+    return (a == b).mean(axis=-1)
+
+
+def bucket_pairs(band: np.ndarray, key: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Candidate pairs (K, 2) int64 from (band, key, doc id) triples: within each bucket holding
+    more than one document, every member is paired with the bucket's lowest id."""
+    if len(ids) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    order = np.lexsort((ids, key, band))
+    band, key, ids = band[order], key[order], ids[order]
+    new = np.r_[True, (band[1:] != band[:-1]) | (key[1:] != key[:-1])]
+    head = ids[np.maximum.accumulate(np.where(new, np.arange(len(ids)), 0))]  # lowest id of the bucket
+    pairs = np.stack([head, ids], axis=1)[~new]
+    return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+
+
+def duplicates_to_drop(pairs: np.ndarray, keep_below: int = 0) -> tuple[np.ndarray, int]:
+    """Connected components of the duplicate pairs; all but the lowest id of each are dropped.
+    Ids below `keep_below` (already published) are never dropped. Returns (sorted drops, clusters)."""
+    if len(pairs) == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    nodes, inverse = np.unique(pairs, return_inverse=True)
+    inverse = inverse.reshape(pairs.shape)
+    graph = coo_matrix((np.ones(len(pairs)), (inverse[:, 0], inverse[:, 1])), shape=(len(nodes),) * 2)
+    n_clusters, label = connected_components(graph, directed=False)
+    lowest = np.full(n_clusters, np.iinfo(np.int64).max)
+    np.minimum.at(lowest, label, nodes)
+    drop = nodes[nodes != lowest[label]]
+    return np.sort(drop[drop >= keep_below]), n_clusters

@@ -1,0 +1,82 @@
+"""A small trained run for benchmarks and tests, made from nothing on this machine: made-up English
+text, a tokenizer trained on it, its token shards, and the tiny model trained on them for a few
+seconds, laid out as the tokenizer and train stages lay them out.
+
+    argv = make_run(Path(tmp))            # then: pipelines.quantize.main(argv), serve it, ...
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepkiln.checkpoint import save_checkpoint
+from deepkiln.config import load_config
+from deepkiln.model import Transformer, lm_losses
+from deepkiln.tokenizer import EOS_ID, Tokenizer, train_tokenizer
+from deepkiln.training import update_expert_bias
+
+STEPS = 60
+# configs/tiny.yaml's model and dtypes, without needing the file (a non-editable install has none).
+TINY = ["--model.preset=tiny", "--train.dtype=float32", "--serve.dtype=float32"]
+WORDS = ("time year people way day man thing woman life child world school state family student "
+         "group country problem hand part place case week company system program question work "
+         "government number night point home water room mother area money story fact month lot "
+         "right study book eye job word business issue side kind head house service friend father "
+         "power hour game line end member law car city community name president team minute idea "
+         "kid body information back parent face others level office door health person art war "
+         "history party result change morning reason research girl guy moment air teacher force "
+         "education river garden window bridge market letter summer winter village doctor").split()
+
+
+def paragraph(rng: random.Random, n_words: int = 90) -> str:
+    """Made-up English: sentences of nine common nouns."""
+    sentences, words = [], [rng.choice(WORDS) for _ in range(n_words)]
+    for i in range(0, n_words, 9):
+        s = " ".join(words[i:i + 9])
+        sentences.append(s[0].upper() + s[1:] + ".")
+    return " ".join(sentences)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_run(root: Path, name: str = "served") -> list[str]:
+    """Build <root>/<name>/{tokenizer,train/model} and return the argv that points stages at it."""
+    argv = [*TINY, "--run.run_dir", str(root), "--run.name", name, "--tokenizer.vocab_size=512",
+            "--train.seq_len=64", "--train.batch_size=8", "--train.eval_batches=2", "--train.val_fraction=0.1"]
+    cfg = load_config(argv)
+    rng = random.Random(0)
+    docs = [paragraph(rng, rng.randint(20, 80)) for _ in range(400)]
+    tok_dir = root / name / "tokenizer"
+    (tok_dir / "tokens").mkdir(parents=True)
+    tokenizer = Tokenizer(train_tokenizer(docs, 512))
+    tokenizer.save(tok_dir / "tokenizer.model")
+    ids = np.array([i for ids in tokenizer.encode_batch(docs) for i in [*ids, EOS_ID]], dtype=np.uint16)
+    ids.tofile(tok_dir / "tokens" / "docs.bin")
+    shard = {"shard": "docs", "docs": len(docs), "tokens": len(ids), "dtype": "uint16", "bin": "docs.bin"}
+    (tok_dir / "tokens" / "index.json").write_text(
+        json.dumps({"vocab_size": tokenizer.vocab_size, "dtype": "uint16", "shards": [shard]}))
+
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.from_numpy(ids.astype(np.int64))
+    t = cfg.train
+    for _ in range(STEPS):
+        starts = torch.randint(0, len(data) // 2, (t.batch_size,))
+        chunk = torch.stack([data[s:s + t.seq_len + 1] for s in starts.tolist()])
+        lm_losses(model(chunk[:, :-1], mtp=True), chunk[:, 1:], cfg.model)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        update_expert_bias(model)
+    save_checkpoint(root / name / "train" / "model", model, cfg.to_dict(), step=STEPS)
+    return argv

@@ -1,0 +1,355 @@
+"""Online learning: feedback -> replay buffer -> update on DeepSpeed ranks -> gate -> publish to Serve.
+
+    python -m pipelines.online --config configs/tiny.yaml              # long-running: polls every online.poll_s
+    python -m pipelines.online --config configs/tiny.yaml --once       # one poll, at most one update
+    python -m pipelines.online --config configs/tiny.yaml --rollback   # serve the version before this one
+    python -m pipelines.online --config configs/tiny.yaml --rollback v0001
+    ray job submit --working-dir . -- python -m pipelines.online --config configs/small.yaml
+
+Each poll moves new records from the FeedbackCollectors' stores into the ReplayBuffer (actors/replay.py).
+Once `online.min_feedback` examples wait, an update draws up to `online.max_feedback` of them by
+priority and trains the serving version on Ray Train workers that are DeepSpeed ranks: LoRA adapters
+by default (merged afterwards), every weight with online.method=full. Each batch mixes a share
+`online.feedback_fraction` of feedback sequences (corrected answers as targets with weight 1, good
+answers weighted by their rating; loss on the answer tokens only, each sequence counting once) with
+base pretraining windows, against forgetting. The candidate must pass the gate against the serving
+version: held-out perplexity up by `online.max_ppl_increase` at most, preference accuracy down by
+`online.max_preference_drop` at most. Then it is quantized (quant.format) and published: the Serve
+app is redeployed with the new artifact, and Serve replaces its replicas without dropping a request.
+Every version stays under <run>/online/versions/ and state.json names the one served; a candidate
+that fails is kept there too, unpublished, and its examples are consumed (the report says why).
+Each update writes <run>/online/updates/update-NNNN.json: feedback counts, buffer size and mix,
+update loss, the gate's figures, the feedback targets' loss before and after, the version served and
+the seconds from the newest feedback used to the new version serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepkiln.checkpoint import load_model, save_checkpoint
+from deepkiln.config import Config, QuantArgs, load_config
+from deepkiln.corpus import read_bytes, write_atomic
+from deepkiln.data import TokenWindows
+from deepkiln.evaluate import continuation_logprob, pad_rows, perplexity, sequence_losses, windows
+from deepkiln.paths import RunPaths, absolute
+from deepkiln.precision import compute_dtype, describe
+from deepkiln.tokenizer import EOS_ID, Tokenizer
+
+APP = "deepkiln"  # the Serve application the online loop publishes to (serve/config.yaml, serve.app)
+
+
+# -- the update: DeepSpeed ranks on Ray Train (deepkiln.trainer.update_loop) -------------------------
+
+def encode_example(tok: Tokenizer, example: dict, max_len: int) -> tuple[list[int], list[int]]:
+    """A feedback example as (ids, labels): chat completions (ids "chatcmpl-...") keep their prompt
+    as JSON messages and render with the chat template."""
+    chat = example["completion_id"].startswith("chatcmpl-")
+    prompt = json.loads(example["prompt"]) if chat else example["prompt"]
+    return tok.render_example(prompt, example["target"], max_len)
+
+
+def train_update(cfg: Config, base_model: str, encoded: list, weights: list[float], update: int,
+                 base_first: int) -> tuple[dict, str]:
+    """Run the update on Ray Train; returns its metrics and a local folder holding the merged model."""
+    from deepkiln.ray_utils import fit, torch_trainer
+    from deepkiln.trainer import update_loop
+
+    cfg = absolute(cfg)
+    storage = f"{RunPaths.of(cfg).stage('online')}/ray"
+    name = f"update-{update:04d}"
+    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)  # a crashed try of this update
+    config = {"cfg": cfg.to_dict(), "base": os.path.abspath(base_model), "update": update, "examples": encoded,
+              "weights": weights, "base_first": base_first}
+    result = fit(torch_trainer(update_loop, config, cfg, name=name, storage=storage, workers=cfg.online.num_workers,
+                               max_failures=1))
+    out = tempfile.mkdtemp(prefix="deepkiln-update-")
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / "model", Path(out) / "model")
+    return result.metrics, f"{out}/model"
+
+
+# -- the gate ---------------------------------------------------------------------------------------
+
+def preference_pairs(cfg: Config, tok: Tokenizer, data: TokenWindows) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) token lists: online.preference_set, else held-out windows split in
+    half, the real second half against the same tokens shuffled."""
+    on = cfg.online
+    if on.preference_set:
+        raw = read_bytes(on.preference_set)
+        if raw is None:
+            raise ValueError(f"online.preference_set={on.preference_set!r} does not exist")
+        pairs = []
+        for i, line in enumerate(raw.decode().splitlines()):
+            if line.strip():
+                r = json.loads(line)
+                missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(r.get(k), str)]
+                if missing:
+                    raise ValueError(f"online.preference_set line {i + 1}: field {missing[0]!r} is missing or not text")
+                pairs.append((tok.encode_prompt(r["prompt"]), [*tok.encode(r["chosen"]), EOS_ID],
+                              [*tok.encode(r["rejected"]), EOS_ID]))
+        return pairs
+    rng = np.random.default_rng(cfg.run.seed)
+    pairs = []
+    for k in range(on.preference_pairs):
+        w = data.window(data.n_train + k % data.n_val).tolist()
+        half = len(w) // 2
+        pairs.append((w[:half], w[half:], [w[half:][i] for i in rng.permutation(len(w) - half)]))
+    return pairs
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, encoded: list) -> dict:
+    """Held-out perplexity, preference accuracy, and the mean loss on the feedback targets."""
+    model.eval()
+    prefs = [continuation_logprob(model, p, c) > continuation_logprob(model, p, r) for p, c, r in pairs]
+    target = [sequence_losses(model(x).logits, y).item() for x, y in (pad_rows([e]) for e in encoded)]
+    return {"perplexity": perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches),
+            "preference_accuracy": sum(prefs) / max(1, len(prefs)),
+            "feedback_target_loss": sum(target) / max(1, len(target))}
+
+
+def gate(cfg: Config, current: dict, candidate: dict) -> dict:
+    on = cfg.online
+    reasons = [f"{side} {key} is {value} (not a finite number)" for side, figures in
+               (("the serving version's", current), ("the candidate's", candidate))
+               for key, value in figures.items() if not math.isfinite(value)]
+    limit = current["perplexity"] * (1 + on.max_ppl_increase)
+    if candidate["perplexity"] > limit:
+        reasons.append(f"held-out perplexity {candidate['perplexity']:.3f} exceeds {limit:.3f} (the serving "
+                       f"version's {current['perplexity']:.3f} + online.max_ppl_increase={on.max_ppl_increase})")
+    floor = current["preference_accuracy"] - on.max_preference_drop
+    if candidate["preference_accuracy"] < floor:
+        reasons.append(f"preference accuracy {candidate['preference_accuracy']:.3f} is below {floor:.3f} (the serving "
+                       f"version's {current['preference_accuracy']:.3f} - online.max_preference_drop={on.max_preference_drop})")
+    return {"passed": not reasons, "reasons": reasons, "current": current, "candidate": candidate}
+
+
+# -- versions and publishing -------------------------------------------------------------------------
+
+def load_state(cfg: Config) -> dict:
+    """Versions, the one served, the update count and the base-data cursor. The first time: version
+    v0000 is the run's final model (the DP fine-tune's when privacy.enabled, else the training
+    export) and the artifact Serve loads."""
+    paths = RunPaths.of(cfg)
+    raw = read_bytes(paths.online_state)
+    if raw is not None:
+        return json.loads(raw)
+    model, artifact = paths.final_model, paths.artifact
+    for what, path in (("the final model", model), ("the quantized artifact", artifact)):
+        if not Path(path, "manifest.json").is_file():
+            raise ValueError(f"{what} {path} is missing: run pipelines.train and pipelines.quantize first")
+    return {"current": "v0000", "history": ["v0000"], "updates": 0, "base_cursor": 0,
+            "versions": {"v0000": {"model": os.path.abspath(model), "artifact": os.path.abspath(artifact),
+                                   "published": True}}}
+
+
+def save_state(cfg: Config, state: dict) -> None:
+    write_atomic(RunPaths.of(cfg).online_state, json.dumps(state, indent=1).encode())
+
+
+def quantize_version(cfg: Config, model_dir: str, out: Path) -> str:
+    from deepkiln.quantize import apply_quantization
+
+    model, ckpt = load_model(model_dir)
+    args = QuantArgs(**cfg.quant.model_dump())
+    model = apply_quantization(model, args)
+    return str(save_checkpoint(out, model, {**ckpt.config, "quant": args.model_dump()},
+                               step=ckpt.manifest.get("step", 0), tokens=ckpt.manifest.get("tokens", 0)))
+
+
+def publish(cfg: Config, artifact: str) -> bool:
+    """Redeploy the running Serve app with `artifact` and wait until its replicas serve it. False
+    (nothing done) when the app is not running."""
+    from ray import serve
+
+    from serve.app import build
+    from serve.engine_process import version_of
+
+    if APP not in serve.status().applications:
+        print(f"online: the Serve app {APP!r} is not running; {artifact} is ready but not published", flush=True)
+        return False
+    serve.run(build(cfg, artifact=artifact), name=APP, route_prefix="/")  # returns once the app is running
+    want = version_of(artifact)
+    llm = serve.get_deployment_handle("LLMServer", app_name=APP)
+    deadline = time.monotonic() + 300
+    while llm.info.remote().result()["version"] != want:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve did not switch to {want} within 300 s")
+        time.sleep(0.5)
+    return True
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+def poll(cfg: Config, buffer, collectors) -> dict:
+    """Move new feedback from every collector's store into the buffer."""
+    import ray
+
+    names = [f"collector-{i}" for i in range(len(collectors))]
+    offsets = ray.get([buffer.offset.remote(n) for n in names])
+    records = ray.get([c.records.remote(o) for c, o in zip(collectors, offsets)])
+    counts = ray.get([buffer.ingest.remote(n, r) for n, r in zip(names, records)])
+    return {k: sum(c[k] for c in counts) for k in ("added", "not_trainable", "dropped")}
+
+
+def run_update(cfg: Config, buffer, state: dict) -> dict:
+    """One update from the buffer's best examples: train, gate, and publish if it passes."""
+    import ray
+
+    on = cfg.online
+    update = state["updates"] + 1
+    started = time.time()
+    drawn = ray.get(buffer.draw.remote(on.max_feedback, cfg.run.seed + update))
+    paths = RunPaths.of(cfg)
+    tok = Tokenizer.load(paths.tokenizer_model)
+    encoded = [encode_example(tok, e, cfg.model.max_seq_len) for e in drawn]
+    weights = [e["weight"] for e in drawn]
+    current = state["versions"][state["current"]]
+    print(f"online: update {update}: {len(drawn)} feedback examples on {state['current']}", flush=True)
+    timings = {}
+    mark = time.perf_counter()
+    metrics, model_dir = train_update(cfg, current["model"], encoded, weights, update, state["base_cursor"])
+    timings["train_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
+    name = f"v{update:04d}"
+    folder = Path(paths.version(name))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.copytree(model_dir, folder / "model")
+    shutil.rmtree(Path(model_dir).parent, ignore_errors=True)
+
+    data = windows(cfg)
+    pairs = preference_pairs(cfg, tok, data)
+    dtype = compute_dtype(cfg.serve.dtype)
+    before = evaluate(cfg, load_model(current["model"], dtype=dtype)[0], data, pairs, encoded)
+    after = evaluate(cfg, load_model(folder / "model", dtype=dtype)[0], data, pairs, encoded)
+    verdict = gate(cfg, before, after)
+    timings["gate_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
+    version = {"model": str(folder / "model"), "artifact": None, "published": False, "parent": state["current"],
+               "gate": verdict}
+    published_at = None
+    if verdict["passed"]:
+        version["artifact"] = quantize_version(cfg, str(folder / "model"), folder / f"{name}-{cfg.quant.format}")
+        timings["quantize_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
+        if on.publish and publish(cfg, version["artifact"]):
+            timings["publish_s"] = round(time.perf_counter() - mark, 1)
+            published_at = time.time()
+            version["published"] = True
+            state["current"] = name
+            state["history"].append(name)
+    ray.get(buffer.commit.remote([(e["source"], e["seq"]) for e in drawn], update))
+    state["versions"][name] = version
+    state["updates"] = update
+    state["base_cursor"] += on.steps * metrics["base_per_batch"]
+    save_state(cfg, state)
+    newest = max(e["created"] for e in drawn)
+    report = {
+        "update": update, "version": name, "parent": version["parent"], "serving": state["current"],
+        "feedback": {"examples": len(drawn), "corrected": sum(e["corrected"] for e in drawn),
+                     "rated": sum(not e["corrected"] for e in drawn), "mean_weight": float(np.mean(weights))},
+        "buffer": ray.get(buffer.stats.remote()),
+        "mix": {"feedback_per_batch": metrics["feedback_per_batch"], "base_per_batch": metrics["base_per_batch"]},
+        "method": on.method, "steps": on.steps, "precision": {"update": metrics["precision"], "gate": describe(dtype)},
+        "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"],
+        "losses": metrics["losses"], "gate": verdict, "published": version["published"],
+        "seconds": round(time.time() - started, 1), "timings": timings,
+        "feedback_to_serving_s": round(published_at - newest, 1) if published_at else None,
+    }
+    write_atomic(paths.update_report(update), json.dumps(report, indent=1).encode())
+    _record_metrics(report)
+    print(f"online: update {update}: loss {report['loss_first']:.3f} -> {report['loss_last']:.3f}; gate "
+          f"{'passed' if verdict['passed'] else 'failed: ' + '; '.join(verdict['reasons'])}; serving "
+          f"{state['current']}" + (f" ({report['feedback_to_serving_s']} s after the newest feedback)"
+                                   if published_at else ""), flush=True)
+    return report
+
+
+def rollback(cfg: Config, to: str | None) -> dict:
+    """Serve an earlier version again: `to`, or the one served before the current one."""
+    state = load_state(cfg)
+    if to is None:
+        if len(state["history"]) < 2:
+            raise ValueError(f"nothing to roll back to: {state['current']} is the only version served so far")
+        to = state["history"][-2]
+    version = state["versions"].get(to)
+    if version is None or not version["artifact"]:
+        servable = sorted(v for v, info in state["versions"].items() if info["artifact"])
+        raise ValueError(f"--rollback {to}: not a version with an artifact (these are: {servable})")
+    if not publish(cfg, version["artifact"]):
+        raise ValueError(f"the Serve app {APP!r} is not running: nothing to roll back")
+    state["current"] = to
+    state["history"].append(to)
+    save_state(cfg, state)
+    print(f"online: serving {to} again ({version['artifact']})", flush=True)
+    return {"serving": to, "artifact": version["artifact"]}
+
+
+_GAUGES: dict = {}
+
+
+def _record_metrics(report: dict) -> None:
+    """Prometheus: buffer size, update loss, the version served, feedback-to-serving time."""
+    from ray.util.metrics import Counter, Gauge
+
+    if not _GAUGES:
+        _GAUGES.update(
+            buffer=Gauge("deepkiln_online_buffer_unconsumed", "feedback examples waiting in the replay buffer"),
+            loss=Gauge("deepkiln_online_update_loss", "last training loss of the newest update"),
+            serving=Gauge("deepkiln_online_serving_update", "update number of the version served"),
+            latency=Gauge("deepkiln_online_feedback_to_serving_s", "seconds from the newest feedback to serving"),
+            updates=Counter("deepkiln_online_updates", "updates by outcome", tag_keys=("outcome",)))
+    _GAUGES["buffer"].set(report["buffer"]["unconsumed"])
+    _GAUGES["loss"].set(report["loss_last"])
+    _GAUGES["serving"].set(int(report["serving"][1:]))
+    if report["feedback_to_serving_s"] is not None:
+        _GAUGES["latency"].set(report["feedback_to_serving_s"])
+    outcome = "published" if report["published"] else "passed" if report["gate"]["passed"] else "rejected"
+    _GAUGES["updates"].inc(tags={"outcome": outcome})
+
+
+def main(argv=None) -> dict:
+    import ray
+
+    from actors.feedback import collectors
+    from actors.replay import replay_buffer
+    from deepkiln.ray_utils import init_ray
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--once", action="store_true")
+    p.add_argument("--rollback", nargs="?", const="", default=None)
+    opts, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(rest)
+    init_ray()
+    if opts.rollback is not None:
+        return rollback(cfg, opts.rollback or None)
+    torch.set_num_threads(os.cpu_count() or 1)
+    buffer, sources = replay_buffer(cfg), collectors(cfg)
+    last: dict = {}
+    while True:
+        state = load_state(cfg)
+        counts = poll(cfg, buffer, sources)
+        waiting = ray.get(buffer.size.remote())
+        if counts["added"] or opts.once:
+            print(f"online: {counts['added']} new feedback examples ({counts['not_trainable']} not trainable, "
+                  f"{counts['dropped']} dropped); {waiting} waiting, {cfg.online.min_feedback} start an update",
+                  flush=True)
+        if waiting >= cfg.online.min_feedback:
+            last = run_update(cfg, buffer, state)
+        if opts.once:
+            return last or {"update": None, "waiting": waiting, "serving": state["current"]}
+        time.sleep(cfg.online.poll_s)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Prepare: raw text -> clean, PII-masked, deduplicated Parquet shards + prepare_report.json.
+
+    python -m pipelines.prepare --config configs/tiny.yaml                     # built-in corpus
+    python -m pipelines.prepare --config configs/small.yaml --data.input=s3://bucket/raw/
+    ray job submit --working-dir . -- python -m pipelines.prepare --config configs/small.yaml --data.input=...
+
+One ShardOwner actor per shard curates its files; LshBucketOwner actors pair up documents whose
+LSH band keys (and exact hashes) collide across all shards; candidates are verified on their
+MinHash signatures and every duplicate cluster keeps its lowest id. Output, under
+<run_dir>/<run.name>/prepare/: shards/<gen>-shard-<i>.parquet (id, source, text),
+prepare_report.json, files.json (the file registry). Run again with new files in the input and only
+those are prepared, deduplicated against everything prepared before (a new generation).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import ray
+
+from actors.dedup_index import LshBucketOwnerActor
+from actors.shard import ShardOwnerActor
+from deepkiln.config import load_config
+from deepkiln.corpus import list_inputs, load_registry, plan_shards, read_bytes, write_atomic
+from deepkiln.dedup import duplicates_to_drop, estimated_jaccard, jaccard_threshold
+from deepkiln.paths import RunPaths
+from deepkiln.ray_utils import cpus_per_actor, init_ray
+
+HELPER_CPUS = 0  # bucket owners and owners of finished shards: light work, must never wait for a CPU
+
+
+def _wait(refs: list, owners: list, what: str, every: float = 5.0) -> list:
+    """ray.get with a progress line every few seconds (documents read so far, shards done)."""
+    pending, start, last = list(refs), time.perf_counter(), 0.0
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        now = time.perf_counter() - start
+        if now - last >= every or not pending:
+            docs = sum(ray.get([o.progress.remote() for o in owners]))
+            print(f"{what}: {len(refs) - len(pending)}/{len(refs)} shards done, {docs:,} documents read, "
+                  f"{docs / max(now, 1e-9):,.0f} docs/s, {now:.0f}s", flush=True)
+            last = now
+    return ray.get(refs)
+
+
+def _near_duplicates(cand: np.ndarray, owners: list, threshold: float) -> np.ndarray:
+    """Keep the candidate pairs whose MinHash signatures agree on at least `threshold`."""
+    if len(cand) == 0:
+        return cand
+    found = ray.get([o.signatures.remote(np.unique(cand)) for o in owners])
+    ids = np.concatenate([f[0] for f in found])
+    sigs = np.concatenate([f[1] for f in found])
+    order = np.argsort(ids)
+    ids, sigs = ids[order], sigs[order]
+    a, b = sigs[np.searchsorted(ids, cand[:, 0])], sigs[np.searchsorted(ids, cand[:, 1])]
+    return cand[estimated_jaccard(a, b) >= threshold]
+
+
+def main(argv=None) -> dict:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    d = cfg.data
+    prep = RunPaths.of(cfg).stage("prepare")
+    files, skipped = list_inputs(d.input)
+    registry = load_registry(prep)
+    new = [f for f in files if f[0] not in registry["files"]]
+    if not new:
+        print(f"prepare: nothing new in {d.input}; {prep} is up to date")
+        return json.loads(read_bytes(f"{prep}/prepare_report.json"))
+    init_ray()
+    start = time.perf_counter()
+    gen, first_idx = len(registry["generations"]), len(registry["files"])
+    print(f"prepare: {len(new)} new files -> {d.num_shards} shards (generation {gen}); near-duplicate "
+          f"LSH {d.bands}x{d.rows} of {d.num_perm} permutations: candidates from Jaccard ~"
+          f"{jaccard_threshold(d.bands, d.rows):.2f}, verified at {d.near_dup_threshold}", flush=True)
+
+    names = [f"gen-{gen:04d}-shard-{i:05d}" for i in range(d.num_shards)]
+    cpus = cpus_per_actor(d.shard_cpus, d.num_shards, "data.shard_cpus")
+    owners = [ShardOwnerActor.options(num_cpus=cpus).remote(n, [s.to_dict() for s in splits], cfg.to_dict(), prep)
+              for n, splits in zip(names, plan_shards(new, first_idx, d.num_shards))]
+    old_names = [n for g in registry["generations"] for n in g["shards"]]
+    old = [ShardOwnerActor.options(num_cpus=HELPER_CPUS).remote(n, [], cfg.to_dict(), prep) for n in old_names]
+    try:
+        curated = _wait([o.curate.remote() for o in owners], owners, "curate")
+        ray.get([o.curate.remote() for o in old])  # loads their saved stage
+
+        # Cross-shard dedup: band keys go straight from shard owners to the bucket owners.
+        buckets = [LshBucketOwnerActor.options(num_cpus=HELPER_CPUS).remote(d.bands) for _ in range(d.bucket_owners)]
+        every, every_name = old + owners, old_names + names
+        adds = []
+        for name, owner in zip(every_name, every):
+            parts = owner.band_keys.options(num_returns=d.bucket_owners).remote(d.bucket_owners)
+            parts = parts if d.bucket_owners > 1 else [parts]
+            adds += [b.add.remote(name, p) for b, p in zip(buckets, parts)]
+        ray.get(adds)
+        found = ray.get([b.pairs.remote(every_name) for b in buckets])
+        exact = np.concatenate([f[0] for f in found])
+        cand = np.unique(np.concatenate([f[1] for f in found]), axis=0)
+        near = _near_duplicates(cand, every, d.near_dup_threshold)
+        keep_below = first_idx << 32  # documents published by earlier generations always stay
+        drop, clusters = duplicates_to_drop(np.concatenate([exact, near]), keep_below)
+        exact_drop, _ = duplicates_to_drop(exact, keep_below)
+        final = ray.get([o.finalize.remote(drop) for o in owners])
+    finally:
+        for actor in owners + old:
+            ray.kill(actor)
+
+    seconds = time.perf_counter() - start
+    docs_in = sum(s["docs_in"] for s in curated)
+    report = {
+        "generation": gen, "input": d.input, "files": len(new), "skipped_files": skipped,
+        "docs_in": docs_in, "docs_out": sum(f["docs_out"] for f in final),
+        "exact_duplicates_removed": len(exact_drop), "near_duplicates_removed": len(drop) - len(exact_drop),
+        "duplicate_clusters": clusters, "near_duplicate_candidates": len(cand),
+        "dedup": {"shingle_size": d.shingle_size, "num_perm": d.num_perm, "bands": d.bands, "rows": d.rows,
+                  "jaccard_threshold_estimate": round(jaccard_threshold(d.bands, d.rows), 4),
+                  "verify_threshold": d.near_dup_threshold},
+        "shards": [{**c, **f} for c, f in zip(curated, final)],
+        "seconds": round(seconds, 3), "docs_per_s": round(docs_in / seconds, 1),
+        "config": cfg.to_dict(),
+    }
+    body = json.dumps(report, indent=1).encode()
+    write_atomic(f"{prep}/reports/gen-{gen:04d}.json", body)
+    write_atomic(f"{prep}/prepare_report.json", body)
+    registry["files"].update({uri: first_idx + i for i, (uri, _, _) in enumerate(new)})
+    registry["generations"].append({"generation": gen, "first_file": first_idx, "shards": names})
+    write_atomic(f"{prep}/files.json", json.dumps(registry, indent=1).encode())  # last: generation done
+    print(f"prepare: {docs_in:,} documents in, {report['docs_out']:,} out "
+          f"({report['exact_duplicates_removed']} exact and {report['near_duplicates_removed']} near "
+          f"duplicates removed, {sum(len(s['problems']) for s in curated)} problems) in {seconds:.1f}s "
+          f"-> {prep}/shards", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Tokenizer: train a SentencePiece BPE model on a sample of the prepared shards, then have every
+ShardOwner encode its shard into packed token ids for the trainer.
+
+    python -m pipelines.tokenizer --config configs/tiny.yaml
+    ray job submit --working-dir . -- python -m pipelines.tokenizer --config configs/small.yaml
+
+Reads <run_dir>/<run.name>/prepare/ (run pipelines.prepare first) and writes
+<run_dir>/<run.name>/tokenizer/: tokenizer.model, tokens/<shard>.bin (uint16 ids when the vocabulary
+fits, else uint32; each document followed by EOS), tokens/<shard>.idx.npy (int64 document start
+offsets, plus the end) and tokens/index.json (written last: the stage is complete when it exists).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from itertools import chain
+
+import ray
+
+from actors.shard import ShardOwnerActor
+from deepkiln.config import load_config
+from deepkiln.corpus import load_registry, write_atomic
+from deepkiln.paths import RunPaths
+from deepkiln.ray_utils import cpus_per_actor, init_ray
+from deepkiln.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, train_tokenizer
+
+
+def main(argv=None) -> dict:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    paths = RunPaths.of(cfg)
+    prep, out = paths.stage("prepare"), paths.stage("tokenizer")
+    names = [n for g in load_registry(prep)["generations"] for n in g["shards"]]
+    if not names:
+        raise ValueError(f"no prepared shards under {prep}: run pipelines.prepare first")
+    init_ray()
+    start = time.perf_counter()
+    cpus = cpus_per_actor(cfg.data.shard_cpus, len(names), "data.shard_cpus")
+    owners = [ShardOwnerActor.options(num_cpus=cpus).remote(n, [], cfg.to_dict(), prep) for n in names]
+    try:
+        per_shard = -(-cfg.tokenizer.sample_docs // len(owners))
+        samples = ray.get([o.sample.remote(per_shard, cfg.run.seed + i) for i, o in enumerate(owners)])
+        print(f"tokenizer: training BPE (vocab {cfg.tokenizer.vocab_size}) on "
+              f"{sum(map(len, samples)):,} sampled documents", flush=True)
+        model = train_tokenizer(chain.from_iterable(samples), cfg.tokenizer.vocab_size,
+                                cfg.tokenizer.character_coverage, cfg.run.seed)
+        write_atomic(f"{out}/tokenizer.model", model)
+        shards = ray.get([o.encode.remote(model, f"{out}/tokens") for o in owners])
+    finally:
+        for actor in owners:
+            ray.kill(actor)
+    index = {
+        "vocab_size": Tokenizer(model).vocab_size, "dtype": shards[0]["dtype"],
+        "special_tokens": SPECIAL_TOKENS, "bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID,
+        "total_docs": sum(s["docs"] for s in shards), "total_tokens": sum(s["tokens"] for s in shards),
+        "shards": shards, "tokenizer": "../tokenizer.model", "seconds": round(time.perf_counter() - start, 3),
+        "config": cfg.to_dict(),
+    }
+    write_atomic(f"{out}/tokens/index.json", json.dumps(index, indent=1).encode())
+    print(f"tokenizer: {index['total_docs']:,} documents -> {index['total_tokens']:,} tokens "
+          f"({index['dtype']}) in {index['seconds']:.1f}s -> {out}", flush=True)
+    return index
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Where every artifact of a run lives: the one place that knows the layout of <run_dir>/<run.name>/.
+
+    paths = RunPaths.of(cfg)
+    paths.train_model, paths.final_model, paths.artifact, paths.collector_db(0)
+
+Config fields that name a path win over the layout: train.tokens, quant.source, fairness.model,
+serve.artifact, serve.tokenizer, feedback.store. `absolute(cfg)` is the config with every local path
+made absolute, for processes that run in folders of their own (Ray workers, Tune trials, jobs,
+Serve replicas); URIs (s3://, gs://) stay as they are.
+
+    <root>/prepare/{shards/, prepare_report.json}
+    <root>/tokenizer/{tokenizer.model, tokens/index.json}
+    <root>/train/{model/, train_summary.json, progress.jsonl, tensorboard/, loss.png, ray/}
+    <root>/tune/  <root>/dp_finetune/{model/, report.json, state/}  <root>/audit/report.json
+    <root>/quantize/{bf16,int8,nf4}/, report.json   <root>/feedback/collector-<i>.sqlite
+    <root>/online/{state.json, replay.sqlite, versions/vNNNN/, updates/update-NNNN.json, ray/}
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deepkiln.config import Config
+
+# The file each stage writes last: its presence means the stage finished (the quickstart reuses it).
+DONE = {"prepare": "prepare/prepare_report.json", "tokenizer": "tokenizer/tokens/index.json",
+        "train": "train/train_summary.json", "dp_finetune": "dp_finetune/report.json",
+        "audit": "audit/report.json", "quantize": "quantize/report.json", "online": "online/state.json"}
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _absolute(path: str) -> str:
+    return path if not path or is_uri(path) else os.path.abspath(path)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: str                 # <run_dir>/<run.name>
+    tokens: str               # packed token shards: train.tokens, else <root>/tokenizer/tokens
+    tokenizer_model: str      # serve.tokenizer, else <root>/tokenizer/tokenizer.model
+    audit_model: str          # fairness.model, else final_model
+    artifact: str             # what Serve loads: serve.artifact, else <root>/quantize/<quant.format>
+    feedback: str             # feedback.store, else <root>/feedback
+    final_model: str          # what later stages start from: quant.source, else the DP model when
+                              # privacy is on, else the training export
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunPaths:
+        root = f"{cfg.run.run_dir.rstrip('/')}/{cfg.run.name}"
+        final = cfg.quant.source or (f"{root}/dp_finetune/model" if cfg.privacy.enabled else f"{root}/train/model")
+        return cls(root=root, tokens=cfg.train.tokens or f"{root}/tokenizer/tokens",
+                   tokenizer_model=cfg.serve.tokenizer or f"{root}/tokenizer/tokenizer.model",
+                   audit_model=cfg.fairness.model or final,
+                   artifact=cfg.serve.artifact or f"{root}/quantize/{cfg.quant.format}",
+                   feedback=cfg.feedback.store or f"{root}/feedback", final_model=final)
+
+    def stage(self, name: str) -> str:
+        """<root>/<name>: the folder a stage writes."""
+        return f"{self.root}/{name}"
+
+    def done(self, stage: str) -> Path | None:
+        """The file `stage` writes last; None for stages that always run (serve)."""
+        return Path(self.root, DONE[stage]) if stage in DONE else None
+
+    # prepare and tokenizer
+    @property
+    def shards(self) -> str:
+        return f"{self.root}/prepare/shards"
+
+    # train
+    @property
+    def train_model(self) -> str:
+        return f"{self.root}/train/model"
+
+    @property
+    def train_ray(self) -> str:
+        return f"{self.root}/train/ray"
+
+    # dp_finetune
+    @property
+    def dp_model(self) -> str:
+        return f"{self.root}/dp_finetune/model"
+
+    # quantize
+    def quantized(self, fmt: str) -> str:
+        return f"{self.root}/quantize/{fmt}"
+
+    # feedback and online
+    def collector_db(self, index: int) -> str:
+        return f"{self.feedback}/collector-{index}.sqlite"
+
+    @property
+    def replay_db(self) -> str:
+        return f"{self.root}/online/replay.sqlite"
+
+    @property
+    def online_state(self) -> str:
+        return f"{self.root}/online/state.json"
+
+    def version(self, name: str) -> str:
+        return f"{self.root}/online/versions/{name}"
+
+    def update_report(self, update: int) -> str:
+        return f"{self.root}/online/updates/update-{update:04d}.json"
+
+
+def absolute(cfg: Config) -> Config:
+    """A copy of `cfg` whose run_dir and path fields are absolute (local ones; URIs unchanged)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.run_dir = _absolute(cfg.run.run_dir)
+    for section, key in (("train", "tokens"), ("quant", "source"), ("fairness", "model"), ("serve", "artifact"),
+                         ("serve", "tokenizer"), ("feedback", "store")):
+        setattr(getattr(cfg, section), key, _absolute(getattr(getattr(cfg, section), key)))
+    return cfg

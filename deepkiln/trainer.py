@@ -1,0 +1,273 @@
+"""The Ray Train worker functions: pretraining ranks (`train_loop`, run by pipelines.train and by Tune
+trials) and online-update ranks (`update_loop`, run by pipelines.online), and the TorchTrainer that
+runs the first. Each worker is a DeepSpeed rank built by deepkiln.training. Ray is imported inside
+the functions, so importing the library stays Ray-free.
+
+Pretraining: every train.checkpoint_every steps and at the end every rank saves its DeepSpeed state,
+all pass a barrier, and only then is the checkpoint reported to Ray Train, with a consolidated
+safetensors export (model/). Worker failures restart from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepkiln.config import Config
+from deepkiln.evaluate import mean_loss, pad_rows, sequence_losses, windows
+from deepkiln.paths import RunPaths, absolute
+from deepkiln.training import (STATE, build_engine, deepspeed_config, initialize, is_complete, lr_at, plot_losses,
+                               seq_len_at, update_expert_bias)
+
+TAG = "deepspeed"  # DeepSpeed checkpoint tag inside every reported checkpoint
+
+
+def check_inputs(cfg: Config, world: int):
+    """Errors a user can cause, raised in the driver before any worker starts. Returns the windows."""
+    t = cfg.train
+    if t.batch_size % (world * t.grad_accum):
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.num_workers={world} "
+                         f"x train.grad_accum={t.grad_accum}")
+    data = windows(cfg)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer's vocabulary ({data.vocab_size}, {RunPaths.of(cfg).tokens}/index.json) "
+                         f"exceeds model.vocab_size={cfg.model.vocab_size}")
+    return data
+
+
+def train_loop(config: dict) -> None:
+    """One pretraining rank. Depends only on `config` (the resolved Config as a dict)."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.util.metrics import Gauge
+    from tensorboardX import SummaryWriter
+
+    from deepkiln.checkpoint import save_checkpoint
+    from deepkiln.faults import kill_once
+    from deepkiln.flops import cached_gemm_peak, model_flops_per_token
+    from deepkiln.model import Transformer, lm_losses
+    from deepkiln.precision import describe
+
+    cfg = Config.from_dict(config)
+    t, out = cfg.train, RunPaths.of(cfg).stage("train")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+    data = windows(cfg)
+    engine, dtype = build_engine(cfg, world)
+    # DeepSpeed keeps the global gradient norm for bf16 and ZeRO optimizers only; fp32 at ZeRO-0 has
+    # whole gradients on every rank, so the loop measures it itself.
+    own_norm, grad_norm = t.zero_stage == 0 and not engine.bfloat16_enabled(), None
+    step, history = 0, []
+    checkpoint = resume_checkpoint(cfg, ray.train.get_checkpoint())
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / STATE).read_text())
+            engine.load_checkpoint(d, tag=TAG)
+            step, history = state["step"], state["history"]
+    micro = t.batch_size // (world * t.grad_accum)
+    writer = gauges = None
+    if rank == 0:
+        writer = SummaryWriter(f"{out}/tensorboard")
+        gauges = {k: Gauge(f"deepkiln_train_{k}", description=f"training {k} (rank 0)", tag_keys=("run",))
+                  for k in ("step", "loss", "tokens_per_s", "mfu")}
+        # This host's GEMM peak in the training dtype (measured once, cached): the MFU denominator.
+        peak = cached_gemm_peak(dtype) * world
+        with torch.device("meta"):
+            flops_per_token = model_flops_per_token(Transformer(cfg.model), t.seq_len)
+    start, tokens_done = time.perf_counter(), 0
+    stop = t.stop_after or t.steps
+    if rank == 0:
+        with open(f"{out}/progress.jsonl", "a") as f:
+            f.write(json.dumps({"event": "start", "step": step, "world": world}) + "\n")
+    while step < stop:
+        engine.train()
+        length = seq_len_at(step, t)
+        for m in range(t.grad_accum):
+            first = step * t.batch_size + (m * world + rank) * micro
+            x, y = data.train_batch(first, micro)
+            losses = lm_losses(engine(x[:, :length], mtp=True), y[:, :length], cfg.model)
+            engine.backward(losses["loss"])
+            if own_norm and m == t.grad_accum - 1:  # gradients are all-reduced by now, not yet clipped
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
+                                                           if p.grad is not None])
+            engine.step()
+        imbalance = update_expert_bias(engine.module)
+        step += 1
+        if rank == world - 1 and step == max(1, t.steps // 2):
+            kill_once()  # no-op unless a kill test armed it
+        tokens_done += t.batch_size * length
+        loss = losses["lm"].detach().clone()
+        dist.all_reduce(loss)
+        grad_norm = grad_norm if own_norm else engine.get_global_grad_norm()
+        metrics = {"step": step, "loss": loss.item() / world, "lr": lr_at(step - 1, t), "seq_len": length,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "tokens_per_s": tokens_done / (time.perf_counter() - start), "expert_imbalance": imbalance,
+                   "elapsed": time.perf_counter() - start}
+        last = step == stop
+        if step % t.eval_every == 0 or last:
+            metrics["val_loss"] = mean_loss(engine, data, micro, t.eval_batches)
+        if rank == 0:
+            metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak
+            for k, g in gauges.items():
+                g.set(metrics[k], tags={"run": cfg.run.name})
+        if rank == 0 and (step % t.log_every == 0 or last or "val_loss" in metrics):
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()),
+                  flush=True)
+            for k, v in metrics.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, step)
+        if rank == 0:  # append-only log of every step taken, restarts included
+            with open(f"{out}/progress.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        history.append(metrics)
+        if step % t.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag=TAG)
+                if rank == 0:
+                    save_checkpoint(Path(tmp) / "model", engine.module, cfg.to_dict(), step=step,
+                                    tokens=sum(t.batch_size * seq_len_at(s, t) for s in range(step)))
+                    plot_losses(history, os.path.join(tmp, "loss.png"))
+                # Every rank's files and sizes go into the state file, so a resume can tell a
+                # complete checkpoint from one that lost a rank's upload or was cut short.
+                files = [None] * world
+                dist.all_gather_object(files, {str(p.relative_to(tmp)): p.stat().st_size
+                                               for p in Path(tmp).rglob("*") if p.is_file()})
+                if rank == 0:
+                    state = {"step": step, "world": world, "history": history, "precision": describe(dtype),
+                             "files": {k: v for f in files for k, v in f.items()}}
+                    (Path(tmp) / STATE).write_text(json.dumps(state))
+                dist.barrier()  # every rank has saved before anyone reports
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if writer:
+        writer.close()
+
+
+def resume_checkpoint(cfg: Config, registered):
+    """The newest complete checkpoint in this run's storage, or None for a fresh start.
+
+    Ray Train's registered checkpoint can lag behind storage: a worker that dies soon after a
+    report may leave a complete, newer folder unregistered, and restarting from the older one would
+    repeat steps. So every folder is checked against its own manifest, newest first; a partial or
+    corrupt one is skipped. With a registered checkpoint and nothing complete: ValueError naming it.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from deepkiln.corpus import resolve
+
+    fs, parent = resolve(f"{RunPaths.of(cfg).train_ray}/{cfg.run.name}")
+    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    names = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_")), reverse=True)
+    for path in names:
+        candidate = ray.train.Checkpoint(path, filesystem=fs)
+        with candidate.as_directory() as d:
+            if is_complete(d):
+                return candidate
+        print(f"train: checkpoint {path} is incomplete or corrupt; trying an older one", flush=True)
+    if registered is not None:
+        raise ValueError(f"no complete checkpoint to resume from under {parent} (latest: {registered.path})")
+    return None
+
+
+def make_trainer(cfg: Config, callbacks: list | None = None):
+    """The TorchTrainer for a resolved config: validated inputs, absolute local paths, storage under
+    the run's train folder. A run name already in storage continues unless train.resume is off."""
+    from deepkiln.ray_utils import init_ray, torch_trainer
+
+    cfg = absolute(cfg)
+    t = cfg.train
+    check_inputs(cfg, t.num_workers)
+    init_ray()
+    paths = RunPaths.of(cfg)
+    os.makedirs(paths.stage("train"), exist_ok=True)
+    if not t.resume and os.path.isdir(f"{paths.train_ray}/{cfg.run.name}"):
+        shutil.rmtree(f"{paths.train_ray}/{cfg.run.name}")  # reusing a run name continues it: start fresh
+    return torch_trainer(train_loop, cfg.to_dict(), cfg, name=cfg.run.name, storage=paths.train_ray,
+                         workers=t.num_workers, max_failures=t.max_failures, keep=t.keep_checkpoints,
+                         callbacks=callbacks)
+
+
+# -- online updates ---------------------------------------------------------------------------------
+
+def update_loop(config: dict) -> None:
+    """One DeepSpeed rank of an online update. Depends only on `config`: the resolved config, the base
+    model folder, the encoded feedback examples with their weights, and the base-data cursor. Each
+    batch mixes feedback sequences (loss on their labelled tokens, each sequence counting once) with
+    base windows; routers' balancing bias steps after every optimizer step, as in pretraining."""
+    import ray.train
+    import torch.distributed as dist
+
+    from deepkiln.checkpoint import load_model, save_checkpoint
+    from deepkiln.lora import apply_lora, lora_parameters, merge_lora
+    from deepkiln.precision import compute_dtype, describe
+
+    cfg = Config.from_dict(config["cfg"])
+    on = cfg.online
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.run.seed + config["update"])
+    model, base = load_model(config["base"])
+    if on.method == "lora":
+        apply_lora(model, cfg.lora)
+        params = lora_parameters(model)
+    else:
+        params = list(model.parameters())
+    micro = on.batch_size // world
+    dtype = compute_dtype(cfg.train.dtype)
+    warmup = max(1, on.steps // 10)
+    engine = initialize(model, params, lr=on.lr, weight_decay=0.0, schedule=lambda s: min(1.0, (s + 1) / warmup),
+                        ds_config=deepspeed_config(batch_size=on.batch_size, micro_batch=micro, grad_accum=1,
+                                                   grad_clip=cfg.train.grad_clip, dtype=dtype,
+                                                   zero_stage=cfg.train.zero_stage if on.method == "full" else 0))
+    examples, weights = config["examples"], config["weights"]
+    n_fb = min(micro, max(1, round(micro * on.feedback_fraction))) if examples and on.feedback_fraction else 0
+    n_base = micro - n_fb
+    data = windows(cfg) if n_base else None
+    orders: dict[int, np.ndarray] = {}
+    losses = []
+    for step in range(on.steps):
+        rows, w = [], []
+        for j in range(n_fb):  # an epoch over the examples is a seeded permutation: no repeats inside it
+            g = (step * world + rank) * n_fb + j
+            epoch, k = divmod(g, len(examples))
+            order = orders.setdefault(epoch, np.random.default_rng((cfg.run.seed, config["update"], epoch))
+                                      .permutation(len(examples)))
+            rows.append(examples[order[k]])
+            w.append(weights[order[k]])
+        if n_base:
+            x, y = data.train_batch(config["base_first"] + (step * world + rank) * n_base, n_base)
+            full = torch.cat([x, y[:, -1:]], dim=1).tolist()   # every token is a target
+            rows += [(ids, ids) for ids in full]
+            w += [1.0] * n_base
+        x, y = pad_rows(rows)
+        per_seq = sequence_losses(engine(x).logits, y)
+        weight = torch.tensor(w)
+        loss = (per_seq * weight).sum() / weight.sum()
+        engine.backward(loss)
+        engine.step()
+        update_expert_bias(engine.module)
+        reduced = loss.detach().clone()
+        dist.all_reduce(reduced)
+        losses.append(reduced.item() / world)
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            model = engine.module
+            if on.method == "lora":
+                merge_lora(model)
+            save_checkpoint(Path(tmp) / "model", model, {**base.config, "online": on.model_dump()},
+                            step=base.manifest.get("step", 0), tokens=base.manifest.get("tokens", 0))
+        dist.barrier()
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+        ray.train.report({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
+                          "precision": describe(dtype), "feedback_per_batch": n_fb * world,
+                          "base_per_batch": n_base * world}, checkpoint=checkpoint)
