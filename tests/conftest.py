@@ -1,12 +1,34 @@
+"""Session fixtures: each artifact the suite needs is built once (a local Ray, the built-in corpus's
+token shards, a small trained and quantized run) and copied for tests that write into it. Tests that
+need a Ray cluster of their own (a `ray start --head` with token auth, a quickstart's own local Ray)
+run last, after the session's Ray is shut down: one cluster is alive at a time."""
+
 import os
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.ray_cluster import RAY_CLI, free_port
+from deepkiln.ray_utils import LOCAL_ENV
+from deepkiln.testing import free_port
+from tests.ray_cluster import RAY_CLI
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+LAST = ("own_ray", "ray_head")  # fixtures of tests that run with a Ray of their own, in this order
+
+
+def pytest_collection_modifyitems(items):
+    """Tests with a cluster of their own go last, the `ray start --head` ones at the very end (a
+    stable sort: the order is otherwise the files')."""
+    def rank(item) -> int:
+        names = getattr(item, "fixturenames", ())
+        return max((i + 1 for i, f in enumerate(LAST) if f in names), default=0)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)
@@ -23,27 +45,86 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _shutdown_session_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """One local Ray for every test that needs it (2 CPUs, no dashboard, its own temp dir).
-    Yields the fault-injection marker: it exists (disarmed); a test deletes it to arm one SIGKILL."""
+    """One local Ray for every test that needs it (2 CPUs, no dashboard, its own temp dir), with the
+    settings init_ray gives a local Ray. Yields the fault-injection marker: it exists (disarmed); a
+    test deletes it to arm one SIGKILL."""
     import ray
 
     marker = tmp_path_factory.mktemp("fault") / "kill-once"
     marker.touch()
     os.environ["DEEPKILN_KILL_ONCE"] = str(marker)  # inherited by Ray's worker processes
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     yield marker
-    ray.shutdown()
+    _shutdown_session_ray()
+
+
+@pytest.fixture
+def own_ray():
+    """For a test that starts its own local Ray (a quickstart): the session's is shut down first (the
+    test runs after every test that needs it), and whatever Ray the test started is shut down after."""
+    _shutdown_session_ray()
+    yield
+    _shutdown_session_ray()
+
+
+@pytest.fixture(scope="session")
+def builtin_run(ray_local, tmp_path_factory):
+    """The built-in corpus through prepare and the tokenizer with the tiny preset (vocabulary 2048),
+    once: (run folder, argv pointing at it, prepare report, tokenizer index)."""
+    from pipelines import prepare, tokenizer
+
+    root = tmp_path_factory.mktemp("builtin")
+    argv = ["--config", TINY, "--run.run_dir", str(root), "--run.name", "data", "--tokenizer.sample_docs=3000"]
+    report = prepare.main(argv)
+    index = tokenizer.main(argv)
+    return {"root": root / "data", "argv": argv, "prepare": report, "index": index,
+            "tokens": root / "data" / "tokenizer" / "tokens"}
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory):
+    """deepkiln.testing.make_run (a tokenizer and the tiny model trained briefly on made-up English)
+    quantized to bf16, int8 and nf4 by pipelines.quantize, once. Read-only: tests that write into a
+    run take `served_copy`."""
+    from deepkiln.tokenizer import Tokenizer
+    from deepkiln.testing import make_run
+    from pipelines import quantize
+
+    root = tmp_path_factory.mktemp("served")
+    argv = make_run(root)
+    report = quantize.main(argv)
+    return {"root": root, "argv": argv, "report": report,
+            "tokenizer": Tokenizer.load(root / "served" / "tokenizer" / "tokenizer.model")}
+
+
+@pytest.fixture
+def served_copy(served_run, tmp_path):
+    """(folder, argv) of a private copy of the served run, for a test that writes into it."""
+    from deepkiln.testing import copy_run
+
+    return tmp_path, copy_run(served_run["argv"], tmp_path)
 
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """A `ray start --head` cluster with token auth on (2 CPUs, dashboard and job server on
-    127.0.0.1), beside the in-process one: every port picked free so the two never collide.
-    Yields (dashboard URL, environment for the `ray` CLI holding the token). Ended by pid."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"}
+    127.0.0.1), started after the session's local Ray is shut down (one cluster at a time). Every
+    port is picked free. Yields (dashboard URL, environment for the `ray` CLI holding the token).
+    Ended by pid."""
+    _shutdown_session_ray()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"} | LOCAL_ENV
     subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, capture_output=True, check=False)
     dashboard, gcs = free_port(), free_port()
     url = f"http://127.0.0.1:{dashboard}"
@@ -56,8 +137,7 @@ def ray_head(tmp_path_factory):
          f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
          f"--runtime-env-agent-port={free_port()}",
          "--disable-usage-stats", f"--temp-dir={tempfile.mkdtemp(prefix='rayhead-', dir='/tmp')}"],
-        # Its processes find their own cluster through RAY_ADDRESS, as on a real node: without it the
-        # state API inside Ray's actors sees two clusters on this machine and refuses to pick one.
+        # Its processes find their own cluster through RAY_ADDRESS, as on a real node.
         env=env | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"}, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -70,4 +150,3 @@ def ray_head(tmp_path_factory):
         head.terminate()
         head.wait(timeout=120)
         log.close()
-

@@ -7,18 +7,18 @@ from deepkiln.checkpoint import save_checkpoint
 from deepkiln.config import load_config
 from deepkiln.fairness import TEMPLATES, TERMS
 from pipelines import audit, dp_finetune
-from deepkiln.testing import make_run
+from deepkiln.testing import copy_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 GENDER_EN = ["--fairness.attributes=[gender]", "--fairness.languages=[en]"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(served_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     torch.set_num_threads(1)
-    return root, make_run(root)
+    return root, copy_run(served_run["argv"], root)
 
 
 def fine_tune(root, argv, name: str, skewed: bool):

@@ -7,9 +7,9 @@ import torch
 
 from deepkiln.checkpoint import load_model
 from pipelines import dp_finetune
-from deepkiln.testing import make_run
+from deepkiln.testing import copy_run
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 NAMES = ["Alice", "Bob", "Chen", "Dana", "Eve", "Farid", "Grace", "Hiro"]
 # Fast settings for the tiny run: short records, the faster accountant, seeded noise (tests only).
@@ -18,11 +18,11 @@ FAST = ["--train.seq_len=32", "--privacy.accountant=rdp", "--privacy.noise_seed=
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(served_run, tmp_path_factory):
     """A tiny trained run and a private set of 160 short records by 40 users."""
     root = tmp_path_factory.mktemp("dp")
     torch.set_num_threads(1)
-    argv = make_run(root)
+    argv = copy_run(served_run["argv"], root)
     rng = random.Random(0)
     rows = [{"text": f"{rng.choice(NAMES)} has a {rng.choice(['cough', 'fever', 'rash', 'cold'])} on day "
                      f"{rng.randint(1, 28)}.", "user": f"u{i % 40}"} for i in range(160)]

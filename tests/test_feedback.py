@@ -101,6 +101,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_writer_killed_at_random_moments_loses_no_acknowledged_record(tmp_path):
     c = collector(tmp_path)
     path, acknowledged, rng = c.path, [], random.Random(0)

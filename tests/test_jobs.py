@@ -3,6 +3,7 @@ with `ray job submit`, the app started with `serve run ... --non-blocking` as a 
 answering over HTTP, one online update published; and the Jobs API refusing requests without the token."""
 
 import json
+import random
 import subprocess
 import time
 
@@ -11,7 +12,8 @@ import requests
 import yaml
 
 from deepkiln.checkpoint import load_checkpoint
-from tests.ray_cluster import RAY_CLI, SERVE_CLI, free_port, submit_job
+from deepkiln.testing import free_port, paragraph
+from tests.ray_cluster import RAY_CLI, SERVE_CLI, submit_job
 
 pytestmark = [pytest.mark.slow]
 
@@ -27,7 +29,13 @@ def test_the_jobs_api_refuses_requests_without_the_token(ray_head):
 
 
 def test_every_stage_as_a_job_then_serve_run_then_an_online_update(tmp_path, ray_head):
+    # A small raw corpus of the user's (the built-in one goes through the quickstart's test).
+    rng = random.Random(0)
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "docs.jsonl").write_text("".join(json.dumps({"text": paragraph(rng, 60)}) + "\n"
+                                                         for _ in range(300)))
     run = ["--config", "configs/tiny.yaml", "--run.run_dir", str(tmp_path), "--train.steps=10",
+           "--data.input", str(tmp_path / "raw"), "--tokenizer.vocab_size=512",
            "--train.eval_every=10", "--quant.format=bf16", "--serve.replica_cpus=0.5", "--online.min_feedback=4",
            "--online.steps=4"]
 

@@ -16,10 +16,9 @@ from deepkiln.checkpoint import load_model
 from deepkiln.config import load_config
 from deepkiln.evaluate import continuation_logprob, pad_rows, sequence_losses
 from deepkiln.model import Gate
-from deepkiln.testing import free_port, make_run, paragraph
+from deepkiln.testing import free_port, paragraph
 from deepkiln.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
 from pipelines import online
-from pipelines import quantize
 
 MODEL = "deepkiln"
 
@@ -93,14 +92,13 @@ def post(url, path, body):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
-def test_feedback_to_a_served_update_then_a_rejected_candidate_then_rollback(tmp_path):
+def test_feedback_to_a_served_update_then_a_rejected_candidate_then_rollback(served_copy):
     from ray import serve
 
     from serve.app import build
     from serve.engine_process import version_of
 
-    argv = make_run(tmp_path)
-    quantize.main(argv)
+    tmp_path, argv = served_copy
     argv += ["--quant.format=bf16", "--serve.replica_cpus=0.5", "--online.min_feedback=8", "--online.steps=30",
              "--online.lr=3e-3"]
     cfg = load_config(argv)

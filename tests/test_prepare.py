@@ -7,7 +7,7 @@ from deepkiln.corpus import doc_id, list_inputs, plan_shards
 from pipelines import prepare
 from tests.corpus_factory import make_corpus, near_copy, paragraph, write_jsonl
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
 
 def run(tmp_path, data, name="t", *extra):
@@ -127,7 +127,7 @@ def test_missing_or_empty_input_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_builtin_corpus_needs_nothing_but_the_preset(tmp_path):
-    report = prepare.main(["--config", "configs/tiny.yaml", "--run.run_dir", str(tmp_path)])
+def test_builtin_corpus_needs_nothing_but_the_preset(builtin_run):
+    report = builtin_run["prepare"]  # prepare.main with configs/tiny.yaml and no input, this session
     assert report["input"] == "builtin" and report["docs_out"] > 1000
     assert report["docs_out"] < report["docs_in"]

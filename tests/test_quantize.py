@@ -65,16 +65,15 @@ def test_nothing_to_quantize_is_an_error():
         apply_quantization(tiny(), QuantArgs(format="nf4", keep=["layers", "head", "mtp"]))
 
 
-def test_pipeline_writes_three_artifacts_and_a_report(tmp_path):
+@pytest.mark.slow
+def test_pipeline_writes_three_artifacts_and_a_report(served_run):
     import json
 
-    from pipelines import quantize
-    from deepkiln.testing import make_run
-
-    report = quantize.main(make_run(tmp_path))
+    report = served_run["report"]  # pipelines.quantize on the session's trained run
     formats = report["formats"]
     assert set(formats) == {"bf16", "int8", "nf4"}
-    assert json.loads((tmp_path / "served" / "quantize" / "report.json").read_text()) == report
+    assert json.loads((served_run["root"] / "served" / "quantize" / "report.json").read_text()) == report
+    assert report["precision"]["dtype"] == "float32"  # the figures are the artifacts' in serve.dtype
     for fmt, r in formats.items():
         model, _ = load_quantized(r["path"], compute_dtype())
         assert bool(quantized_layers(model)) == (fmt != "bf16")

@@ -11,7 +11,8 @@ import pytest
 import requests
 
 from pipelines import quickstart
-from tests.ray_cluster import REPO, free_port
+from deepkiln.testing import free_port
+from tests.ray_cluster import REPO
 
 FAST = ["--config", "configs/tiny.yaml", "--train.steps=30", "--train.eval_every=30", "--online.steps=4",
         "--serve.replica_cpus=0.5"]
@@ -25,7 +26,7 @@ def test_a_stage_is_done_only_when_its_last_file_is_there(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("ray_local")
+@pytest.mark.usefixtures("own_ray")  # the quickstart starts its own local Ray, as `make run` does
 def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path):
     from ray import serve
 

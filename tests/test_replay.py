@@ -79,6 +79,7 @@ INGESTER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_an_ingester_killed_at_random_moments_leaves_offsets_and_examples_in_step(tmp_path):
     path, rng, acknowledged = str(tmp_path / "replay.sqlite"), random.Random(0), 0
     for _ in range(4):

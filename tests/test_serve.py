@@ -23,32 +23,41 @@ MODEL = "deepkiln"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A trained tiny model quantized to bf16, int8 and nf4, and its tokenizer."""
-    root = tmp_path_factory.mktemp("serve")
-    argv = make_run(root)
-    report = quantize.main(argv)
-    return {"argv": argv, "report": report, "tokenizer": Tokenizer.load(root / "served/tokenizer/tokenizer.model")}
+def run(served_run):
+    """The session's trained tiny model quantized to bf16, int8 and nf4, and its tokenizer."""
+    return served_run
 
 
 @pytest.fixture(scope="module")
-def http(run):
-    """Serve on a free port of 127.0.0.1 for this module; `deploy(*overrides)` (re)deploys the app
-    with a config and returns the base URL."""
+def http(run, tmp_path_factory):
+    """Serve on a free port of 127.0.0.1 for this module; `deploy(*overrides)` deploys the app with a
+    config and returns the base URL. The same overrides twice keep the running app (a redeploy
+    replaces every replica); a test that changes the app itself calls `deploy.changed()`. Feedback
+    goes to a store of the module's own: the session's run stays as it was."""
     from ray import serve
 
     from serve.app import build
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    store = f"--feedback.store={tmp_path_factory.mktemp('feedback')}"
+    current = {"overrides": None}
 
     def deploy(*overrides):
-        cfg = load_config(run["argv"] + ["--serve.replica_cpus=0.5", *overrides])
-        serve.run(build(cfg), name="deepkiln", route_prefix="/")
+        if overrides != current["overrides"]:
+            cfg = load_config(run["argv"] + ["--serve.replica_cpus=0.5", store, *overrides])
+            serve.run(build(cfg), name="deepkiln", route_prefix="/")
+            current["overrides"] = overrides
         return f"http://127.0.0.1:{port}"
 
+    deploy.changed = lambda: current.update(overrides=None)
+    deploy.store = store
     yield deploy
     serve.shutdown()
+
+
+# The app most tests share: bf16 weights, small limits for the bad-input test.
+BASE = ("--quant.format=bf16", "--serve.max_body_bytes=20000", "--serve.max_tokens=64", "--feedback.max_text_chars=200")
 
 
 def handle(name):
@@ -63,7 +72,7 @@ def post(url, body, **kw):
 
 
 def test_openai_client_lists_completes_chats_and_streams(http, run):
-    client = OpenAI(base_url=http("--quant.format=bf16") + "/v1", api_key="unused")
+    client = OpenAI(base_url=http(*BASE) + "/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == [MODEL]
 
     c = client.completions.create(model=MODEL, prompt="The people", max_tokens=8, temperature=0)
@@ -112,7 +121,7 @@ def expected_text(run, fmt, prompt, max_tokens) -> str:
 
 
 def test_greedy_through_serve_equals_the_engine(http, run):
-    url = http("--quant.format=bf16")
+    url = http(*BASE)
     for prompt in ("The people", "A river and a bridge"):
         output = engine_output(run, "bf16", prompt, 12)
         r = post(url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0})
@@ -121,23 +130,12 @@ def test_greedy_through_serve_equals_the_engine(http, run):
         assert r.json()["usage"]["completion_tokens"] == len(output)
 
 
-@pytest.mark.parametrize("fmt, layer", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
-def test_quantized_replicas_run_bitsandbytes_layers(http, run, fmt, layer):
-    url = http(f"--quant.format={fmt}")
-    info = handle("LLMServer").info.remote().result()
-    assert info["version"].startswith(f"{fmt}-") and info["layers"].get(layer, 0) > 0
-    assert info["weight_bytes"] == run["report"]["formats"][fmt]["bytes_in_memory"]
-    assert info["weight_bytes"] < run["report"]["formats"]["bf16"]["bytes_in_memory"]
-    r = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 6, "temperature": 0})
-    assert r.status_code == 200 and r.json()["system_fingerprint"] == info["version"]
-
-
 def test_prometheus_metrics_count_requests_errors_tokens_and_name_the_version(http, run):
     import re
 
     import ray
 
-    url = http("--quant.format=bf16")
+    url = http(*BASE)
     version = handle("LLMServer").info.remote().result()["version"]
     body = {"model": MODEL, "prompt": "The people", "max_tokens": 8, "temperature": 0, "stream": True}
     for _ in range(3):
@@ -170,7 +168,7 @@ def test_prometheus_metrics_count_requests_errors_tokens_and_name_the_version(ht
 
 
 def test_bad_input_is_a_4xx_naming_the_field(http, run):
-    url = http("--quant.format=bf16", "--serve.max_body_bytes=20000", "--serve.max_tokens=64")
+    url = http(*BASE)
     pid = handle("OpenAIIngress").pid.remote().result()
     ok = {"model": MODEL, "prompt": "The people"}
     context = load_config(run["argv"]).model.max_seq_len
@@ -209,6 +207,116 @@ def test_bad_input_is_a_4xx_naming_the_field(http, run):
     assert handle("OpenAIIngress").pid.remote().result() == pid  # the replica survived all of it
     r = post(url + "/v1/completions", {**ok, "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_feedback_is_stored_once_joined_to_the_completion_and_bad_feedback_is_a_4xx(http, run):
+    url = http(*BASE)
+    c = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 6}).json()
+    chat = post(url + "/v1/chat/completions", {"model": MODEL, "stream": True, "max_tokens": 4,
+                                               "messages": [{"role": "user", "content": "Hi"}]})
+    chat_id = json.loads(chat.text.split("\n\n")[0][6:])["id"]
+    good = {"feedback_id": "fb-1", "completion_id": c["id"], "rating": 4, "correction": "Mail bo@example.org"}
+    first = post(url + "/v1/feedback", good)
+    assert first.status_code == 200 and first.json()["duplicate"] is False, first.text
+    again = post(url + "/v1/feedback", good)
+    assert again.status_code == 200 and again.json() == {**first.json(), "duplicate": True}
+    assert post(url + "/v1/feedback", {"feedback_id": "fb-2", "completion_id": chat_id, "rating": "down"}).status_code == 200
+    for body, status, field in [
+        ({**good, "feedback_id": "x", "completion_id": "cmpl-unknown"}, 404, "completion_id"),
+        ({**good, "feedback_id": "x", "rating": 11}, 400, "rating"),
+        ({**good, "feedback_id": "x", "correction": "y" * 201}, 400, "correction"),
+        ({k: v for k, v in good.items() if k != "feedback_id"}, 400, "feedback_id"),
+        ({**good, "feedback_id": "x", "rating": "4"}, 400, "rating"),
+    ]:
+        r = post(url + "/v1/feedback", body)
+        assert r.status_code == status and r.json()["error"]["param"] == field, (body, r.text)
+        assert field in r.json()["error"]["message"]
+    from actors.feedback import collectors
+    from deepkiln.paths import absolute
+
+    [collector] = collectors(absolute(load_config(run["argv"] + [http.store, *BASE])))
+    import ray
+
+    stored = {r["feedback_id"]: r for r in ray.get(collector.records.remote())}
+    assert set(stored) == {"fb-1", "fb-2"}  # nothing stored for the bad ones
+    assert stored["fb-1"]["prompt"] == "The people" and stored["fb-1"]["completion"] == c["choices"][0]["text"]
+    assert stored["fb-1"]["model_version"] == c["system_fingerprint"] and "<EMAIL>" in stored["fb-1"]["correction"]
+    assert json.loads(stored["fb-2"]["prompt"]) == [{"role": "user", "content": "Hi"}] and stored["fb-2"]["rating"] == 1
+
+
+def test_killed_replica_is_replaced_and_the_load_finishes_with_retries(http):
+    import os
+    import signal
+
+    url = http(*BASE)
+    victim = handle("LLMServer").info.remote().result()["pid"]
+    failures = []
+
+    def one(i):
+        if i == 6:
+            os.kill(victim, signal.SIGKILL)
+        for attempt in range(60):  # a client that retries failed requests, as OpenAI's own does
+            try:
+                r = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 16})
+            except requests.ConnectionError as e:
+                failures.append(repr(e))
+            else:
+                if r.status_code == 200:
+                    return attempt
+                assert r.status_code >= 500, r.text  # never a 4xx for a good request
+                failures.append(r.status_code)
+            time.sleep(0.5)
+        raise AssertionError(f"request {i} never succeeded: {failures}")
+
+    with ThreadPoolExecutor(4) as pool:
+        attempts = list(pool.map(one, range(24)))
+    assert len(attempts) == 24
+    assert handle("LLMServer").info.remote().result()["pid"] != victim  # Serve replaced the replica
+
+
+def test_version_switch_under_load_drops_nothing(http, run):
+    """Redeployed with serve.run, Serve replaces the replicas (a rolling update); `serve deploy` of a
+    changed user_config reconfigures them in place (test_reconfigure_*)."""
+    from ray import serve
+
+    from serve.app import build
+
+    url = http(*BASE)
+    before = handle("LLMServer").info.remote().result()
+    body = {"model": MODEL, "prompt": "The people", "max_tokens": 24, "temperature": 0}
+    want = {fmt: expected_text(run, fmt, "The people", 24) for fmt in ("bf16", "nf4")}
+
+    def one(i):
+        if i == 8:  # publish the nf4 artifact while requests are in flight
+            cfg = load_config(run["argv"] + ["--serve.replica_cpus=0.5", http.store, *BASE])
+            serve.run(build(cfg, artifact=run["report"]["formats"]["nf4"]["path"]), name="deepkiln", route_prefix="/")
+        return post(url + "/v1/completions", body)
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(one, range(20)))
+    http.changed()
+    assert [r.status_code for r in responses] == [200] * 20
+    after = handle("LLMServer").info.remote().result()
+    assert after["version"].startswith("nf4-")
+    seen = {r.json()["system_fingerprint"] for r in responses}
+    assert before["version"] in seen
+    for r in responses:  # each answer is what the version it names produces
+        fmt = "bf16" if r.json()["system_fingerprint"] == before["version"] else "nf4"
+        assert r.json()["system_fingerprint"] in (before["version"], after["version"])
+        assert r.json()["choices"][0]["text"] == want[fmt]
+    last = post(url + "/v1/completions", body).json()
+    assert last["system_fingerprint"] == after["version"] and last["choices"][0]["text"] == want["nf4"]
+
+
+@pytest.mark.parametrize("fmt, layer", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
+def test_quantized_replicas_run_bitsandbytes_layers(http, run, fmt, layer):
+    url = http(f"--quant.format={fmt}")
+    info = handle("LLMServer").info.remote().result()
+    assert info["version"].startswith(f"{fmt}-") and info["layers"].get(layer, 0) > 0
+    assert info["weight_bytes"] == run["report"]["formats"][fmt]["bytes_in_memory"]
+    assert info["weight_bytes"] < run["report"]["formats"]["bf16"]["bytes_in_memory"]
+    r = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200 and r.json()["system_fingerprint"] == info["version"]
 
 
 def test_overload_gets_503_quickly_and_the_rest_complete(http):
@@ -256,69 +364,6 @@ def test_api_key_guards_every_route_but_health(http, tmp_path):
     assert post(url + "/v1/completions", body, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
     client = OpenAI(base_url=url + "/v1", api_key="s3cret-key")
     assert [m.id for m in client.models.list()] == [MODEL]
-
-
-def test_version_switch_under_load_drops_nothing(http, run):
-    """Redeployed with serve.run, Serve replaces the replicas (a rolling update); `serve deploy` of a
-    changed user_config reconfigures them in place (test_reconfigure_*)."""
-    from ray import serve
-
-    from serve.app import build
-
-    url = http("--quant.format=bf16")
-    before = handle("LLMServer").info.remote().result()
-    body = {"model": MODEL, "prompt": "The people", "max_tokens": 24, "temperature": 0}
-    want = {fmt: expected_text(run, fmt, "The people", 24) for fmt in ("bf16", "nf4")}
-
-    def one(i):
-        if i == 8:  # publish the nf4 artifact while requests are in flight
-            cfg = load_config(run["argv"] + ["--quant.format=bf16", "--serve.replica_cpus=0.5"])
-            serve.run(build(cfg, artifact=run["report"]["formats"]["nf4"]["path"]), name="deepkiln", route_prefix="/")
-        return post(url + "/v1/completions", body)
-
-    with ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(one, range(20)))
-    assert [r.status_code for r in responses] == [200] * 20
-    after = handle("LLMServer").info.remote().result()
-    assert after["version"].startswith("nf4-")
-    seen = {r.json()["system_fingerprint"] for r in responses}
-    assert before["version"] in seen
-    for r in responses:  # each answer is what the version it names produces
-        fmt = "bf16" if r.json()["system_fingerprint"] == before["version"] else "nf4"
-        assert r.json()["system_fingerprint"] in (before["version"], after["version"])
-        assert r.json()["choices"][0]["text"] == want[fmt]
-    last = post(url + "/v1/completions", body).json()
-    assert last["system_fingerprint"] == after["version"] and last["choices"][0]["text"] == want["nf4"]
-
-
-def test_killed_replica_is_replaced_and_the_load_finishes_with_retries(http):
-    import os
-    import signal
-
-    url = http("--quant.format=bf16")
-    victim = handle("LLMServer").info.remote().result()["pid"]
-    failures = []
-
-    def one(i):
-        if i == 6:
-            os.kill(victim, signal.SIGKILL)
-        for attempt in range(60):  # a client that retries failed requests, as OpenAI's own does
-            try:
-                r = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 16})
-            except requests.ConnectionError as e:
-                failures.append(repr(e))
-            else:
-                if r.status_code == 200:
-                    return attempt
-                assert r.status_code >= 500, r.text  # never a 4xx for a good request
-                failures.append(r.status_code)
-            time.sleep(0.5)
-        raise AssertionError(f"request {i} never succeeded: {failures}")
-
-    with ThreadPoolExecutor(4) as pool:
-        attempts = list(pool.map(one, range(24)))
-    assert len(attempts) == 24
-    assert handle("LLMServer").info.remote().result()["pid"] != victim  # Serve replaced the replica
 
 
 def test_reconfigure_switches_versions_and_in_flight_requests_finish_on_theirs(run):
@@ -543,41 +588,6 @@ def test_the_engine_process_exits_with_its_replica(run, tmp_path):
     os.kill(replica.pid, signal.SIGKILL)
     replica.wait()
     psutil.Process(engine_pid).wait(timeout=30)  # raises TimeoutExpired if it lingers
-
-
-def test_feedback_is_stored_once_joined_to_the_completion_and_bad_feedback_is_a_4xx(http, run):
-    url = http("--quant.format=bf16", "--feedback.max_text_chars=200")
-    c = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 6}).json()
-    chat = post(url + "/v1/chat/completions", {"model": MODEL, "stream": True, "max_tokens": 4,
-                                               "messages": [{"role": "user", "content": "Hi"}]})
-    chat_id = json.loads(chat.text.split("\n\n")[0][6:])["id"]
-    good = {"feedback_id": "fb-1", "completion_id": c["id"], "rating": 4, "correction": "Mail bo@example.org"}
-    first = post(url + "/v1/feedback", good)
-    assert first.status_code == 200 and first.json()["duplicate"] is False, first.text
-    again = post(url + "/v1/feedback", good)
-    assert again.status_code == 200 and again.json() == {**first.json(), "duplicate": True}
-    assert post(url + "/v1/feedback", {"feedback_id": "fb-2", "completion_id": chat_id, "rating": "down"}).status_code == 200
-    for body, status, field in [
-        ({**good, "feedback_id": "x", "completion_id": "cmpl-unknown"}, 404, "completion_id"),
-        ({**good, "feedback_id": "x", "rating": 11}, 400, "rating"),
-        ({**good, "feedback_id": "x", "correction": "y" * 201}, 400, "correction"),
-        ({k: v for k, v in good.items() if k != "feedback_id"}, 400, "feedback_id"),
-        ({**good, "feedback_id": "x", "rating": "4"}, 400, "rating"),
-    ]:
-        r = post(url + "/v1/feedback", body)
-        assert r.status_code == status and r.json()["error"]["param"] == field, (body, r.text)
-        assert field in r.json()["error"]["message"]
-    from actors.feedback import collectors
-    from deepkiln.paths import absolute
-
-    [collector] = collectors(absolute(load_config(run["argv"] + ["--feedback.max_text_chars=200"])))
-    import ray
-
-    stored = {r["feedback_id"]: r for r in ray.get(collector.records.remote())}
-    assert set(stored) == {"fb-1", "fb-2"}  # nothing stored for the bad ones
-    assert stored["fb-1"]["prompt"] == "The people" and stored["fb-1"]["completion"] == c["choices"][0]["text"]
-    assert stored["fb-1"]["model_version"] == c["system_fingerprint"] and "<EMAIL>" in stored["fb-1"]["correction"]
-    assert json.loads(stored["fb-2"]["prompt"]) == [{"role": "user", "content": "Hi"}] and stored["fb-2"]["rating"] == 1
 
 
 def test_500_feedback_posts_with_the_collector_killed_twice_are_each_stored_once(http, run, tmp_path):

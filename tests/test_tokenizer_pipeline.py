@@ -5,24 +5,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from deepkiln.tokenizer import EOS_ID, Tokenizer
-from pipelines import prepare, tokenizer
-from tests.corpus_factory import make_corpus
+from pipelines import tokenizer
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
 
-def test_tokenizer_stage_trains_and_packs_every_shard(tmp_path):
-    make_corpus(tmp_path / "raw")
-    argv = ["--run.run_dir", str(tmp_path / "runs"), "--data.input", str(tmp_path / "raw"),
-            "--data.num_shards=2", "--tokenizer.vocab_size=600", "--tokenizer.sample_docs=200"]
-    prepare.main(argv)
-    index = tokenizer.main(argv)
-
-    out = tmp_path / "runs" / "deepkiln" / "tokenizer"
+def test_tokenizer_stage_trains_and_packs_every_shard(builtin_run):
+    index = builtin_run["index"]  # the tokenizer stage on the prepared built-in corpus, this session
+    out = builtin_run["root"] / "tokenizer"
     tok = Tokenizer.load(out / "tokenizer.model")
     assert index == json.loads((out / "tokens" / "index.json").read_text()) | {"config": index["config"]}
-    assert index["dtype"] == "uint16" and index["vocab_size"] == tok.vocab_size <= 600
-    texts = [t for s in sorted((tmp_path / "runs" / "deepkiln" / "prepare" / "shards").glob("*.parquet"))
+    assert index["dtype"] == "uint16" and index["vocab_size"] == tok.vocab_size <= 2048
+    texts = [t for s in sorted((builtin_run["root"] / "prepare" / "shards").glob("*.parquet"))
              for t in pq.read_table(s).column("text").to_pylist()]
     expected = sum(len(tok.encode(t)) + 1 for t in texts)   # + EOS per document
     assert index["total_tokens"] == expected and index["total_docs"] == len(texts)
