@@ -3,7 +3,9 @@ token shards, a small trained and quantized run) and copied for tests that write
 need a Ray cluster of their own (a `ray start --head` with token auth, a quickstart's own local Ray)
 run last, after the session's Ray is shut down: one cluster is alive at a time."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -138,7 +140,8 @@ def ray_head(tmp_path_factory):
          f"--runtime-env-agent-port={free_port()}",
          "--disable-usage-stats", f"--temp-dir={tempfile.mkdtemp(prefix='rayhead-', dir='/tmp')}"],
         # Its processes find their own cluster through RAY_ADDRESS, as on a real node.
-        env=env | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"}, stdout=log, stderr=subprocess.STDOUT)
+        env=env | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"}, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own process group: ended whole, by its pid
     try:
         deadline = time.monotonic() + 120
         while subprocess.run([RAY_CLI, "job", "list", "--address", url], env=env,
@@ -147,6 +150,12 @@ def ray_head(tmp_path_factory):
             time.sleep(2)
         yield url, env
     finally:
-        head.terminate()
-        head.wait(timeout=120)
+        head.terminate()  # `ray start --block` stops the cluster's processes on SIGTERM, taking ~30 s
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of its process group is left
+        head.wait(timeout=30)
         log.close()

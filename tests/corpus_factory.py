@@ -6,7 +6,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deepkiln.testing import WORDS, paragraph  # noqa: F401  (re-exported for the tests)
+from deepkiln.testing import paragraph  # noqa: F401  (re-exported for the tests)
 
 
 def near_copy(text: str, rng: random.Random, changes: int = 1) -> str:

@@ -6,8 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-from deepkiln.testing import free_port  # noqa: F401  (re-exported for the tests)
-
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 SERVE_CLI = str(Path(sys.executable).parent / "serve")

@@ -7,7 +7,7 @@ import torch
 
 from deepkiln.checkpoint import load_model
 from pipelines import dp_finetune
-from deepkiln.testing import copy_run
+from deepkiln.testing import copy_run as copy_of
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -22,7 +22,7 @@ def run(served_run, tmp_path_factory):
     """A tiny trained run and a private set of 160 short records by 40 users."""
     root = tmp_path_factory.mktemp("dp")
     torch.set_num_threads(1)
-    argv = copy_run(served_run["argv"], root)
+    argv = copy_of(served_run["argv"], root)
     rng = random.Random(0)
     rows = [{"text": f"{rng.choice(NAMES)} has a {rng.choice(['cough', 'fever', 'rash', 'cold'])} on day "
                      f"{rng.randint(1, 28)}.", "user": f"u{i % 40}"} for i in range(160)]

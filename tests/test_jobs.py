@@ -1,21 +1,33 @@
-"""The cluster workflow against a local `ray start --head` with token auth on: every stage submitted
-with `ray job submit`, the app started with `serve run ... --non-blocking` as a job, the endpoint
-answering over HTTP, one online update published; and the Jobs API refusing requests without the token."""
+"""The cluster journey against a local `ray start --head` with token auth on, in one story: every
+stage submitted with `ray job submit` (Tune among them, one trial killed and retried from its
+checkpoint), the app started with `serve run ... --non-blocking` as a job, feedback over HTTP, an
+online update published while requests keep flowing (the corrected answers more likely afterwards),
+a candidate trained far too hard refused by the gate, and a rollback. And the Jobs API refusing
+requests without the token."""
 
 import json
 import random
 import subprocess
+import threading
 import time
 
 import pytest
 import requests
+import torch
 import yaml
 
-from deepkiln.checkpoint import load_checkpoint
+from deepkiln.checkpoint import load_checkpoint, load_model
+from deepkiln.config import load_config
+from deepkiln.evaluate import continuation_logprob
+from deepkiln.model import Gate
 from deepkiln.testing import free_port, paragraph
+from deepkiln.tokenizer import EOS_ID, Tokenizer
 from tests.ray_cluster import RAY_CLI, SERVE_CLI, submit_job
 
 pytestmark = [pytest.mark.slow]
+MODEL = "deepkiln"
+PROMPTS = ["The river", "A market", "The doctor wrote", "Summer in the village"]
+CORRECTIONS = ["runs past the old mill.", "opens at dawn.", "a letter to the school.", "is long and warm."]
 
 
 def test_the_jobs_api_refuses_requests_without_the_token(ray_head):
@@ -28,25 +40,33 @@ def test_the_jobs_api_refuses_requests_without_the_token(ray_head):
     assert listing.returncode != 0
 
 
-def test_every_stage_as_a_job_then_serve_run_then_an_online_update(tmp_path, ray_head):
+def post(url, path, body):
+    return requests.post(url + path, json=body, timeout=120)
+
+
+def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candidate_and_rollback(tmp_path, ray_head):
     # A small raw corpus of the user's (the built-in one goes through the quickstart's test).
     rng = random.Random(0)
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "docs.jsonl").write_text("".join(json.dumps({"text": paragraph(rng, 60)}) + "\n"
                                                          for _ in range(300)))
     run = ["--config", "configs/tiny.yaml", "--run.run_dir", str(tmp_path), "--train.steps=10",
-           "--data.input", str(tmp_path / "raw"), "--tokenizer.vocab_size=512",
-           "--train.eval_every=10", "--quant.format=bf16", "--serve.replica_cpus=0.5", "--online.min_feedback=4",
-           "--online.steps=4"]
+           "--data.input", str(tmp_path / "raw"), "--tokenizer.vocab_size=512", "--train.eval_every=10",
+           "--quant.format=bf16", "--serve.replica_cpus=0.5", "--online.min_feedback=8", "--online.steps=30",
+           "--online.lr=3e-3"]
+    out = tmp_path / "tiny"
 
-    def job(*argv, **kw):
+    def job(*argv, ok=True, **kw):
         done = submit_job(ray_head, *argv, **kw)
-        assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
+        assert (done.returncode == 0 and "succeeded" in done.stdout.lower()) == ok, \
+            done.stdout[-3000:] + done.stderr[-3000:]
         return done
 
-    for stage in ("prepare", "tokenizer", "train", "audit", "quantize"):
+    for stage in ("prepare", "tokenizer"):
         job("-m", f"pipelines.{stage}", *run)
-    out = tmp_path / "tiny"
+    tune(job, run, out, tmp_path / "kill-once")
+    for stage in ("train", "audit", "quantize"):
+        job("-m", f"pipelines.{stage}", *run)
     assert load_checkpoint(out / "train" / "model").manifest["step"] == 10
     assert json.loads((out / "audit" / "report.json").read_text())["passed"]
 
@@ -62,23 +82,113 @@ def test_every_stage_as_a_job_then_serve_run_then_an_online_update(tmp_path, ray
         while not _ok(f"{url}/health"):
             assert time.monotonic() < deadline, "the app never became ready"
             time.sleep(2)
-        answers = []
-        for i in range(4):
-            r = requests.post(f"{url}/v1/completions", timeout=120,
-                              json={"model": "deepkiln", "prompt": f"The for statement {i}", "max_tokens": 8})
-            assert r.status_code == 200, r.text
-            answers.append(r.json())
-            assert requests.post(f"{url}/v1/feedback", timeout=60, json={
-                "feedback_id": f"job-{i}", "completion_id": r.json()["id"], "rating": 1,
-                "correction": "iterates over the items of a sequence."}).status_code == 200
-        done = job("-m", "pipelines.online", *run, "--once", "--online.max_ppl_increase=1.0")
-        assert "serving v0001" in done.stdout, done.stdout[-3000:]
-        r = requests.post(f"{url}/v1/completions", timeout=120,
-                          json={"model": "deepkiln", "prompt": "The for statement", "max_tokens": 8})
-        assert r.status_code == 200 and r.json()["system_fingerprint"] != answers[0]["system_fingerprint"]
-        assert r.json()["system_fingerprint"].startswith("v0001-bf16")
+        online_update(job, run, out, url)
     finally:
         job("shutdown", "-y", program=SERVE_CLI)
+
+
+def tune(job, run, out, marker):
+    """Tune as a job: 4 ASHA trials of one worker each, two at a time on 2 CPUs. One trial's worker
+    is SIGKILLed once after step 6 (the marker file); with train.max_failures=0 the trial itself
+    fails, and Tune's retry continues it from its checkpoint at step 3."""
+    job("-m", "pipelines.tune", *run, "--train.num_workers=1", "--train.cpus_per_worker=0.95",
+        "--train.max_failures=0", "--train.seq_len=64", "--train.batch_size=16", "--tune.num_samples=4",
+        "--tune.max_steps=12", "--tune.reports=4", runtime_env={"env_vars": {"DEEPKILN_KILL_ONCE": str(marker)}})
+    assert marker.exists()  # the kill happened (the killed worker disarmed it)
+    summary = json.loads((out / "tune" / "tune_summary.json").read_text())
+    assert summary["trials"] == 4 and summary["errors"] == 0
+    rows = (out / "tune" / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and "val_loss" in rows[0] and "config/train.lr" in rows[0]
+    assert (out / "tune" / "trials.png").stat().st_size > 1000
+    starts = {}  # the retried trial: a second start, at the step-3 checkpoint, not from scratch
+    for log in (out / "tune" / "trials").glob("*/train/progress.jsonl"):
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        starts[log.parts[-3]] = [e["step"] for e in events if e.get("event") == "start"]
+    assert len(starts) == 4
+    assert sorted(s for s in starts.values() if len(s) > 1) == [[0, 3]], starts
+    # best.yaml is the given config with the best trial's hyperparameters, ready for pipelines.train.
+    best = load_config(["--config", str(out / "tune" / "best.yaml")])
+    assert best.train.lr == pytest.approx(summary["best"]["train.lr"])
+    assert best.train.batch_size == summary["best"]["train.batch_size"]
+    assert best.model.bias_update_rate == pytest.approx(summary["best"]["model.bias_update_rate"])
+    assert best.train.steps == 10 and best.run.name == "tiny"
+    assert yaml.safe_load((out / "tune" / "best.yaml").read_text())["train"]["lr"] == best.train.lr
+
+
+def online_update(job, run, out, url):
+    first = post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()
+    first_version = first["system_fingerprint"]
+    # A burst of feedback: every prompt answered, then corrected three times.
+    for i, prompt in enumerate(PROMPTS):
+        r = post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200 and r.json()["system_fingerprint"] == first_version
+        for k in range(3):
+            fb = post(url, "/v1/feedback", {"feedback_id": f"fb-{i}-{k}", "completion_id": r.json()["id"],
+                                            "rating": 1, "correction": CORRECTIONS[i]})
+            assert fb.status_code == 200, fb.text
+
+    # Requests keep flowing while the update trains and Serve switches versions.
+    statuses, fingerprints, stop = [], [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            r = post(url, "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 12})
+            statuses.append(r.status_code if r.status_code == 200 else (r.status_code, r.text))
+            fingerprints.append(r.json().get("system_fingerprint"))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        done = job("-m", "pipelines.online", *run, "--once", "--online.max_ppl_increase=1.0")
+    finally:
+        stop.set()
+        loader.join()
+    assert "serving v0001" in done.stdout, done.stdout[-3000:]
+    report = json.loads((out / "online" / "updates" / "update-0001.json").read_text())
+    assert report["gate"]["passed"] and report["published"], report["gate"]
+    assert report["feedback"] == {"examples": 12, "corrected": 12, "rated": 0, "mean_weight": 1.0}
+    assert report["mix"] == {"feedback_per_batch": 2, "base_per_batch": 6}
+    assert report["loss_last"] < report["loss_first"] and report["buffer"]["unconsumed"] == 0
+    assert 0 < report["feedback_to_serving_s"]
+    state = json.loads((out / "online" / "state.json").read_text())
+    assert state["current"] == "v0001"
+    assert statuses and all(s == 200 for s in statuses), [s for s in statuses if s != 200]  # nothing dropped
+    assert first_version in fingerprints
+    new_version = post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()
+    new_version = new_version["system_fingerprint"]
+    assert new_version.startswith("v0001-bf16") and new_version != first_version
+
+    # The corrected answers became more likely, measured here on the two full-precision models.
+    tok = Tokenizer.load(out / "tokenizer" / "tokenizer.model")
+    old = load_model(state["versions"]["v0000"]["model"])[0].float()
+    new = load_model(state["versions"]["v0001"]["model"])[0].float()
+    for prompt, correction in zip(PROMPTS, CORRECTIONS):
+        ids, target = tok.encode_prompt(prompt), [*tok.encode(correction), EOS_ID]
+        assert continuation_logprob(new, ids, target) > continuation_logprob(old, ids, target) + 1.0
+    # The update stepped the routers' balancing bias after its optimizer steps, as pretraining does
+    # (the routes it counted were spent on it: the bias moved, and stays zero-mean).
+    gates = [(a.bias, b.bias) for a, b in zip(old.modules(), new.modules()) if isinstance(a, Gate)]
+    assert gates and all(not torch.equal(a, b) and abs(b.mean().item()) < 1e-6 for a, b in gates)
+    assert report["gate"]["candidate"]["feedback_target_loss"] < report["gate"]["current"]["feedback_target_loss"]
+
+    # A candidate trained far too hard fails the gate: kept, not published, the report says why.
+    for i, prompt in enumerate(PROMPTS * 2):
+        r = post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+        assert post(url, "/v1/feedback", {"feedback_id": f"fb2-{i}", "completion_id": r.json()["id"],
+                                          "rating": 2, "correction": "nonsense " * 3}).status_code == 200
+    job("-m", "pipelines.online", *run, "--once", "--online.method=full", "--online.lr=1.0")
+    bad = json.loads((out / "online" / "updates" / "update-0002.json").read_text())
+    assert not bad["gate"]["passed"] and not bad["published"] and bad["serving"] == "v0001"
+    assert any("held-out perplexity" in reason for reason in bad["gate"]["reasons"])
+    assert post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()[
+        "system_fingerprint"] == new_version
+
+    # Rollback: one command, and the first version answers again; the refused candidate has no artifact.
+    job("-m", "pipelines.online", *run, "--rollback")
+    assert post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()[
+        "system_fingerprint"] == first_version
+    refused = job("-m", "pipelines.online", *run, "--rollback", "v0002", ok=False)
+    assert "not a version with an artifact" in refused.stdout + refused.stderr
 
 
 def _ok(url: str) -> bool:

@@ -14,7 +14,7 @@ from pipelines import quickstart
 from deepkiln.testing import free_port
 from tests.ray_cluster import REPO
 
-FAST = ["--config", "configs/tiny.yaml", "--train.steps=30", "--train.eval_every=30", "--online.steps=4",
+FAST = ["--config", "configs/tiny.yaml", "--train.steps=10", "--train.eval_every=10", "--online.steps=4",
         "--serve.replica_cpus=0.5"]
 
 
@@ -38,7 +38,7 @@ def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path):
     for line in first.stdout:
         seen.append(line)
         if "[3/8] train" in line:
-            time.sleep(8)  # inside the training run
+            time.sleep(4)  # inside the train stage
             break
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()

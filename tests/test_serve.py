@@ -14,9 +14,8 @@ from deepkiln.config import load_config
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.precision import compute_dtype
 from deepkiln.quantize import load_quantized
-from deepkiln.testing import free_port, make_run
-from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from pipelines import quantize
+from deepkiln.testing import free_port
+from deepkiln.tokenizer import BOS_ID, EOS_ID
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 MODEL = "deepkiln"

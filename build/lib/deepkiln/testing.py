@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import socket
 from pathlib import Path
 
@@ -79,4 +80,14 @@ def make_run(root: Path, name: str = "served") -> list[str]:
         opt.zero_grad()
         update_expert_bias(model)
     save_checkpoint(root / name / "train" / "model", model, cfg.to_dict(), step=STEPS)
+    return argv
+
+
+def copy_run(argv: list[str], dest: Path) -> list[str]:
+    """Copy the run `argv` points at (its --run.run_dir / --run.name folder) under `dest`; returns
+    the argv of the copy (same run name), for a test or benchmark that writes into a run."""
+    argv = list(argv)
+    i, name = argv.index("--run.run_dir") + 1, argv[argv.index("--run.name") + 1]
+    shutil.copytree(Path(argv[i]) / name, Path(dest) / name)
+    argv[i] = str(dest)
     return argv
