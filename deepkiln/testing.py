@@ -91,3 +91,38 @@ def copy_run(argv: list[str], dest: Path) -> list[str]:
     shutil.copytree(Path(argv[i]) / name, Path(dest) / name)
     argv[i] = str(dest)
     return argv
+
+
+def loss_curves(config: dict) -> None:
+    """A Ray Train worker function for tests: the same pretraining steps (deepkiln.training's
+    build_engine and train_step, as pipelines.train runs them) under each of several settings in
+    turn, in one worker group; rank 0 writes {name: [mean loss per step]} as JSON to config["out"].
+    config: {"cfg": a Config dict, "settings": {name: {"section.key": value, ...}}, "out": a path}."""
+    import ray.train
+    import torch.distributed as dist
+
+    from deepkiln.config import Config
+    from deepkiln.evaluate import windows
+    from deepkiln.training import build_engine, train_step
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    curves = {}
+    for name, overrides in config["settings"].items():
+        tree = Config.from_dict(config["cfg"]).to_dict()
+        for key, value in overrides.items():
+            section, field = key.split(".")
+            tree[section][field] = value
+        cfg = Config.from_dict(tree)
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        data, (engine, _) = windows(cfg), build_engine(cfg, world)
+        curve = []
+        for step in range(cfg.train.steps):
+            lm, _, _ = train_step(engine, data, step, cfg, rank, world)
+            loss = lm.detach().clone()
+            dist.all_reduce(loss)
+            curve.append(loss.item() / world)
+        curves[name] = curve
+        del engine
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps(curves))

@@ -24,7 +24,7 @@ from deepkiln.config import Config
 from deepkiln.evaluate import mean_loss, pad_rows, sequence_losses, windows
 from deepkiln.paths import RunPaths, absolute
 from deepkiln.training import (STATE, build_engine, deepspeed_config, initialize, is_complete, lr_at, plot_losses,
-                               seq_len_at, update_expert_bias)
+                               seq_len_at, train_step, update_expert_bias)
 
 TAG = "deepspeed"  # DeepSpeed checkpoint tag inside every reported checkpoint
 
@@ -52,7 +52,7 @@ def train_loop(config: dict) -> None:
     from deepkiln.checkpoint import save_checkpoint
     from deepkiln.faults import kill_once
     from deepkiln.flops import cached_gemm_peak, model_flops_per_token
-    from deepkiln.model import Transformer, lm_losses
+    from deepkiln.model import Transformer
     from deepkiln.precision import describe
 
     cfg = Config.from_dict(config)
@@ -62,9 +62,6 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     data = windows(cfg)
     engine, dtype = build_engine(cfg, world)
-    # DeepSpeed keeps the global gradient norm for bf16 and ZeRO optimizers only; fp32 at ZeRO-0 has
-    # whole gradients on every rank, so the loop measures it itself.
-    own_norm, grad_norm = t.zero_stage == 0 and not engine.bfloat16_enabled(), None
     step, history = 0, []
     checkpoint = resume_checkpoint(cfg, ray.train.get_checkpoint())
     if checkpoint:
@@ -90,23 +87,14 @@ def train_loop(config: dict) -> None:
     while step < stop:
         engine.train()
         length = seq_len_at(step, t)
-        for m in range(t.grad_accum):
-            first = step * t.batch_size + (m * world + rank) * micro
-            x, y = data.train_batch(first, micro)
-            losses = lm_losses(engine(x[:, :length], mtp=True), y[:, :length], cfg.model)
-            engine.backward(losses["loss"])
-            if own_norm and m == t.grad_accum - 1:  # gradients are all-reduced by now, not yet clipped
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
-                                                           if p.grad is not None])
-            engine.step()
-        imbalance = update_expert_bias(engine.module)
+        lm, grad_norm, imbalance = train_step(engine, data, step, cfg, rank, world)
         step += 1
         if rank == world - 1 and step == max(1, t.steps // 2):
             kill_once()  # no-op unless a kill test armed it
         tokens_done += t.batch_size * length
-        loss = losses["lm"].detach().clone()
+        loss = lm.detach().clone()
         dist.all_reduce(loss)
-        grad_norm = grad_norm if own_norm else engine.get_global_grad_norm()
+        grad_norm = grad_norm if grad_norm is not None else engine.get_global_grad_norm()
         metrics = {"step": step, "loss": loss.item() / world, "lr": lr_at(step - 1, t), "seq_len": length,
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "tokens_per_s": tokens_done / (time.perf_counter() - start), "expert_imbalance": imbalance,

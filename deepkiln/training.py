@@ -96,6 +96,28 @@ def build_engine(cfg: Config, world: int):
     return engine, dtype
 
 
+def train_step(engine, data, step: int, cfg: Config, rank: int, world: int) -> tuple[torch.Tensor, float | None, float]:
+    """One pretraining optimizer step on this rank's share of batch `step` (train.grad_accum
+    micro-batches, the curriculum's length), then the balancing step. Returns the last micro-batch's
+    LM loss, the global gradient norm before clipping where DeepSpeed keeps none (fp32 at ZeRO-0,
+    where every rank holds whole gradients; else None: ask the engine), and the expert imbalance."""
+    from deepkiln.model import lm_losses
+
+    t = cfg.train
+    micro = t.batch_size // (world * t.grad_accum)
+    length = seq_len_at(step, t)
+    own_norm, grad_norm = t.zero_stage == 0 and not engine.bfloat16_enabled(), None
+    for m in range(t.grad_accum):
+        x, y = data.train_batch(step * t.batch_size + (m * world + rank) * micro, micro)
+        losses = lm_losses(engine(x[:, :length], mtp=True), y[:, :length], cfg.model)
+        engine.backward(losses["loss"])
+        if own_norm and m == t.grad_accum - 1:  # gradients are all-reduced by now, not yet clipped
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
+                                                             if p.grad is not None]))
+        engine.step()
+    return losses["lm"], grad_norm, update_expert_bias(engine.module)
+
+
 class _NotCounting(contextlib.AbstractContextManager):
     """Gates stop counting routes while a block is recomputed: each token is counted once."""
 

@@ -286,6 +286,9 @@ def rollback(cfg: Config, to: str | None) -> dict:
     if version is None or not version["artifact"]:
         servable = sorted(v for v, info in state["versions"].items() if info["artifact"])
         raise ValueError(f"--rollback {to}: not a version with an artifact (these are: {servable})")
+    from deepkiln.ray_utils import init_ray
+
+    init_ray()  # only now: a refused rollback needs no cluster
     if not publish(cfg, version["artifact"]):
         raise ValueError(f"the Serve app {APP!r} is not running: nothing to roll back")
     state["current"] = to
@@ -330,9 +333,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rollback", nargs="?", const="", default=None)
     opts, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(rest)
-    init_ray()
     if opts.rollback is not None:
         return rollback(cfg, opts.rollback or None)
+    init_ray()
     torch.set_num_threads(os.cpu_count() or 1)
     buffer, sources = replay_buffer(cfg), collectors(cfg)
     last: dict = {}

@@ -89,6 +89,7 @@ def main(argv=None) -> dict:
     cfg = absolute(load_config(sys.argv[1:] if argv is None else argv))
     tu, t = cfg.tune, cfg.train
     base = cfg.model_copy(deep=True)
+    base.train.tokens = RunPaths.of(cfg).tokens  # trials run under <tune>/trials/<id>: keep the run's shards
     base.train.steps = tu.max_steps
     base.train.checkpoint_every = base.train.eval_every = max(1, tu.max_steps // tu.reports)
     for size in SEARCH["train.batch_size"][1]:  # every sampled batch must split over the workers

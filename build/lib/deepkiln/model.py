@@ -457,7 +457,8 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        # On the meta device there is nothing to initialise (and normal_ there costs ~1 ms a call).
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not m.weight.is_meta:
             nn.init.normal_(m.weight, std=self.args.init_std)
 
     def forward(self, tokens, *, cache=None, absorb: bool | None = None, logits_at: torch.Tensor | None = None,
