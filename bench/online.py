@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     from deepkiln.config import load_config
     from pipelines import online, quantize
     from serve.app import build
-    from serve.engine_process import version_of
+    from deepkiln.paths import version_of
     from deepkiln.testing import free_port, make_run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -18,7 +18,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deepkiln.model import PRESETS, ModelArgs
+from deepkiln.model_args import PRESETS, ModelArgs
 from deepkiln.tokenizer import MIN_VOCAB_SIZE
 
 

@@ -111,6 +111,14 @@ class RunPaths:
         return f"{self.root}/online/updates/update-{update:04d}.json"
 
 
+def version_of(artifact: str | Path) -> str:
+    """A model version's name: the artifact folder, its training step and a prefix of its weights' hash."""
+    import json
+
+    manifest = json.loads((Path(artifact) / "manifest.json").read_text())
+    return f"{Path(artifact).name}-step{manifest.get('step', 0)}-{manifest['files']['model.safetensors']['sha256'][:8]}"
+
+
 def absolute(cfg: Config) -> Config:
     """A copy of `cfg` whose run_dir and path fields are absolute (local ones; URIs unchanged)."""
     cfg = cfg.model_copy(deep=True)

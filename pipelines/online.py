@@ -175,7 +175,7 @@ def publish(cfg: Config, artifact: str) -> bool:
     from ray import serve
 
     from serve.app import build
-    from serve.engine_process import version_of
+    from deepkiln.paths import version_of
 
     if APP not in serve.status().applications:
         print(f"online: the Serve app {APP!r} is not running; {artifact} is ready but not published", flush=True)

@@ -25,7 +25,6 @@ refuses), "internal" (a failed step).
 
 from __future__ import annotations
 
-import json
 import queue
 import sys
 import threading
@@ -33,21 +32,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import torch
 
 from deepkiln.config import Config
 from deepkiln.engine import Engine, Request, SamplingParams
-from deepkiln.paths import RunPaths
+from deepkiln.paths import RunPaths, version_of
 
 POLL_S = 0.05  # how often an idle loop looks for a finished model load
-
-
-def version_of(path: str | Path) -> str:
-    """A model version's name: the artifact folder, its training step and a prefix of its weights' hash."""
-    manifest = json.loads((Path(path) / "manifest.json").read_text())
-    return f"{Path(path).name}-step{manifest.get('step', 0)}-{manifest['files']['model.safetensors']['sha256'][:8]}"
 
 
 def load_engine(cfg: Config, path: str) -> tuple[str, Engine, dict]:

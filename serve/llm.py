@@ -31,7 +31,7 @@ from ray import serve
 
 from deepkiln.config import Config
 from deepkiln.paths import RunPaths
-from serve.engine_process import version_of
+from deepkiln.paths import version_of
 
 logger = logging.getLogger("ray.serve")
 START_TIMEOUT_S = 600  # a large artifact can take minutes to load
