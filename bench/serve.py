@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
 
     from pipelines import quantize
     from serve.app import build
-    from deepkiln.testing import free_port, make_run
+    from deepkiln.testing import free_port, make_run, run_args
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
@@ -115,6 +115,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="rounds of (sequential baseline, every level); medians reported")
     p.add_argument("--proxy", choices=["haproxy", "python"], default="haproxy")
     p.add_argument("--replica-cpus", type=float, default=os.cpu_count() or 1)
+    p.add_argument("--run-dir", help="serve this folder's quantized 'served' run (deepkiln.testing.make_run's "
+                                     "layout) instead of making one")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                    help="config overrides for the served app, e.g. serve.stream_interval_ms=0")
     opts = p.parse_args(argv)
@@ -123,9 +125,14 @@ def main(argv=None) -> dict:
                     "rounds": opts.rounds,
                     "proxy": opts.proxy, "replica_cpus": cpus, "set": opts.set}
     with tempfile.TemporaryDirectory() as tmp:
-        run_argv = make_run(Path(tmp))
-        report = quantize.main(run_argv)["formats"]
-        tokenizer = Tokenizer.load(Path(tmp) / "served" / "tokenizer" / "tokenizer.model")
+        if opts.run_dir:  # a quantized run of make_run's shape, read only: feedback goes elsewhere
+            run_argv = run_args(Path(opts.run_dir)) + ["--feedback.store", f"{tmp}/feedback"]
+            report = json.loads((Path(opts.run_dir) / "served" / "quantize" / "report.json").read_text())["formats"]
+        else:
+            run_argv = make_run(Path(tmp))
+            report = quantize.main(run_argv)["formats"]
+        tokenizer = Tokenizer.load(Path(run_argv[run_argv.index("--run.run_dir") + 1]) / "served" / "tokenizer"
+                                   / "tokenizer.model")
         for fmt in ("bf16", "int8", "nf4"):
             result[f"bytes_{fmt}"] = report[fmt]["bytes_on_disk"]
             result[f"bytes_in_memory_{fmt}"] = report[fmt]["bytes_in_memory"]

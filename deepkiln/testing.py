@@ -50,10 +50,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_args(root: Path, name: str = "served") -> list[str]:
+    """The argv that points stages at a run of make_run's shape under `root`."""
+    return [*TINY, "--run.run_dir", str(root), "--run.name", name, "--tokenizer.vocab_size=512",
+            "--train.seq_len=64", "--train.batch_size=8", "--train.eval_batches=2", "--train.val_fraction=0.1"]
+
+
 def make_run(root: Path, name: str = "served") -> list[str]:
     """Build <root>/<name>/{tokenizer,train/model} and return the argv that points stages at it."""
-    argv = [*TINY, "--run.run_dir", str(root), "--run.name", name, "--tokenizer.vocab_size=512",
-            "--train.seq_len=64", "--train.batch_size=8", "--train.eval_batches=2", "--train.val_fraction=0.1"]
+    argv = run_args(root, name)
     cfg = load_config(argv)
     rng = random.Random(0)
     docs = [paragraph(rng, rng.randint(20, 80)) for _ in range(400)]

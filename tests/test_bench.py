@@ -49,11 +49,12 @@ def test_bench_train_prints_its_figures(ray_local, capsys):
 
 
 @pytest.mark.slow
-def test_bench_serve_prints_its_figures(ray_local, capsys):
+def test_bench_serve_prints_its_figures(ray_local, served_run, capsys):
     from bench import serve as bench_serve
 
     r = bench_serve.main(["--levels", "1", "2", "--max-tokens", "4", "--formats", "bf16", "--requests", "1",
-                          "--proxy", "python", "--replica-cpus", "0.5", "--rounds", "2"])
+                          "--proxy", "python", "--replica-cpus", "0.5", "--rounds", "2",
+                          "--run-dir", str(served_run["root"])])
     level = r["bf16"]["levels"]["2"]
     assert level["requests"] == 8 and level["output_tokens_per_s"] > 0 and level["ttft_p50_s"] > 0
     per_round = r["bf16"]["batching_speedup_per_round"]

@@ -1,5 +1,6 @@
 """The cluster journey against a local `ray start --head` with token auth on, in one story: every
-stage submitted with `ray job submit` (Tune among them, one trial killed and retried from its
+stage run under `ray job submit` (prepare + tokenizer in one job and train + audit + quantize in
+another, each stage its own driver process; Tune among them, one trial killed and retried from its
 checkpoint), the app started with `serve run ... --non-blocking` as a job, feedback over HTTP, an
 online update published while requests keep flowing (the corrected answers more likely afterwards),
 a candidate trained far too hard refused by the gate, and a rollback. And the Jobs API refusing
@@ -7,7 +8,9 @@ requests without the token."""
 
 import json
 import random
+import shlex
 import subprocess
+import sys
 import threading
 import time
 
@@ -62,11 +65,13 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
         assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
         return done
 
-    for stage in ("prepare", "tokenizer"):
-        job("-m", f"pipelines.{stage}", *run)
+    def stages(*names):  # one job, each stage its own driver process, as `ray job submit` runs it
+        job("-c", " && ".join(shlex.join([sys.executable, "-m", f"pipelines.{n}", *run]) for n in names),
+            program="sh")
+
+    stages("prepare", "tokenizer")
     tune(job, run, out, tmp_path / "kill-once")
-    for stage in ("train", "audit", "quantize"):
-        job("-m", f"pipelines.{stage}", *run)
+    stages("train", "audit", "quantize")
     assert load_checkpoint(out / "train" / "model").manifest["step"] == 10
     assert json.loads((out / "audit" / "report.json").read_text())["passed"]
 
@@ -130,8 +135,8 @@ def online_update(job, run, out, url):
     # Requests keep flowing while the update trains and Serve switches versions.
     statuses, fingerprints, stop = [], [], threading.Event()
 
-    def load():
-        while not stop.is_set():
+    def load():  # a steady trickle (the update trains on the same 2 cores)
+        while not stop.wait(0.5):
             r = post(url, "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 12})
             statuses.append(r.status_code if r.status_code == 200 else (r.status_code, r.text))
             fingerprints.append(r.json().get("system_fingerprint"))

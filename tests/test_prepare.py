@@ -28,7 +28,14 @@ def corpus(tmp_path_factory):
     return root / "raw", facts
 
 
-def test_prepare_curates_dedups_across_shards_and_reports(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def calm(tmp_path_factory, corpus):
+    """One uninterrupted prepare of the corpus: (folder holding runs/one, its report)."""
+    root = tmp_path_factory.mktemp("calm")
+    return root, run(root, corpus[0], "one")
+
+
+def test_prepare_curates_dedups_across_shards_and_reports(corpus, calm):
     raw, facts = corpus
     files, _ = list_inputs(str(raw))
     rel = [f[1] for f in files]
@@ -36,8 +43,8 @@ def test_prepare_curates_dedups_across_shards_and_reports(tmp_path, corpus):
     shard_of = {s.file_idx: k for k, shard in enumerate(plan_shards(files, 0, 2)) for s in shard}
     assert shard_of[a] != shard_of[b]                      # the planted pairs straddle shards
 
-    report = run(tmp_path, raw)
-    _, rows = outputs(tmp_path)
+    root, report = calm
+    _, rows = outputs(root, "one")
     # near duplicate b[3] of a[3] and exact duplicate b[5] of a[5]: the lowest id (in a) stays
     assert doc_id(a, 4) in rows and doc_id(b, 4) not in rows
     assert doc_id(a, 6) in rows and doc_id(b, 6) not in rows
@@ -63,15 +70,14 @@ def test_prepare_curates_dedups_across_shards_and_reports(tmp_path, corpus):
             pii[k] = pii.get(k, 0) + v
     assert pii["EMAIL"] >= 1 and pii["CARD"] >= 1
     assert 0.5 < report["dedup"]["jaccard_threshold_estimate"] < 0.8
-    saved = json.loads((tmp_path / "runs" / "t" / "prepare" / "prepare_report.json").read_text())
+    saved = json.loads((root / "runs" / "one" / "prepare" / "prepare_report.json").read_text())
     assert saved["docs_out"] == report["docs_out"] and saved["config"]["data"]["input"] == str(raw)
 
 
-def test_prepare_twice_gives_identical_files(tmp_path, corpus):
+def test_prepare_twice_gives_identical_files(tmp_path, corpus, calm):
     raw, _ = corpus
-    run(tmp_path, raw, "one")
     run(tmp_path, raw, "two")
-    one, _ = outputs(tmp_path, "one")
+    one, _ = outputs(calm[0], "one")
     two, _ = outputs(tmp_path, "two")
     assert [p.name for p in one] == [p.name for p in two] and one
     for x, y in zip(one, two):
@@ -79,13 +85,12 @@ def test_prepare_twice_gives_identical_files(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_killed_shard_owner_resumes_and_output_is_unchanged(tmp_path, corpus, ray_local):
+def test_killed_shard_owner_resumes_and_output_is_unchanged(tmp_path, corpus, calm, ray_local):
     raw, _ = corpus
-    run(tmp_path, raw, "calm")
     ray_local.unlink()                                     # arm: the next owner past 100 docs dies
     report = run(tmp_path, raw, "killed")
     assert ray_local.exists()                              # the SIGKILL happened
-    calm, calm_rows = outputs(tmp_path, "calm")
+    calm, calm_rows = outputs(calm[0], "one")
     killed, killed_rows = outputs(tmp_path, "killed")
     assert sorted(killed_rows) == sorted(calm_rows)        # same ids: none missing, none extra
     for x, y in zip(calm, killed):

@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 BASE = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
         "--train.batch_size=16", "--train.seq_len=128", "--train.lr=1e-2", "--train.num_workers=2", "--train.zero_stage=2",
         "--train.log_every=20", "--train.eval_every=1000", "--train.eval_batches=8"]
-SHORT = ["--train.steps=12", "--train.checkpoint_every=4"]  # the reference run's schedule
+# The reference run's schedule: 12 steps, a checkpoint every 4, the sequence length growing from 32 to
+# 128 over the first 4 steps (the curriculum; every run compared with it has the same).
+SHORT = ["--train.steps=12", "--train.checkpoint_every=4", "--train.seq_len_start=32", "--train.curriculum_steps=4"]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,9 @@ def unigram_entropy(tokens) -> float:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, tokens):
     """12 steps of ZeRO-2 without a stop: what every interrupted run must reproduce, and the
-    reference curve of the other ZeRO stages."""
-    return run(tmp_path_factory.mktemp("straight"), tokens, "straight", *SHORT)
+    reference curve of the other ZeRO stages. Also: the SIGINT handler in force before it."""
+    handler = signal.getsignal(signal.SIGINT)
+    return run(tmp_path_factory.mktemp("straight"), tokens, "straight", *SHORT), handler
 
 
 def test_tiny_trains_on_builtin_corpus_with_zero2(tmp_path, tokens):
@@ -76,6 +79,7 @@ def test_tiny_trains_on_builtin_corpus_with_zero2(tmp_path, tokens):
 
 
 def test_zero_stages_offload_and_activation_checkpointing_keep_the_loss_curve(tmp_path, tokens, straight):
+    straight, _ = straight
     # In fp32 the stages differ only in reduction order: curves agree to 1e-3 nats at every step.
     # Offload moves the optimizer state (ZeRO-3: the parameters too) to the CPU and activation
     # checkpointing recomputes blocks in the backward pass: same math, other placement.
@@ -102,6 +106,7 @@ def test_zero_stages_offload_and_activation_checkpointing_keep_the_loss_curve(tm
 
 
 def test_killed_worker_resumes_from_checkpoint_to_the_same_weights(tmp_path, tokens, straight, ray_local):
+    straight, _ = straight
     ray_local.unlink()                    # arm: the last rank kills itself once, after step 6
     killed = run(tmp_path, tokens, "killed", *SHORT, "--train.max_failures=2")
     assert ray_local.exists()
@@ -116,6 +121,7 @@ def test_killed_worker_resumes_from_checkpoint_to_the_same_weights(tmp_path, tok
 
 
 def test_a_stopped_run_resumed_past_a_corrupt_checkpoint_matches_the_uninterrupted_one(tmp_path, tokens, straight):
+    straight, _ = straight
     run(tmp_path, tokens, "split", *SHORT, "--train.stop_after=8")
     checkpoints = sorted(p for p in (tmp_path / "split" / "train" / "ray" / "split").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2                                   # steps 4 and 8
@@ -142,14 +148,12 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path, tokens):
         run(tmp_path, tokens, "x", "--train.seq_len_start=256", "--train.curriculum_steps=4")
 
 
-def test_sequence_length_curriculum(tmp_path, tokens):
-    handler = signal.getsignal(signal.SIGINT)
-    r = run(tmp_path, tokens, "curriculum", "--train.steps=8", "--train.checkpoint_every=8",
-            "--train.seq_len_start=32", "--train.curriculum_steps=4")
+def test_sequence_length_curriculum(straight):
+    r, handler = straight  # the reference run grows its sequences from 32 to 128 over 4 steps
     # Ray Train's Ctrl-C handler is gone once the run is: a driver that goes on (the quickstart
     # serving, the online loop) stops on Ctrl-C again.
     assert signal.getsignal(signal.SIGINT) is handler
     lengths = [h["seq_len"] for h in r["history"]]
-    assert lengths == [32, 56, 80, 104, 128, 128, 128, 128]
+    assert lengths == [32, 56, 80, 104] + [128] * 8
     assert load_checkpoint(r["model"]).manifest["tokens"] == 16 * sum(lengths)
     assert r["history"][-1]["loss"] < r["history"][0]["loss"]
