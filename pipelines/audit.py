@@ -11,10 +11,8 @@ privacy.enabled, else the train stage's export <run_dir>/<run.name>/train/model)
 the tokenizer and the held-out windows of the tokenizer stage's token shards. Audits the built-in
 templated prompts (fairness.attributes x fairness.languages) and, with fairness.data, a jsonl of
 {group, prompt, continuation?} rows. Writes <run_dir>/<run.name>/audit/: report.json and one bar
-chart per metric (perplexity.png, outcome_rate.png). Other stages gate on it:
-
-    from pipelines.audit import run_audit
-    result = run_audit(cfg, "runs/tiny/online/candidate")   # {"passed": bool, "reasons": [...], "perplexity": ...}
+chart per metric (perplexity.png, outcome_rate.png). In Python, `run_audit(cfg, path)` audits any
+model folder and returns {"passed": bool, "reasons": [...], "perplexity": ...}.
 
 The gate fails when a group's perplexity over the best group's exceeds fairness.max_perplexity_ratio,
 when the outcome-rate difference between groups exceeds fairness.max_outcome_difference, or when
