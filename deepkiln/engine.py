@@ -15,12 +15,16 @@ frees a request's slot at once.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from deepkiln.model import ModelArgs, Transformer
+from deepkiln.sampling import GREEDY_BELOW, MAX_LOGPROBS, SamplingParams  # noqa: F401  (re-exported)
+
+logger = logging.getLogger(__name__)
 
 
 class LatentCache:
@@ -74,35 +78,9 @@ class LatentCache:
         self.lens[self.rows] += T if self.lengths is None else self.lengths
 
 
-@dataclass
-class SamplingParams:
-    max_tokens: int = 64
-    """New tokens to generate at most."""
-    temperature: float = 1.0
-    """0 is greedy."""
-    top_k: int = 0
-    """Keep the k most likely tokens; 0 keeps all."""
-    top_p: float = 1.0
-    """Keep the smallest set of tokens whose probability reaches top_p."""
-    stop_token_ids: tuple[int, ...] = ()
-    """Generation ends at any of these; the stop token is not returned."""
-    seed: int | None = None
-    """Seeds this request's own generator: the same seed gives the same tokens in any batch."""
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-
-
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> int:
     """One token id from logits (V,) under temperature, top-k and top-p."""
-    if p.temperature == 0:
+    if p.greedy:
         return int(logits.argmax())
     logits = logits.float() / p.temperature
     if p.top_k:
@@ -116,22 +94,58 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class RequestFailed(ValueError):
+    """A failure of one request's own (its sampling parameters made its logits unusable)."""
+
+
+def adjusted(logits: torch.Tensor, req: Request) -> torch.Tensor:
+    """Logits (V,) after the request's penalties and logit bias; RequestFailed when they leave
+    nothing finite to sample from."""
+    p = req.params
+    out = logits.float().clone()
+    if req.counts:
+        ids = torch.tensor(list(req.counts), dtype=torch.long)
+        counts = torch.tensor(list(req.counts.values()), dtype=torch.float32)
+        out[ids] -= counts * p.frequency_penalty + p.presence_penalty
+    for token, bias in p.logit_bias.items():
+        if 0 <= token < out.numel():
+            out[token] += bias
+    if torch.isnan(out).any() or torch.isposinf(out).any() or not torch.isfinite(out).any():
+        raise RequestFailed("the request's logit_bias or penalties leave no finite logit to sample from")
+    return out
+
+
 @dataclass
 class Request:
     prompt: list[int]
     params: SamplingParams
     output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     slot: int = -1
     generator: torch.Generator | None = None
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    """Per generated token: its log-probability and the top `params.logprobs` (id, log-probability)."""
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    """Per prompt token (None for the first), when params.prompt_logprobs."""
+    counts: dict[int, int] = field(default_factory=dict)
+    """Times each token was generated (for the penalties)."""
+    error: tuple[str, str] | None = None
+    """(kind, message) when finish_reason is "error": kind "invalid_request" (this request's own
+    parameters) or "internal" (the forward it was part of failed)."""
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def fail(self, kind: str, message: str) -> None:
+        if not self.done:
+            self.finish_reason, self.error = "error", (kind, message)
+
 
 class Engine:
-    """Runs requests through a model with a shared LatentCache; `step()` advances every request."""
+    """Runs requests through a model with a shared LatentCache; `step()` advances every request.
+    A failure is contained: a request whose own parameters break its sampling fails alone, a
+    failed forward fails the requests in it, and every failed request's slot is free again."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_len: int | None = None,
                  dtype: torch.dtype | None = None, max_step_tokens: int | None = None,
@@ -140,6 +154,7 @@ class Engine:
         # The tokenizer's vocabulary can be smaller than the model's: ids beyond it are never sampled.
         self.vocab_size = vocab_size or model.args.vocab_size
         param = next(model.parameters())
+        self.max_batch = max_batch
         self.max_len = max_len or model.args.max_seq_len
         self.max_step_tokens = max_step_tokens or self.max_len
         if self.max_step_tokens < max_batch:
@@ -162,7 +177,7 @@ class Engine:
             raise ValueError(f"prompt has token ids outside 0..{self.model.args.vocab_size - 1}")
         gen = None
         if params.seed is not None:
-            gen = torch.Generator().manual_seed(params.seed)
+            gen = torch.Generator().manual_seed(params.seed % 2**64)
         req = Request(list(prompt), params, generator=gen)
         self.waiting.append(req)
         return req
@@ -173,16 +188,31 @@ class Engine:
             return
         req.finish_reason = "cancelled"
         if req in self.running:
-            self.running.remove(req)
-            self.free.append(req.slot)
+            self._release(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+
+    def abort_all(self, message: str) -> None:
+        """Fail every request this engine holds and free every slot: for a step that failed in the
+        engine's own bookkeeping, where nothing else is known to be consistent."""
+        for r in [*self.running, *self.waiting]:
+            r.fail("internal", message)
+            r.slot = -1
+        self.running, self.waiting, self.free = [], deque(), list(range(self.max_batch))
+
+    def check(self) -> None:
+        """The slot invariant: every slot is free or held by exactly one running request, waiting
+        requests hold none, and no finished request is still running (AssertionError if broken)."""
+        held = [r.slot for r in self.running]
+        assert sorted(held + self.free) == list(range(self.max_batch)), (held, self.free)
+        assert all(not r.done for r in self.running), [r.finish_reason for r in self.running]
+        assert all(r.slot == -1 and not r.done for r in self.waiting)
 
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Decode one token for every running request, and prefill waiting requests into free slots
-        while the step's token budget lasts. Returns the requests that finished in this step; their
-        slots are free again.
+        while the step's token budget lasts. Returns the requests that finished in this step (their
+        slots are free again), failed ones included with their `error`.
 
         Prefills and decodes share one forward (each decode right-padded to the longest prompt)
         when the padded total fits the budget and every running row has room in the cache for the
@@ -191,35 +221,60 @@ class Engine:
         forward of their own, then everything decodes."""
         decoding = list(self.running)
         admitted = self._admit(self.max_step_tokens - len(decoding))
+        self.running += admitted  # they hold slots from here on, whatever happens
         if admitted:
             self.cache.reset([r.slot for r in admitted])
             longest = max(len(r.prompt) for r in admitted)
             fused = bool(decoding) and (len(decoding) + len(admitted)) * longest <= self.max_step_tokens and \
                 int(self.cache.lens[[r.slot for r in decoding]].max()) + longest <= self.max_len
-            for group in ([decoding + admitted] if fused else [admitted, decoding]):
-                if group:
-                    self._forward(group)
-            self.running += admitted
-        elif decoding:
-            self._forward(decoding)
+            groups = [decoding + admitted] if fused else [admitted, decoding]
+        else:
+            groups = [decoding]
+        for group in groups:
+            if group:
+                self._forward(group)
         finished = [r for r in self.running if r.done]
         for r in finished:
-            self.running.remove(r)
-            self.free.append(r.slot)
+            self._release(r)
         return finished
+
+    def _release(self, req: Request) -> None:
+        self.running.remove(req)
+        self.free.append(req.slot)
+        req.slot = -1
 
     def _forward(self, reqs: list[Request]) -> None:
         """One forward over `reqs` and one new token for each: a just-admitted request feeds its
         prompt, a running one its last token; rows are right-padded to the longest (padding is never
-        attended to, and is overwritten by the row's next tokens)."""
+        attended to, and is overwritten by the row's next tokens). If the forward fails, every
+        request in it fails; the others are untouched."""
         seqs = [r.output[-1:] or r.prompt for r in reqs]  # a running request always has output
         lengths = [len(s) for s in seqs]
         tokens = torch.zeros(len(reqs), max(lengths), dtype=torch.long)  # (B, T)
         for i, s in enumerate(seqs):
             tokens[i, :lengths[i]] = torch.tensor(s)
-        self.cache.select([r.slot for r in reqs], lengths)
-        logits = self.model(tokens, cache=self.cache, logits_at=torch.tensor(lengths) - 1).logits  # (B, 1, V)
+        try:
+            self.cache.select([r.slot for r in reqs], lengths)
+            logits = self.model(tokens, cache=self.cache, logits_at=torch.tensor(lengths) - 1).logits  # (B, 1, V)
+        except Exception as e:  # logged with its traceback; the requests get no internals
+            logger.exception("a forward of %d requests failed; they fail, the others go on", len(reqs))
+            for r in reqs:
+                r.fail("internal", f"the model's forward failed ({type(e).__name__})")
+            return
+        for r in reqs:
+            if r.params.prompt_logprobs and r.prompt_logprobs is None:
+                self._prompt_logprobs(r)
         self._emit_all(reqs, logits[:, 0])
+
+    def _prompt_logprobs(self, req: Request) -> None:
+        """The prompt tokens' log-probabilities, from a forward of the prompt alone (no cache)."""
+        try:
+            lp = self.model(torch.tensor([req.prompt])).logits[0, :-1, :self.vocab_size].float().log_softmax(-1)
+            req.prompt_logprobs = [None] + [_logprob_entry(row, t, req.params.logprobs or 0)
+                                            for row, t in zip(lp, req.prompt[1:])]
+        except Exception as e:
+            logger.exception("the prompt log-probabilities of a request failed")
+            req.fail("internal", f"the prompt's log-probabilities failed ({type(e).__name__})")
 
     def _admit(self, budget: int) -> list[Request]:
         """Waiting requests, in arrival order, that get a free slot and whose padded prefill fits
@@ -237,17 +292,42 @@ class Engine:
         return admitted
 
     def _emit_all(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        """Sample each request's next token from its row of logits (N, V); greedy rows share one argmax."""
+        """Sample each request's next token from its row of logits (N, V). Greedy rows without
+        penalties or bias share one argmax; a row the forward made non-finite fails its request,
+        and so does a request whose own parameters break its sampling."""
         logits = logits[:, :self.vocab_size]
         greedy = logits.argmax(dim=-1).tolist()
-        for req, row, best in zip(reqs, logits, greedy):
-            self._emit(req, best if req.params.temperature == 0 else sample(row, req.params, req.generator))
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        logprobs = logits.float().log_softmax(dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
+        for i, req in enumerate(reqs):
+            if req.done:  # failed while its prompt's log-probabilities were computed
+                continue
+            if not finite[i]:
+                req.fail("internal", "the model produced non-finite logits")
+                continue
+            p = req.params
+            try:
+                row = adjusted(logits[i], req) if p.adjusts_logits else logits[i]
+                if p.greedy:
+                    token = int(row.argmax()) if p.adjusts_logits else greedy[i]
+                else:
+                    token = sample(row, p, req.generator)
+            except RequestFailed as e:
+                req.fail("invalid_request", str(e))
+                continue
+            except RuntimeError as e:  # torch refusing this request's distribution
+                req.fail("invalid_request", f"sampling failed for this request's parameters: {e}")
+                continue
+            if logprobs is not None and p.logprobs is not None:
+                req.logprobs.append(_logprob_entry(logprobs[i], token, p.logprobs))
+            self._emit(req, token)
 
     def _emit(self, req: Request, token: int) -> None:
         if token in req.params.stop_token_ids:
             req.finish_reason = "stop"
             return
         req.output.append(token)
+        req.counts[token] = req.counts.get(token, 0) + 1
         if len(req.output) >= req.params.max_tokens or len(req.prompt) + len(req.output) >= self.max_len:
             req.finish_reason = "length"
 
@@ -257,3 +337,13 @@ class Engine:
         while self.waiting or self.running:
             self.step()
         return reqs
+
+
+def _logprob_entry(row: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log-probability of `token`, the `top` most likely (id, log-probability)) from a row (V,) of log-probabilities."""
+    alternatives = []
+    if top:
+        values, ids = row.topk(min(top, row.numel()))
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return float(row[token]), alternatives
+

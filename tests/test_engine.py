@@ -214,3 +214,128 @@ def test_a_padded_step_over_the_budget_or_the_cache_prefills_apart(model):
     calls[0] = 0
     engine.step()
     assert calls[0] == 2 and first.output == alone[0][:len(first.output)]
+
+
+# -- failure isolation ------------------------------------------------------------------------------
+
+NORMAL = [[5, 6, 7], [100, 200, 300, 400, 500], [42], [9, 8, 7, 6], [11, 12], [3, 1, 4, 1, 5], [20, 21]]
+
+
+def solo_outputs(model, params):
+    return [Engine(model, max_batch=1, max_len=64).generate([p], params)[0].output for p in NORMAL]
+
+
+def run_all(engine):
+    while engine.waiting or engine.running:
+        engine.step()
+        engine.check()
+
+
+@pytest.mark.parametrize("bad", [SamplingParams(max_tokens=10, temperature=1e-40),
+                                 SamplingParams(max_tokens=10, temperature=0, logit_bias={7: float("nan")}),
+                                 SamplingParams(max_tokens=10, temperature=0.7, logit_bias={7: float("inf")})])
+def test_a_bad_request_next_to_seven_normal_ones_fails_alone_or_is_greedy(model, bad):
+    params = SamplingParams(max_tokens=10, temperature=0)
+    expected = solo_outputs(model, params)
+    engine = Engine(model, max_batch=8, max_len=64)
+    reqs = [engine.add(p, params) for p in NORMAL[:3]] + [engine.add([1, 2, 3], bad)] + \
+        [engine.add(p, params) for p in NORMAL[3:]]
+    run_all(engine)
+    normal = reqs[:3] + reqs[4:]
+    assert [r.output for r in normal] == expected and all(r.finish_reason == "length" for r in normal)
+    odd = reqs[3]
+    if bad.temperature == 1e-40:  # below GREEDY_BELOW: greedy, as vLLM does
+        assert odd.finish_reason == "length" and odd.output == greedy_reference(model, [1, 2, 3], 10)
+    else:
+        assert odd.finish_reason == "error" and odd.error[0] == "invalid_request" and odd.output == []
+        assert "logit_bias" in odd.error[1]
+    # Every slot came back: max_batch requests run at once again.
+    again = [engine.add(p, params) for p in NORMAL + [[1]]]
+    engine.step()
+    assert len(engine.running) == 8 and not engine.waiting
+    run_all(engine)
+    assert [r.output for r in again[:7]] == expected
+
+
+def test_a_failed_forward_fails_only_its_requests_and_frees_their_slots(model, monkeypatch):
+    params = SamplingParams(max_tokens=6, temperature=0)
+    expected = solo_outputs(model, params)
+    engine = Engine(model, max_batch=8, max_len=64, max_step_tokens=12)
+    running = [engine.add(p, params) for p in NORMAL[:2]]
+    engine.step()  # these two decode from here on
+    forward = model.forward
+    poison = 4095  # prompt id that breaks the forward it is in; the running rows decode apart
+    monkeypatch.setattr(model, "forward", lambda tokens, *a, **kw: (_ for _ in ()).throw(RuntimeError("boom"))
+                        if (tokens == poison).any() else forward(tokens, *a, **kw))
+    doomed = engine.add([poison] * 8, params)  # 3 rows x 8 > 12: prefilled in a forward of its own
+    finished = engine.step()
+    engine.check()
+    assert finished == [doomed] and doomed.error == ("internal", "the model's forward failed (RuntimeError)")
+    run_all(engine)
+    assert [r.output for r in running] == expected[:2]
+    assert sorted(engine.free) == list(range(8))
+
+
+def test_the_slot_invariant_holds_through_a_random_schedule(model, monkeypatch):
+    import random
+
+    rng = random.Random(0)
+    forward = model.forward
+    broken = {"on": False}
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("injected"))
+                        if broken["on"] else forward(*a, **kw))
+    engine = Engine(model, max_batch=4, max_len=48, max_step_tokens=24)
+    live, outcomes = [], set()
+    for _ in range(150):
+        action = rng.random()
+        if action < 0.35:
+            bias = {3: float("nan")} if rng.random() < 0.15 else {}
+            live.append(engine.add([rng.randrange(1, 4000) for _ in range(rng.randint(1, 10))],
+                                   SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0, 1e-30, 0.8]),
+                                                  seed=rng.randrange(100), logit_bias=bias)))
+        elif action < 0.45 and live:
+            engine.cancel(rng.choice(live))
+        broken["on"] = rng.random() < 0.1
+        engine.step()
+        engine.check()
+        outcomes |= {r.finish_reason for r in live if r.done}
+        live = [r for r in live if not r.done]
+    broken["on"] = False
+    run_all(engine)
+    assert outcomes >= {"length", "cancelled", "error"} and sorted(engine.free) == [0, 1, 2, 3]
+
+
+# -- OpenAI's sampling parameters -----------------------------------------------------------------
+
+def test_penalties_change_greedy_output_on_a_repeating_prompt_and_logit_bias_bans_or_forces(model):
+    prompt = [7, 8, 9] * 6
+    plain = Engine(model, max_len=64).generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].output
+    assert len(set(plain)) < len(plain)  # this random model repeats itself
+    for kw in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalised = Engine(model, max_len=64).generate([prompt], SamplingParams(max_tokens=16, temperature=0, **kw))[0]
+        assert penalised.output != plain and len(set(penalised.output)) > len(set(plain)), kw
+    banned = plain[0]
+    out = Engine(model, max_len=64).generate([prompt], SamplingParams(max_tokens=16, temperature=0,
+                                                                      logit_bias={banned: -100}))[0].output
+    assert banned not in out
+    forced = Engine(model, max_len=64).generate([prompt], SamplingParams(max_tokens=5, temperature=0.9, seed=1,
+                                                                         logit_bias={77: 100}))[0].output
+    assert forced == [77] * 5
+
+
+def test_logprobs_are_the_full_forward_log_softmax_with_sorted_alternatives(model):
+    prompt = [5, 6, 7, 8]
+    req = Engine(model, max_len=64).generate([prompt], SamplingParams(max_tokens=5, temperature=0.8, seed=3,
+                                                                      logprobs=3, prompt_logprobs=True))[0]
+    full = model(torch.tensor([prompt + req.output]))[0][0].float().log_softmax(-1)  # (T, V)
+    assert len(req.logprobs) == len(req.output) == 5
+    for i, (token, (lp, top)) in enumerate(zip(req.output, req.logprobs)):
+        row = full[len(prompt) - 1 + i]
+        assert lp == pytest.approx(row[token].item(), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()
+        assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+    assert req.prompt_logprobs[0] is None and len(req.prompt_logprobs) == len(prompt)
+    for i, (lp, top) in enumerate(req.prompt_logprobs[1:]):
+        assert lp == pytest.approx(full[i, prompt[i + 1]].item(), abs=1e-4) and len(top) == 3
+    with pytest.raises(ValueError, match="logprobs=21 must be in 0..20"):
+        SamplingParams(logprobs=21)
