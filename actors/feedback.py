@@ -39,14 +39,15 @@ from deepkiln.text import mask_pii
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
     completion_id TEXT PRIMARY KEY, prompt TEXT NOT NULL, completion TEXT NOT NULL,
-    model_version TEXT NOT NULL, created REAL NOT NULL);
+    model_version TEXT NOT NULL, created REAL NOT NULL, user TEXT);
 CREATE TABLE IF NOT EXISTS feedback (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, feedback_id TEXT NOT NULL UNIQUE, completion_id TEXT NOT NULL,
     rating INTEGER NOT NULL, correction TEXT, tags TEXT NOT NULL, prompt TEXT NOT NULL,
-    completion TEXT NOT NULL, model_version TEXT NOT NULL, pii_masked INTEGER NOT NULL, created REAL NOT NULL);
+    completion TEXT NOT NULL, model_version TEXT NOT NULL, pii_masked INTEGER NOT NULL, created REAL NOT NULL,
+    user TEXT);
 """
 COLUMNS = ["seq", "feedback_id", "completion_id", "rating", "correction", "tags", "prompt", "completion",
-           "model_version", "pii_masked", "created"]
+           "model_version", "pii_masked", "created", "user"]
 
 
 class FeedbackError(ValueError):
@@ -97,12 +98,18 @@ class FeedbackCollector:
         self.db.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a commit is on disk when it returns
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
+        for table in ("completions", "feedback"):  # stores from before the `user` column
+            if "user" not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN user TEXT")
 
-    def remember(self, completion_id: str, prompt: str, completion: str, model_version: str) -> None:
-        """Keep a served completion for feedback to refer to; forget the oldest beyond retention."""
+    def remember(self, completion_id: str, prompt: str, completion: str, model_version: str,
+                 user: str | None = None) -> None:
+        """Keep a served completion (and the `user` the client named) for feedback to refer to;
+        forget the oldest beyond retention."""
         with transaction(self.db):
-            self.db.execute("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?)",
-                            (completion_id, prompt, completion, model_version, time.time()))
+            self.db.execute("INSERT OR REPLACE INTO completions (completion_id, prompt, completion, model_version, "
+                            "created, user) VALUES (?, ?, ?, ?, ?, ?)",
+                            (completion_id, prompt, completion, model_version, time.time(), user))
             self.db.execute("DELETE FROM completions WHERE rowid <= (SELECT max(rowid) FROM completions) - ?",
                             (self.args.retention,))
 
@@ -114,7 +121,7 @@ class FeedbackCollector:
             row = self.db.execute("SELECT seq FROM feedback WHERE feedback_id = ?", (fb.feedback_id,)).fetchone()
             if row:
                 return {"feedback_id": fb.feedback_id, "seq": row[0], "duplicate": True}
-            served = self.db.execute("SELECT prompt, completion, model_version FROM completions "
+            served = self.db.execute("SELECT prompt, completion, model_version, user FROM completions "
                                      "WHERE completion_id = ?", (fb.completion_id,)).fetchone()
             if served is None:
                 raise FeedbackError(404, f"completion_id {fb.completion_id!r} is unknown (or older than the "
@@ -123,11 +130,12 @@ class FeedbackCollector:
             tags = [mask_pii(t) for t in fb.tags]
             n_masked = sum(masked.values()) + sum(sum(c.values()) for _, c in tags)
             rating = {"up": self.args.rating_max, "down": self.args.rating_min}.get(fb.rating, fb.rating)
+            prompt, completion, version, user = served
             cur = self.db.execute(
                 "INSERT INTO feedback (feedback_id, completion_id, rating, correction, tags, prompt, completion, "
-                "model_version, pii_masked, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "model_version, pii_masked, created, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (fb.feedback_id, fb.completion_id, rating, correction, json.dumps([t for t, _ in tags]),
-                 *served, n_masked, time.time()))
+                 prompt, completion, version, n_masked, time.time(), user))
             return {"feedback_id": fb.feedback_id, "seq": cur.lastrowid, "duplicate": False}
 
     def _validate(self, record: dict) -> Feedback:
@@ -169,7 +177,7 @@ class FeedbackCollector:
             [("seq", pa.int64()), ("feedback_id", pa.string()), ("completion_id", pa.string()),
              ("rating", pa.int64()), ("correction", pa.string()), ("tags", pa.list_(pa.string())),
              ("prompt", pa.string()), ("completion", pa.string()), ("model_version", pa.string()),
-             ("pii_masked", pa.int64()), ("created", pa.float64())]))
+             ("pii_masked", pa.int64()), ("created", pa.float64()), ("user", pa.string())]))
         write_atomic(path, table)
         return len(records)
 

@@ -346,9 +346,12 @@ class ServeArgs(Section):
     request_timeout_s: float = Field(60.0, gt=0)
     """A request not finished in this time gets 408 and its generation is cancelled."""
     api_key_env: str = "DEEPKILN_API_KEY"
-    """Environment variable holding the API key; unset or empty: no key."""
+    """Environment variable holding the API key, read where the app is deployed; unset or empty: no key."""
     api_key_file: str = ""
-    """File holding the API key (wins over the environment variable)."""
+    """File holding the API key (wins over the environment variable); read where the app is deployed.
+    Set but missing, unreadable or empty: the app refuses to start."""
+    allow_unauthenticated: bool = False
+    """Serve on a non-loopback serve.host without an API key (otherwise the app refuses to start)."""
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:

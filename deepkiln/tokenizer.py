@@ -11,6 +11,7 @@ vocabulary lacks falls back to its UTF-8 bytes, so decode(encode(text)) == text 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -145,6 +146,21 @@ class Tokenizer:
         if add_generation_prompt:
             ids.append(_ROLE_IDS["assistant"])
         return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for: a byte piece's byte, a text piece's UTF-8 (its space marker
+        as a space), b"" for pad, bos and eos."""
+        if self._sp.is_byte(token):
+            return bytes([int(self._sp.id_to_piece(token)[3:5], 16)])
+        if self._sp.is_control(token):
+            return b""
+        return self._sp.id_to_piece(token).replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def longest_piece_chars(self) -> int:
+        """Characters the longest piece covers: a text of C characters takes at least C / this many
+        tokens (byte pieces cover less than a character), so a long text can be refused unencoded."""
+        return max(len(self._sp.id_to_piece(i)) for i in range(self.vocab_size) if not self._sp.is_byte(i))
 
     def encode_prompt(self, text: str) -> list[int]:
         """[BOS] text: a plain-text prompt as the server feeds it to the model."""

@@ -49,9 +49,9 @@ def read_json(path: Path) -> dict:
 def serve_app(cfg: Config) -> str:
     from ray import serve
 
-    from serve.app import build
+    from serve.app import build, http_options
 
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options=http_options(cfg))
     serve.run(build(cfg), name=APP, route_prefix="/")
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 

@@ -12,6 +12,7 @@ published by changing the LLMServer deployment's user_config {"artifact": path}.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -20,28 +21,44 @@ from ray import serve
 
 from deepkiln.config import Config, load_config
 from deepkiln.paths import RunPaths, absolute
-from serve.api import OpenAIIngressDeployment
+from serve.api import OpenAIIngressDeployment, check_exposure, configured_api_key
 from serve.llm import LLMServerDeployment
 
 
 def llm_options(cfg: Config, artifact: str | None = None) -> dict:
     s = cfg.serve
     return {"num_replicas": s.replicas, "ray_actor_options": {"num_cpus": s.replica_cpus},
-            # Serve never queues in front of a replica: LLMServer's own queue answers 503 when full.
-            "max_ongoing_requests": s.max_batch + s.max_queue + 1,
+            # A replica's own queue (serve.max_queue choices) answers 503 when full; in front of the
+            # replicas, Serve's queue is bounded too (503 in the ingress), so nothing waits unbounded.
+            "max_ongoing_requests": s.max_batch + s.max_queue + 1, "max_queued_requests": s.max_queue,
             "user_config": {"artifact": artifact or RunPaths.of(cfg).artifact}}
+
+
+def http_options(cfg: Config) -> dict:
+    """serve.start's HTTP options: the address, and a request timeout a little past the app's own
+    (serve.request_timeout_s answers 408 first; this one ends a connection nothing answers)."""
+    return {"host": cfg.serve.host, "port": cfg.serve.port, "request_timeout_s": cfg.serve.request_timeout_s + 10}
 
 
 def build(cfg: Config, artifact: str | None = None):
     """The app serving `artifact` (default: the config's). Redeployed with another artifact, Serve
-    replaces the LLMServer replicas one by one, each loading the new version (no request dropped)."""
+    replaces the LLMServer replicas one by one, each loading the new version (no request dropped).
+    The API key is read here, where the app is deployed, failing closed (a configured key file that
+    is missing, unreadable or empty, or a non-loopback serve.host without a key, is a ValueError),
+    and reaches every ingress replica as its SHA-256 in the deployment's arguments: the key itself
+    never leaves this process."""
     cfg = absolute(cfg)  # replicas run in folders of their own
+    key = configured_api_key(cfg)
+    check_exposure(cfg, key)
     served = cfg.model_copy(deep=True)
     if artifact:  # a new replica loads it in __init__, and reconfigure then finds it loaded
         served.serve.artifact = artifact if "://" in artifact else os.path.abspath(artifact)
     llm = LLMServerDeployment.options(**llm_options(cfg, artifact)).bind(served.to_dict())
-    ingress = OpenAIIngressDeployment.options(ray_actor_options={"num_cpus": 0},
-                                              max_ongoing_requests=1000).bind(llm, cfg.to_dict())
+    digest = hashlib.sha256(key.encode()).hexdigest() if key else ""
+    # The proxy's queue in front of the ingress is bounded as well (503 beyond it).
+    ingress = OpenAIIngressDeployment.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                                              max_queued_requests=1000,
+                                              logging_config={"enable_access_log": False}).bind(llm, cfg.to_dict(), digest)
     return ingress
 
 
@@ -55,7 +72,7 @@ def main(argv=None) -> None:
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     init_ray()
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options=http_options(cfg))
     serve.run(build(cfg), name="deepkiln", route_prefix="/")
     print(f"serve: http://{cfg.serve.host}:{cfg.serve.port}/v1 (model {cfg.serve.model_name!r}); Ctrl-C stops it",
           flush=True)

@@ -4,27 +4,23 @@ of its own, started by the replica (serve/llm.py), never by hand.
 Why a process: the engine's step loop is Python-heavy (hundreds of small ops a step) and, in the
 replica's process, shared the GIL with Serve's event loop and Ray's callbacks. Measured in a
 replica at 16 concurrent requests, a step then took 1.6x its own CPU time in wall time, waiting for
-the GIL. Here the loop has a GIL of its own; the replica only moves small pickled tuples.
+the GIL. Here the loop has a GIL of its own; the replica only moves small pickled messages.
 
 It loops without waiting on anyone: between steps it takes new and cancelled requests, steps every
-engine (model version) with work, and sends tokens in batches: a request's first token at once, then
-at most one message per `serve.stream_interval_ms`, then its finish. A model version is loaded in a
-thread while the current one keeps decoding; requests in flight finish on the version they started
-on, and an old version is dropped once it is idle. When the replica goes away (its end of the socket
-closes), the process exits.
-
-Messages, pickled tuples over one socket pair:
-  replica -> engine  ("start", config, path) first, then ("load", path) | ("add", sid, prompt, params)
-                     | ("cancel", sid) | ("stop",)
-  engine -> replica  ("loaded", version, info) | ("load_failed", path, message)
-                     | ("items", running, [(sid, [item, ...]), ...]) | ("stats", tokens_per_s)
-Items, in order per request: {"version": v} with the first token, or {"error": kind, "message": m};
-then {"token": id} items; then {"finish_reason": r}. Kinds: "invalid_request" (a prompt the engine
-refuses), "internal" (a failed step).
+engine (model version) with work, and sends tokens in batches: a request's first tokens at once,
+then at most one message per `serve.stream_interval_ms`, then its finish. A request of several
+choices (n, or several prompts) is added whole. A failure stays with the requests it belongs to: a
+request whose own parameters break its sampling fails alone, a failed forward fails the requests in
+it, and the others go on. A model version is loaded in a thread while the current one keeps
+decoding; requests in flight finish on the version they started on, and an old version is dropped
+once it is idle. When the replica goes away (its end of the socket closes), the process exits.
+The messages are serve/protocol.py's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import queue
 import sys
 import threading
@@ -36,10 +32,13 @@ from multiprocessing.connection import Connection
 import torch
 
 from deepkiln.config import Config
-from deepkiln.engine import Engine, Request, SamplingParams
+from deepkiln.engine import Engine, Request
 from deepkiln.paths import RunPaths, version_of
+from serve.protocol import (INVALID, Add, Cancel, Failed, Finished, Items, Load, Loaded, LoadFailed, Start, Started,
+                            Stats, Stop, Tokens, is_final)
 
 POLL_S = 0.05  # how often an idle loop looks for a finished model load
+logger = logging.getLogger(__name__)
 
 
 def load_engine(cfg: Config, path: str) -> tuple[str, Engine, dict]:
@@ -62,14 +61,16 @@ def load_engine(cfg: Config, path: str) -> tuple[str, Engine, dict]:
 
 @dataclass(eq=False)
 class _Stream:
-    """One request: the engine (model version) it runs on, its engine request, and the items not
-    yet sent."""
+    """One request: the engine (model version) it runs on, its choices' engine requests, and the
+    items not yet sent."""
     sid: int
+    version: str
     engine: Engine
-    req: Request
-    sent: int = 0                                     # tokens of req.output already buffered
+    reqs: list[Request]
+    sent: list[int]                                   # tokens of each choice already buffered
+    finished: set[int] = field(default_factory=set)
     buffer: list = field(default_factory=list)
-    flushed_at: float | None = None                   # when a token last went out
+    flushed_at: float | None = None                   # when items last went out
 
 
 class EngineLoop:
@@ -79,11 +80,11 @@ class EngineLoop:
         self.engines = {self.version: self.engine}    # every version with requests, and the current one
         self.streams: list[_Stream] = []
         self.loads: queue.SimpleQueue = queue.SimpleQueue()  # results of loader threads
-        self.conn.send(("loaded", self.version, info))
+        self.load_sent: tuple[int, int] | None = None
+        self.conn.send(Loaded(self.version, info))
 
     def run(self) -> None:
-        s = self.cfg.serve
-        interval = s.stream_interval_ms / 1000
+        interval = self.cfg.serve.stream_interval_ms / 1000
         made, since = 0, time.monotonic()
         while True:
             idle = not self.streams
@@ -98,53 +99,75 @@ class EngineLoop:
             for version in [v for v, e in self.engines.items() if e is not self.engine]:
                 if not any(x.engine is self.engines[version] for x in self.streams):
                     del self.engines[version]         # an old version, idle: drop it
-            if now - since >= 1.0 or not self.streams:  # every second, and on going idle
-                self.conn.send(("stats", made / max(now - since, 1e-6)))
-                made, since = 0, now
+            # Load gauges on every change (cancellations and going idle included); tokens/s each second.
+            if self.load() != self.load_sent or now - since >= 1.0:
+                self.load_sent = self.load()
+                self.conn.send(Stats(made / max(now - since, 1e-6), *self.load_sent))
+                if now - since >= 1.0:
+                    made, since = 0, now
+
+    def load(self) -> tuple[int, int]:
+        """(requests decoding, requests waiting for a slot), every version together."""
+        return (sum(len(e.running) for e in self.engines.values()),
+                sum(len(e.waiting) for e in self.engines.values()))
 
     def _step(self, engine: Engine) -> int:
-        """One step of `engine`; its streams' new tokens and finishes go to their buffers. A failed
-        step fails its requests, not the process. Returns the tokens made."""
+        """One step of `engine`; its streams' new tokens and finishes go to their buffers. Returns
+        the tokens made."""
         mine = [x for x in self.streams if x.engine is engine]
         if not mine:
             return 0
         try:
             engine.step()
-        except Exception as e:
-            for x in mine:
-                engine.cancel(x.req)
-                x.buffer.append({"error": "internal", "message": f"generation failed: {e!r}"})
-            return 0
+        except Exception:  # a defect of the engine's own bookkeeping, not of a request: start it clean
+            logger.exception("an engine step failed outside any forward; its requests fail, the engine is reset")
+            engine.abort_all("internal error in the engine")
+        return sum(self._collect(x) for x in mine)
+
+    def _collect(self, x: _Stream) -> int:
+        """Move the new tokens and finishes of stream `x` to its buffer; a failed choice fails the
+        whole request (its other choices are cancelled). Returns the tokens moved."""
         made = 0
-        for x in mine:
-            made += len(x.req.output) - x.sent
-            x.buffer += [{"token": t} for t in x.req.output[x.sent:]]
-            x.sent = len(x.req.output)
-            if x.req.done:
-                x.buffer.append({"finish_reason": x.req.finish_reason})
+        for i, r in enumerate(x.reqs):
+            if r.finish_reason == "error":
+                for other in x.reqs:
+                    x.engine.cancel(other)
+                x.buffer.append(Failed(*r.error))
+                return made
+            new = r.output[x.sent[i]:]
+            if new:
+                logprobs = tuple(r.logprobs[x.sent[i]:]) if r.params.logprobs is not None else None
+                prompt = tuple(r.prompt_logprobs) if x.sent[i] == 0 and r.prompt_logprobs is not None else None
+                x.buffer.append(Tokens(i, tuple(new), logprobs, prompt))
+                made += len(new)
+                x.sent[i] = len(r.output)
+            if r.done and i not in x.finished:
+                x.finished.add(i)
+                x.buffer.append(Finished(i, "stop" if r.finish_reason == "stop" else "length",
+                                         last=len(x.finished) == len(x.reqs)))
         return made
 
     def _flush(self, now: float, interval: float) -> None:
-        """Send what is due: a first token at once, a finish at once, the rest every `interval`."""
+        """Send what is due: a request's first items at once, its end at once, the rest every `interval`."""
         out, left = [], []
         for x in self.streams:
-            if x.buffer and (_final(x.buffer[-1]) or x.flushed_at is None and len(x.buffer) > 1
-                             or x.flushed_at is not None and now - x.flushed_at >= interval):
-                out.append((x.sid, x.buffer))
+            due = x.buffer and (is_final(x.buffer[-1]) or x.flushed_at is None
+                                or now - x.flushed_at >= interval)
+            if due:
+                if x.flushed_at is None and not isinstance(x.buffer[0], Failed):
+                    x.buffer.insert(0, Started(x.version))
+                out.append((x.sid, tuple(x.buffer)))
                 x.buffer, x.flushed_at = [], now
-                if _final(out[-1][1][-1]):
+                if is_final(out[-1][1][-1]):
                     continue
             left.append(x)
         self.streams = left
         if out:
-            self.conn.send(("items", self.running(), out))
-
-    def running(self) -> int:
-        return sum(len(e.running) for e in self.engines.values())
+            self.conn.send(Items(tuple(out), *self.load()))
 
     def _take(self, block: bool) -> bool:
-        """Apply the replica's waiting commands and finished loads (wait for one if `block`);
-        False on "stop"."""
+        """Apply the replica's waiting messages and finished loads (wait for one if `block`);
+        False on Stop."""
         while True:
             self._install_loads()
             if not self.conn.poll(POLL_S if block else 0):
@@ -152,33 +175,43 @@ class EngineLoop:
                     continue
                 return True
             block = False
-            command, *args = self.conn.recv()         # EOFError once the replica is gone
-            if command == "stop":
+            message = self.conn.recv()                # EOFError once the replica is gone
+            if isinstance(message, Stop):
                 return False
-            if command == "add":
-                self._add(*args)
-            elif command == "cancel":
+            if isinstance(message, Add):
+                self._add(message)
+            elif isinstance(message, Cancel):
                 for x in self.streams:
-                    if x.sid == args[0]:
-                        x.engine.cancel(x.req)
+                    if x.sid == message.sid:
+                        for r in x.reqs:
+                            x.engine.cancel(r)
                         self.streams.remove(x)
                         break
-            elif command == "load":
-                threading.Thread(target=self._load, args=args, daemon=True).start()
+            elif isinstance(message, Load):
+                threading.Thread(target=self._load, args=(message.artifact,), daemon=True).start()
 
-    def _add(self, sid: int, prompt: list[int], params: dict) -> None:
+    def _add(self, add: Add) -> None:
+        """Every choice of the request into the engine, or none of them: choice p * n + j is prompt
+        p's j-th, seeded with seed + (its index), wrapped to 64 bits."""
+        reqs: list[Request] = []
+        p = add.params
         try:
-            req = self.engine.add(prompt, SamplingParams(**params))
+            for i, prompt in enumerate(prompt for prompt in add.prompts for _ in range(add.n)):
+                seed = None if p.seed is None else (p.seed + i) % 2**64
+                reqs.append(self.engine.add(list(prompt), dataclasses.replace(p, seed=seed)))
         except ValueError as refused:
-            self.conn.send(("items", self.running(), [(sid, [{"error": "invalid_request", "message": str(refused)}])]))
+            for r in reqs:
+                self.engine.cancel(r)
+            self.conn.send(Items(((add.sid, (Failed(INVALID, str(refused)),)),), *self.load()))
             return
-        self.streams.append(_Stream(sid, self.engine, req, buffer=[{"version": self.version}]))
+        self.streams.append(_Stream(add.sid, self.version, self.engine, reqs, [0] * len(reqs)))
 
     def _load(self, path: str) -> None:
         """In a thread: load a version while the loop decodes; the loop installs it."""
         try:
             self.loads.put((path, load_engine(self.cfg, path)))
         except Exception as e:
+            logger.exception("loading %s failed", path)
             self.loads.put((path, e))
 
     def _install_loads(self) -> None:
@@ -188,29 +221,25 @@ class EngineLoop:
             except queue.Empty:
                 return
             if isinstance(result, Exception):
-                self.conn.send(("load_failed", path, repr(result)))
+                self.conn.send(LoadFailed(path, f"{type(result).__name__}: {result}"))
                 continue
             self.version, self.engine, info = result
             self.engines[self.version] = self.engine
-            self.conn.send(("loaded", self.version, info))
-
-
-def _final(item: dict) -> bool:
-    return "finish_reason" in item or "error" in item
+            self.conn.send(Loaded(self.version, info))
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     conn = Connection(int(argv[0]))
-    command, config, path = conn.recv()
-    assert command == "start", command
-    cfg = Config.from_dict(config)
+    start = conn.recv()
+    assert isinstance(start, Start), start
+    cfg = Config.from_dict(start.config)
     s = cfg.serve
     torch.set_num_threads(s.torch_threads or max(1, int(s.replica_cpus)))
     try:
-        loop = EngineLoop(conn, cfg, path)
+        loop = EngineLoop(conn, cfg, start.artifact)
     except Exception as e:
-        conn.send(("load_failed", path, repr(e)))
+        conn.send(LoadFailed(start.artifact, f"{type(e).__name__}: {e}"))
         raise
     try:
         loop.run()

@@ -2,20 +2,22 @@
 
 The engine runs in a process of the replica's own (serve/engine_process.py), so that its step loop
 and this process's event loop never wait for each other's GIL. The replica keeps the requests'
-queues: `generate` (an async generator, called through a streaming deployment handle) sends the
-prompt to the engine process and yields the lists of items that come back, in order: {"version": ...}
-with the first token, or {"error": ...} (queue full, a prompt the engine refuses, a failed engine);
-then {"token": id} items; then {"finish_reason": ...}.
-`reconfigure({"artifact": path})` loads another model version: new requests go to it once it is
-loaded, requests in flight finish on the version they started on. With `serve.response_cache` on,
-a finished deterministic generation (greedy, or seeded) is kept, keyed on version, prompt and
-sampling parameters, and the same request is answered again from it without the engine. If the engine process dies, every
-request it held gets an internal error at once and the next request starts a new one.
+queues: `generate(prompts, params, n)` (an async generator, called through a streaming deployment
+handle) adds a request of len(prompts) x n choices whole, or refuses it whole with a
+Failed(queue_full) when it would overfill serve.max_queue, before anything runs; then it yields the
+lists of serve/protocol.py's stream items that come back, in order: Started, Tokens and Finished,
+or Failed. `reconfigure({"artifact": path})` loads another model version: new requests go to it
+once it is loaded, requests in flight finish on the version they started on. With
+`serve.response_cache` on, a finished deterministic generation (greedy, or seeded) is kept, keyed on
+version, prompts, sampling parameters and n, and answered again without the engine. If the engine
+process dies, every request it held gets an internal error at once and the next request starts a
+new one. Load gauges follow every change (zero when idle); the version gauge is set from the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -30,8 +32,10 @@ from multiprocessing.connection import Connection
 from ray import serve
 
 from deepkiln.config import Config
-from deepkiln.paths import RunPaths
-from deepkiln.paths import version_of
+from deepkiln.sampling import SamplingParams
+from deepkiln.paths import RunPaths, version_of
+from serve.protocol import (INTERNAL, QUEUE_FULL, Add, Cancel, Failed, Finished, Items, Load, Loaded, LoadFailed,
+                            Start, Started, Stats, Stop, is_final)
 
 logger = logging.getLogger("ray.serve")
 START_TIMEOUT_S = 600  # a large artifact can take minutes to load
@@ -50,8 +54,9 @@ class LLMServer:
         self.cfg = Config.from_dict(config)
         self.artifact = RunPaths.of(self.cfg).artifact
         self.streams: dict[int, asyncio.Queue] = {}  # open requests' queues, by stream id
+        self.choices: dict[int, int] = {}            # open requests' choices, by stream id
         self.ids = itertools.count()
-        self.running = 0                             # requests in the engine's batch, as it last said
+        self.running = self.engine_waiting = 0       # the engine's load, as it last said
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loading: dict[str, asyncio.Future] = {}  # reconfigure calls waiting for their version
         self.send_lock = threading.Lock()
@@ -61,6 +66,7 @@ class LLMServer:
         self.proc = None
         self.restart: asyncio.Future | None = None
         self._start()
+        self._set_load_gauges(0.0)
 
     # -- the engine process ------------------------------------------------------------------------
 
@@ -73,7 +79,7 @@ class LLMServer:
         theirs.close()
         self.conn = Connection(ours.detach())
         self.reader = None
-        self._send(("start", self.cfg.to_dict(), self.artifact))
+        self._send(Start(self.cfg.to_dict(), self.artifact))
         if not self.conn.poll(START_TIMEOUT_S):
             self.proc.kill()
             raise EngineFailed(f"the engine process did not load {self.artifact} in {START_TIMEOUT_S} s")
@@ -82,9 +88,9 @@ class LLMServer:
         except EOFError:
             raise EngineFailed(f"the engine process exited while loading {self.artifact} "
                                f"(code {self.proc.wait()}); its error is in this replica's log") from None
-        if message[0] != "loaded":
-            raise EngineFailed(f"the engine process could not load {message[1]}: {message[2]}")
-        _, self.version, self.layout = message
+        if not isinstance(message, Loaded):
+            raise EngineFailed(f"the engine process could not load {message.artifact}: {message.message}")
+        self.version, self.layout = message.version, message.info
         self._set_version_gauge(None)
 
     async def _ensure_engine(self) -> None:
@@ -103,7 +109,7 @@ class LLMServer:
                                            daemon=True)
             self.reader.start()
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message) -> None:
         with self.send_lock:
             self.conn.send(message)
 
@@ -114,49 +120,51 @@ class LLMServer:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                message = ("died",)
+                message = None
             try:
                 loop.call_soon_threadsafe(self._on_message, conn, message)
             except RuntimeError:  # the loop closed (a test's asyncio.run ended): stop the engine
                 self._stop(conn)
                 return
-            if message[0] == "died":
+            if message is None:
                 return
 
-    def _on_message(self, conn: Connection, message: tuple) -> None:
-        kind, *args = message
-        if kind == "items":
-            self.running, out = args
-            for sid, items in out:
+    def _on_message(self, conn: Connection, message) -> None:
+        if isinstance(message, Items):
+            self.running, self.engine_waiting = message.running, message.waiting
+            for sid, items in message.batches:
                 if sid in self.streams:
-                    self.streams[sid].put_nowait(items)
-        elif kind == "stats":
-            self._set_load_gauges(args[0])
-        elif kind == "loaded":
-            old, (self.version, self.layout) = self.version, args
+                    self.streams[sid].put_nowait(list(items))
+            self._set_load_gauges()
+        elif isinstance(message, Stats):
+            self.running, self.engine_waiting = message.running, message.waiting
+            self._set_load_gauges(message.tokens_per_s)
+        elif isinstance(message, Loaded):
+            old, self.version, self.layout = self.version, message.version, message.info
             self._set_version_gauge(old)
             for future in self.loading.values():  # every reconfigure waiting ends on the newest version
                 if not future.done():
                     future.set_result(self.version)
-        elif kind == "load_failed":
-            future = self.loading.get(args[0])
+        elif isinstance(message, LoadFailed):
+            future = self.loading.get(message.artifact)
             if future and not future.done():
-                future.set_exception(EngineFailed(f"could not load {args[0]}: {args[1]}"))
-        elif kind == "died" and conn is self.conn:
+                future.set_exception(EngineFailed(f"could not load {message.artifact}: {message.message}"))
+        elif message is None and conn is self.conn:
             code = self.proc.wait()
             logger.error(f"the engine process exited with code {code}; the next request starts a new one")
-            self.proc, self.reader, self.running = None, None, 0
-            error = {"error": "internal", "message": f"the replica's engine process exited (code {code})"}
+            self.proc, self.reader, self.running, self.engine_waiting = None, None, 0, 0
+            failed = Failed(INTERNAL, f"the replica's engine process exited (code {code})")
             for q in self.streams.values():
-                q.put_nowait([error])
+                q.put_nowait([failed])
             for future in self.loading.values():
                 if not future.done():
-                    future.set_exception(EngineFailed(error["message"]))
+                    future.set_exception(EngineFailed(failed.message))
+            self._set_load_gauges()
 
     def _stop(self, conn: Connection) -> None:
         try:
             with self.send_lock:
-                conn.send(("stop",))
+                conn.send(Stop())
         except OSError:
             pass
 
@@ -174,7 +182,7 @@ class LLMServer:
         await self._ensure_engine()
         self.artifact = path  # what a restarted engine process loads
         future = self.loading[path] = self.loop.create_future()
-        self._send(("load", path))
+        self._send(Load(path))
         try:
             await future
         finally:
@@ -187,11 +195,12 @@ class LLMServer:
                 "cache_hits": self.cache_hits, **self.layout}
 
     def queued(self) -> int:
-        return max(len(self.streams) - self.running, 0)
+        """Choices accepted by this replica and not decoding yet."""
+        return max(sum(self.choices.values()) - self.running, 0)
 
-    async def generate(self, prompt: list[int], params: dict):
+    async def generate(self, prompts: tuple[tuple[int, ...], ...], params: SamplingParams, n: int = 1):
         version = self.version
-        key = self._cache_key(version, prompt, params)
+        key = self._cache_key(version, prompts, params, n)
         if key in self.cache:
             self.cache.move_to_end(key)
             self.cache_hits += 1
@@ -200,37 +209,39 @@ class LLMServer:
             yield list(self.cache[key])
             return
         await self._ensure_engine()
-        if self.queued() >= self.cfg.serve.max_queue:
-            yield [{"error": "queue_full", "message": f"the replica's queue is full: {self.queued()} requests "
-                    f"wait (serve.max_queue={self.cfg.serve.max_queue})"}]
+        need, limit = len(prompts) * n, self.cfg.serve.max_queue
+        if self.queued() + need > limit:
+            yield [Failed(QUEUE_FULL, f"the replica's queue is full: {self.queued()} choices wait and this request "
+                                      f"has {need} (serve.max_queue={limit})")]
             return
         sid, queue = next(self.ids), asyncio.Queue()
-        self.streams[sid] = queue
+        self.streams[sid], self.choices[sid] = queue, need
+        self._set_load_gauges()
         final, seen = False, []
         try:
-            self._send(("add", sid, list(prompt), params))
+            self._send(Add(sid, tuple(map(tuple, prompts)), params, n))
             while not final:
-                items = await queue.get()
-                while not queue.empty():
-                    items += queue.get_nowait()
-                final = "finish_reason" in items[-1] or "error" in items[-1]
+                items = await queue.get()  # one engine message (the engine process batches by stream interval)
+                final = is_final(items[-1])
                 seen += items
                 yield items
-            if key and "finish_reason" in seen[-1] and seen[0].get("version") == version:
+            if key and isinstance(seen[-1], Finished) and isinstance(seen[0], Started) and seen[0].version == version:
                 self.cache[key] = seen
                 if len(self.cache) > self.cfg.serve.response_cache:
                     self.cache.popitem(last=False)
-        finally:  # finished, or the caller went away (disconnect, timeout): free the slot now
-            del self.streams[sid]
+        finally:  # finished, or the caller went away (disconnect, timeout): free the slots now
+            del self.streams[sid], self.choices[sid]
             if not final and self.proc is not None:
-                self._send(("cancel", sid))
+                self._send(Cancel(sid))
+            self._set_load_gauges()
 
-    def _cache_key(self, version: str, prompt: list[int], params: dict) -> str | None:
+    def _cache_key(self, version: str, prompts, params: SamplingParams, n: int) -> str | None:
         """The response cache's key for a deterministic request on `version`; None when the cache
         is off or the request samples without a seed."""
-        if not self.cfg.serve.response_cache or (params.get("temperature", 1.0) != 0 and params.get("seed") is None):
+        if not self.cfg.serve.response_cache or (not params.greedy and params.seed is None):
             return None
-        return json.dumps([version, list(prompt), params], sort_keys=True, default=list)
+        return json.dumps([version, [list(p) for p in prompts], dataclasses.asdict(params), n], sort_keys=True,
+                          default=list)
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -240,11 +251,12 @@ class LLMServer:
                 self.gauges["version"].set(0, tags={"version": old})
             self.gauges["version"].set(1, tags={"version": self.version})
 
-    def _set_load_gauges(self, tokens_per_s: float) -> None:
+    def _set_load_gauges(self, tokens_per_s: float | None = None) -> None:
         if self.gauges:
             self.gauges["queue"].set(self.queued())
             self.gauges["batch"].set(self.running)
-            self.gauges["tokens_per_s"].set(tokens_per_s)
+            if tokens_per_s is not None:
+                self.gauges["tokens_per_s"].set(tokens_per_s)
 
 
 def _gauges() -> dict | None:
@@ -254,8 +266,8 @@ def _gauges() -> dict | None:
 
     if not ray.is_initialized():
         return None
-    return {"queue": Gauge("deepkiln_serve_queue_depth", "requests waiting for a batch slot"),
-            "batch": Gauge("deepkiln_serve_batch_size", "requests in the running batch"),
+    return {"queue": Gauge("deepkiln_serve_queue_depth", "choices waiting for a batch slot"),
+            "batch": Gauge("deepkiln_serve_batch_size", "choices in the running batch"),
             "tokens_per_s": Gauge("deepkiln_serve_tokens_per_s", "tokens generated per second, over the last second"),
             "cache_hits": Counter("deepkiln_serve_response_cache_hits", "requests answered from the response cache"),
             "version": Gauge("deepkiln_serve_model_version", "1 for the model version being served",

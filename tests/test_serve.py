@@ -2,7 +2,9 @@
 quantized replicas, bad input, overload, timeouts and the API key."""
 
 import contextlib
+import dataclasses
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +18,7 @@ from deepkiln.precision import compute_dtype
 from deepkiln.quantize import load_quantized
 from deepkiln.testing import free_port
 from deepkiln.tokenizer import BOS_ID, EOS_ID
+from serve.protocol import Failed, Finished, Started, Tokens
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 MODEL = "deepkiln"
@@ -88,7 +91,7 @@ def test_openai_client_lists_completes_chats_and_streams(http, run):
     assert chat.usage.prompt_tokens == len(run["tokenizer"].apply_chat_template(messages))
 
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True))
+                                                 stream=True, stream_options={"include_usage": True}))
     assert len({ch.id for ch in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-") and chunks[0].id != chat.id
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == chat.choices[0].message.content  # greedy: streamed and whole answers agree
@@ -99,6 +102,156 @@ def test_openai_client_lists_completes_chats_and_streams(http, run):
     raw = post(str(client.base_url).rstrip("/") + "/chat/completions",
                {"model": MODEL, "messages": messages, "max_tokens": 3, "stream": True})
     assert raw.text.rstrip().endswith("data: [DONE]")
+    # OpenAI sends the usage chunk only when asked (stream_options.include_usage).
+    assert '"usage"' not in raw.text
+    quiet = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, stream=True,
+                                                stream_options={"include_usage": False}))
+    assert all(ch.usage is None for ch in quiet) and all(ch.choices for ch in quiet)
+
+
+def test_the_openai_parameters_clients_send_are_honoured(http, run):
+    client = OpenAI(base_url=http(*BASE) + "/v1", api_key="unused")
+    # max_completion_tokens (what newer SDKs send instead of max_tokens) bounds the completion.
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "The river"}],
+                                          max_completion_tokens=16, temperature=0.9, seed=1)
+    assert 0 < chat.usage.completion_tokens <= 16
+    # Content as a list of text parts is the same as the joined string.
+    parts = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "The "}, {"type": "text", "text": "river"}]}])
+    plain = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=8,
+                                           messages=[{"role": "user", "content": "The river"}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    # Log-probabilities, in the client's own types: completions and chat.
+    c = client.completions.create(model=MODEL, prompt="The people", max_tokens=6, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert "".join(lp.tokens) == c.choices[0].text and all(x <= 0 for x in lp.token_logprobs)
+    assert all(len(top) <= 2 and max(top.values()) >= chosen - 1e-6 for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "The river"}],
+                                          max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[-1].logprob and content[0].bytes is not None
+    # echo: the prompt before the completion, with its log-probabilities (each prompt token's given
+    # what precedes it, the first one's given BOS; a prompt of ids without BOS has none for its first).
+    e = client.completions.create(model=MODEL, prompt="The people", max_tokens=4, temperature=0, echo=True, logprobs=0)
+    prompt_tokens = len(run["tokenizer"].encode("The people"))
+    elp = e.choices[0].logprobs
+    assert e.choices[0].text.startswith("The people") and "".join(elp.tokens[:prompt_tokens]) == "The people"
+    assert len(elp.tokens) == prompt_tokens + e.usage.completion_tokens and all(x <= 0 for x in elp.token_logprobs)
+    bare = client.completions.create(model=MODEL, prompt=run["tokenizer"].encode("The people"), max_tokens=2,
+                                     temperature=0, echo=True, logprobs=0)
+    assert bare.choices[0].logprobs.token_logprobs[0] is None and bare.choices[0].text.startswith("The people")
+    # A penalty changes greedy output on a prompt that repeats; logit_bias -100 bans a token.
+    prompt = "river river river river river river"
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    penalised = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                          frequency_penalty=2.0).choices[0].text
+    assert penalised != greedy
+    first = engine_output(run, "bf16", prompt, 12)[0]
+    banned = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=0,
+                                       logit_bias={str(first): -100})
+    ids = engine_output(run, "bf16", prompt, 12, logit_bias={first: -100})
+    assert first not in ids and banned.choices[0].text == run["tokenizer"].decode(ids)
+    # Several prompts in one completions request, as strings or token ids: n choices each.
+    several = client.completions.create(model=MODEL, prompt=["The river", "A market"], max_tokens=3, n=2,
+                                        temperature=0)
+    assert [ch.index for ch in several.choices] == [0, 1, 2, 3]
+    assert several.choices[0].text == several.choices[1].text and several.choices[2].text == several.choices[3].text
+    alone = client.completions.create(model=MODEL, prompt="A market", max_tokens=3, temperature=0)
+    assert several.choices[2].text == alone.choices[0].text
+    ids = [2, *run["tokenizer"].encode("The river")]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0)
+    assert by_ids.choices[0].text == several.choices[0].text
+    # `user` is kept with the completion for its feedback.
+    c = client.completions.create(model=MODEL, prompt="The people", max_tokens=2, user="user-42")
+    assert post(http(*BASE) + "/v1/feedback", {"feedback_id": "u-1", "completion_id": c.id, "rating": 5}).status_code == 200
+    stored = [r for r in stored_feedback(http, run) if r["feedback_id"] == "u-1"]
+    assert stored[0]["user"] == "user-42"
+
+
+def stored_feedback(http, run) -> list[dict]:
+    import ray
+
+    from actors.feedback import collectors
+    from deepkiln.paths import absolute
+
+    [collector] = collectors(absolute(load_config(run["argv"] + [http.store, *BASE])))
+    return ray.get(collector.records.remote())
+
+
+SURROGATE = "\\ud800"  # a lone UTF-16 surrogate as JSON writes it: valid JSON, not text
+
+
+def test_hostile_and_unusual_input_gets_a_4xx_never_a_5xx(http, run):
+    import random
+
+    url = http(*BASE)
+    ok = {"model": MODEL, "prompt": "The people", "max_tokens": 2}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    completion = post(url + "/v1/completions", ok).json()["id"]
+    raw = [  # (route, body as bytes, status, the field the 400 names or None)
+        ("completions", b'{"model": "deepkiln", "prompt": "' + SURROGATE.encode() + b'"}', 400, "prompt"),
+        ("chat", b'{"model": "deepkiln", "messages": [{"role": "user", "content": "a' + SURROGATE.encode() + b'"}]}',
+         400, "messages.0.content"),
+        ("chat", b'{"model": "deepkiln", "messages": [{"role": "user", "content": [{"type": "text", "text": "'
+         + SURROGATE.encode() + b'"}]}]}', 400, "messages.0.content.0.text"),
+        ("completions", b'{"model": "deepkiln", "prompt": "x", "stop": ["' + SURROGATE.encode() + b'"]}', 400, "stop.0"),
+        ("completions", b'{"model": "deepkiln", "prompt": "x", "user": "' + SURROGATE.encode() + b'"}', 400, "user"),
+        ("feedback", b'{"feedback_id": "f", "completion_id": "' + SURROGATE.encode() + b'", "rating": 1}', 400,
+         "completion_id"),
+        ("feedback", b'{"feedback_id": "f", "completion_id": "' + completion.encode() + b'", "rating": 1, '
+         b'"correction": "' + SURROGATE.encode() + b'"}', 400, "correction"),
+        ("completions", b'{"model": "deepkiln", "prompt": ' + b"[" * 9_000 + b"]" * 9_000 + b"}", 400, None),
+        ("completions", b'{"model": "deepkiln", "prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None),
+        ("completions", b'{"model": "deepkiln", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+        ("completions", b'{"model": "deepkiln", "prompt": "x", "logit_bias": {"5": Infinity}}', 400, "logit_bias"),
+    ]
+    for route, body, status, param in raw:
+        r = post(url + ("/v1/" + route if route != "chat" else "/v1/chat/completions"), body)
+        assert r.status_code == status, (route, body[:120], r.text)
+        assert param is None or r.json()["error"]["param"] == param, (body[:120], r.text)
+    cases = [  # (route, body, status, named parameter)
+        ("completions", {**ok, "seed": 2**64 - 1, "n": 2}, 200, None),
+        ("completions", {**ok, "seed": 2**64}, 400, "seed"),
+        ("completions", {**ok, "prompt": [[2, 10**6]]}, 400, "prompt"),
+        ("completions", {**ok, "prompt": []}, 400, "prompt"),
+        ("completions", {**ok, "logit_bias": {"999999": 5}}, 400, "logit_bias"),
+        ("completions", {**ok, "logit_bias": {"x": 5}}, 400, "logit_bias.x"),
+        ("completions", {**ok, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ("completions", {**ok, "best_of": 3}, 400, None),
+        ("completions", {**ok, "suffix": "end"}, 400, None),
+        ("completions", {**ok, "frobnicate": 1}, 400, "frobnicate"),
+        ("completions", {**ok, "stream": True, "echo": True, "logprobs": 1}, 400, None),
+        ("chat", {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ("chat", {**chat, "tool_choice": "auto"}, 400, "tool_choice"),
+        ("chat", {**chat, "response_format": {"type": "json_object"}}, 400, "response_format.type"),
+        ("chat", {**chat, "top_logprobs": 2}, 400, None),
+        ("chat", {**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         400, None),
+        ("chat", {**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}, 200, None),
+    ]
+    for route, body, status, param in cases:
+        r = post(url + ("/v1/completions" if route == "completions" else "/v1/chat/completions"), body)
+        assert r.status_code == status, (body, r.text)
+        if status >= 400 and param:
+            assert r.json()["error"]["param"] == param, (body, r.text)
+    # A fuzz over every request field with values of every JSON shape: a 2xx or a 4xx, never a 5xx,
+    # and no Python exception text in any body.
+    rng = random.Random(0)
+    values = [None, True, -1, 0, 3, 2**70, -(2**70), 1e308, -0.0, 0.5, "", "x" * 3, "\ud83d", "\x00", [], [1, "a"],
+              [[1]], {}, {"a": {"b": [1]}}, [2] * 3, ["a", "b"]]
+    fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+              "stream", "stream_options", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias",
+              "logprobs", "top_logprobs", "echo", "user", "best_of", "suffix", "response_format", "tools"]
+    for i in range(150):
+        route, base = ("completions", ok) if i % 2 else ("chat", chat)
+        body = dict(base)
+        for field in rng.sample(fields, rng.randint(1, 3)):
+            body[field] = rng.choice(values)
+        r = post(url + ("/v1/completions" if route == "completions" else "/v1/chat/completions"), body)
+        assert r.status_code < 500, (body, r.text)
+        assert not re.search(r"Error\(|Traceback|Exception", r.text), (body, r.text)
 
 
 def served_dtype(run):
@@ -106,17 +259,27 @@ def served_dtype(run):
     return compute_dtype(load_config(run["argv"]).serve.dtype)
 
 
-def engine_output(run, fmt, prompt, max_tokens) -> list[int]:
+def engine_output(run, fmt, prompt, max_tokens, **params) -> list[int]:
     """Greedy completion token ids of `prompt` from the engine directly, on the `fmt` artifact."""
     model, _ = load_quantized(run["report"]["formats"][fmt]["path"], served_dtype(run))
-    req = Engine(model, max_batch=1).generate([[BOS_ID, *run["tokenizer"].encode(prompt)]],
-                                              SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                             stop_token_ids=(EOS_ID,)))[0]
+    req = Engine(model, max_batch=1, vocab_size=run["tokenizer"].vocab_size).generate(
+        [[BOS_ID, *run["tokenizer"].encode(prompt)]],
+        SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=(EOS_ID,), **params))[0]
     return req.output
 
 
 def expected_text(run, fmt, prompt, max_tokens) -> str:
     return run["tokenizer"].decode(engine_output(run, fmt, prompt, max_tokens))
+
+
+def ids_of(items, index=0) -> list[int]:
+    """The token ids of choice `index` in a list of stream items."""
+    return [t for i in items if isinstance(i, Tokens) and i.index == index for t in i.ids]
+
+
+def generate(server, prompt, params, n=1):
+    """LLMServer.generate for one prompt."""
+    return server.generate((tuple(prompt),), params, n)
 
 
 def test_greedy_through_serve_equals_the_engine(http, run):
@@ -127,43 +290,6 @@ def test_greedy_through_serve_equals_the_engine(http, run):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == run["tokenizer"].decode(output)
         assert r.json()["usage"]["completion_tokens"] == len(output)
-
-
-def test_prometheus_metrics_count_requests_errors_tokens_and_name_the_version(http, run):
-    import re
-
-    import ray
-
-    url = http(*BASE)
-    version = handle("LLMServer").info.remote().result()["version"]
-    body = {"model": MODEL, "prompt": "The people", "max_tokens": 8, "temperature": 0, "stream": True}
-    for _ in range(3):
-        assert post(url + "/v1/completions", body).status_code == 200
-    assert post(url + "/v1/completions", {**body, "temperature": 7}).status_code == 400
-    port = ray._private.worker.global_worker.node.metrics_export_port
-
-    def value(text, name, **tags):  # sum of the samples of `name` whose tags include `tags`
-        total = 0.0
-        for line in text.splitlines():
-            m = re.match(rf"{name}{{(.*)}} (\S+)$", line)
-            if m and all(f'{k}="{v}"' in m.group(1) for k, v in tags.items()):
-                total += float(m.group(2))
-        return total
-
-    deadline = time.monotonic() + 60  # Ray's metrics agent exports every few seconds
-    while True:
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        done = (value(text, "ray_deepkiln_serve_requests_total", route="completions", code="200") >= 3
-                and value(text, "ray_deepkiln_serve_requests_total", route="completions", code="400") >= 1
-                and value(text, "ray_deepkiln_serve_model_version", version=version) == 1)
-        if done or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert done, [line for line in text.splitlines() if "deepkiln" in line]
-    assert value(text, "ray_deepkiln_serve_time_to_first_token_s_count") >= 3
-    assert value(text, "ray_deepkiln_serve_completion_tokens_total") >= 3
-    for gauge in ("queue_depth", "batch_size", "tokens_per_s"):
-        assert f"ray_deepkiln_serve_{gauge}" in text, gauge
 
 
 def test_bad_input_is_a_4xx_naming_the_field(http, run):
@@ -230,14 +356,9 @@ def test_feedback_is_stored_once_joined_to_the_completion_and_bad_feedback_is_a_
         r = post(url + "/v1/feedback", body)
         assert r.status_code == status and r.json()["error"]["param"] == field, (body, r.text)
         assert field in r.json()["error"]["message"]
-    from actors.feedback import collectors
-    from deepkiln.paths import absolute
-
-    [collector] = collectors(absolute(load_config(run["argv"] + [http.store, *BASE])))
-    import ray
-
-    stored = {r["feedback_id"]: r for r in ray.get(collector.records.remote())}
-    assert set(stored) == {"fb-1", "fb-2"}  # nothing stored for the bad ones
+    stored = {r["feedback_id"]: r for r in stored_feedback(http, run)}
+    assert "x" not in stored and {"fb-1", "fb-2"} <= set(stored)  # nothing stored for the bad ones
+    assert sum(r["feedback_id"] == "fb-1" for r in stored_feedback(http, run)) == 1
     assert stored["fb-1"]["prompt"] == "The people" and stored["fb-1"]["completion"] == c["choices"][0]["text"]
     assert stored["fb-1"]["model_version"] == c["system_fingerprint"] and "<EMAIL>" in stored["fb-1"]["correction"]
     assert json.loads(stored["fb-2"]["prompt"]) == [{"role": "user", "content": "Hi"}] and stored["fb-2"]["rating"] == 1
@@ -307,6 +428,63 @@ def test_version_switch_under_load_drops_nothing(http, run):
     assert last["system_fingerprint"] == after["version"] and last["choices"][0]["text"] == want["nf4"]
 
 
+def scrape(name: str, until, timeout: float = 60.0) -> str:
+    """Ray's metrics endpoint, polled until `until(value)` holds (the agent exports every few
+    seconds); `value(metric, **tags)` sums the samples of a metric whose tags include `tags`."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+
+    def value(metric, **tags):
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(rf"ray_deepkiln_serve_{metric}{{(.*)}} (\S+)$", line)
+            if m and all(f'{k}="{v}"' in m.group(1) for k, v in tags.items()):
+                total += float(m.group(2))
+        return total
+
+    deadline = time.monotonic() + timeout
+    while True:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if until(value) or time.monotonic() > deadline:
+            assert until(value), (name, [line for line in text.splitlines() if "deepkiln" in line])
+            return value
+        time.sleep(1)
+
+
+def test_prometheus_metrics_count_every_response_name_the_version_from_the_start_and_go_idle(http, run):
+    import os
+    import signal
+    import threading
+
+    url = http("--quant.format=int8")  # fresh replicas on a version the tests before did not serve
+    version = handle("LLMServer").info.remote().result()["version"]
+    scrape("version before any request", lambda value: value("model_version", version=version) == 1)
+    body = {"model": MODEL, "prompt": "The people", "max_tokens": 8, "temperature": 0, "stream": True}
+    for _ in range(3):
+        assert post(url + "/v1/completions", body).status_code == 200
+    assert post(url + "/v1/completions", {**body, "temperature": 7}).status_code == 400
+    # A 500 (the engine process killed under a request) is counted too, and says only "internal error".
+    # The engine is stopped first, so the request is surely in it when it dies.
+    engine = handle("LLMServer").info.remote().result()["engine_pid"]
+    os.kill(engine, signal.SIGSTOP)
+    threading.Timer(1.0, os.kill, (engine, signal.SIGKILL)).start()
+    failed = post(url + "/v1/completions", {**body, "stream": False})
+    assert failed.status_code == 500 and failed.json()["error"]["message"].startswith("internal error (request id ")
+    assert failed.headers["x-deepkiln-request-id"] in failed.json()["error"]["message"]
+    # Streams closed by their clients mid-way: the slots are freed and the load gauges return to zero.
+    for _ in range(3):
+        with requests.post(url + "/v1/completions", json={**body, "max_tokens": 60}, stream=True, timeout=60) as r:
+            next(r.iter_lines())
+    value = scrape("every response counted, idle gauges zero", lambda value: (
+        value("requests_total", route="completions", code="200") >= 3
+        and value("requests_total", route="completions", code="400") >= 1
+        and value("requests_total", route="completions", code="500") >= 1
+        and value("queue_depth") == 0 and value("batch_size") == 0))
+    assert value("time_to_first_token_s_count") >= 3 and value("completion_tokens_total") >= 3
+    assert value("tokens_per_s") >= 0
+
+
 @pytest.mark.parametrize("fmt, layer", [("int8", "Linear8bitLt"), ("nf4", "Linear4bit")])
 def test_quantized_replicas_run_bitsandbytes_layers(http, run, fmt, layer):
     url = http(f"--quant.format={fmt}")
@@ -318,23 +496,36 @@ def test_quantized_replicas_run_bitsandbytes_layers(http, run, fmt, layer):
     assert r.status_code == 200 and r.json()["system_fingerprint"] == info["version"]
 
 
-def test_overload_gets_503_quickly_and_the_rest_complete(http):
-    url = http("--quant.format=bf16", "--serve.max_batch=1", "--serve.max_queue=1")
+def test_overload_gets_503_quickly_and_a_request_of_n_choices_is_refused_whole(http, run):
+    url = http("--quant.format=bf16", "--serve.max_batch=1", "--serve.max_queue=4")
 
-    def one(_):
+    def one(n, max_tokens=48):
         start = time.perf_counter()
-        r = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 48,
-                                           "temperature": 0})
-        return r.status_code, r.headers.get("retry-after"), time.perf_counter() - start
+        r = post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": max_tokens,
+                                           "temperature": 0, "n": n})
+        return r.status_code, r.headers.get("retry-after"), time.perf_counter() - start, r
 
     with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(one, range(12)))
-    codes = [c for c, _, _ in results]
+        results = list(pool.map(one, [1] * 12))
+    codes = [c for c, *_ in results]
     assert set(codes) == {200, 503}, codes
-    assert all(ra == "1" for c, ra, _ in results if c == 503)
-    rejected = max(t for c, _, t in results if c == 503)
-    served = sorted(t for c, _, t in results if c == 200)
+    assert all(ra == "1" for c, ra, *_ in results if c == 503), [(c, ra, r.text) for c, ra, _, r in results]
+    rejected = max(t for c, _, t, _ in results if c == 503)
+    served = sorted(t for c, _, t, _ in results if c == 200)
     assert rejected < served[-1]  # turned away without waiting for a slot
+    # n choices are admitted whole or refused whole: with 1 decoding and 2 waiting, n=4 would overfill
+    # max_queue=4, so it is refused before any of its choices runs; alone, it is served.
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(one, 1, 120) for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while handle("LLMServer").info.remote().result()["queued"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        code, retry, _, r = one(4)
+        assert code == 503 and retry == "1" and "this request has 4" in r.json()["error"]["message"]
+        assert all(f.result()[0] == 200 for f in busy)
+    code, *_, r = one(4, 8)
+    assert code == 200 and len(r.json()["choices"]) == 4 and r.json()["usage"]["completion_tokens"] <= 32
 
 
 def test_a_request_over_its_time_gets_408(http):
@@ -356,13 +547,73 @@ def test_api_key_guards_every_route_but_health(http, tmp_path):
     url = http("--quant.format=bf16", f"--serve.api_key_file={key}")
     body = {"model": MODEL, "prompt": "The people", "max_tokens": 2}
     assert requests.get(url + "/health", timeout=30).status_code == 200
-    assert requests.get(url + "/v1/models", timeout=30).status_code == 401
+    for path in ("/v1/models", "/openapi.json", "/docs", "/v1/nowhere"):
+        assert requests.get(url + path, timeout=30).status_code == 401, path
     assert post(url + "/v1/completions", body).status_code == 401
+    assert post(url + "/v1/feedback", {"feedback_id": "f"}).status_code == 401
     wrong = post(url + "/v1/completions", body, headers={"Authorization": "Bearer s3cret-kez"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert post(url + "/v1/completions", body, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
     client = OpenAI(base_url=url + "/v1", api_key="s3cret-key")
     assert [m.id for m in client.models.list()] == [MODEL]
+    # The key reached the replica as its digest, never as itself: not in the deployed app's arguments.
+    import ray
+    from ray import serve
+
+    details = json.dumps(serve.status().to_dict() if hasattr(serve.status(), "to_dict") else str(serve.status()))
+    assert "s3cret-key" not in details
+
+
+def test_the_app_refuses_to_start_without_the_key_it_was_told_to_use(run, tmp_path, monkeypatch):
+    from serve.app import build
+
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="serve.api_key_file=.* is empty"):
+        build(load_config(run["argv"] + [f"--serve.api_key_file={empty}"]))
+    with pytest.raises(ValueError, match="serve.api_key_file=.* cannot be read"):
+        build(load_config(run["argv"] + [f"--serve.api_key_file={tmp_path / 'missing'}"]))
+    monkeypatch.delenv("DEEPKILN_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="serve.host='0.0.0.0' exposes the API beyond this machine without a key"):
+        build(load_config(run["argv"] + ["--serve.host=0.0.0.0"]))
+    build(load_config(run["argv"] + ["--serve.host=0.0.0.0", "--serve.allow_unauthenticated=true"]))  # said so
+    monkeypatch.setenv("DEEPKILN_API_KEY", "k")
+    build(load_config(run["argv"] + ["--serve.host=0.0.0.0"]))  # a key from the deploying shell's environment
+
+
+def test_a_crash_looping_feedback_collector_costs_feedback_never_a_completion(http, run, tmp_path):
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    from actors.feedback import collectors
+    from deepkiln.paths import absolute
+
+    store = f"--feedback.store={tmp_path / 'looping'}"
+    url = http("--quant.format=bf16", store, "--serve.request_timeout_s=20")
+    [collector] = collectors(absolute(load_config(run["argv"] + [store, "--serve.request_timeout_s=20"])))
+    stop, killed = threading.Event(), []
+
+    def killer():  # every call the collector gets, it dies: Ray restarts it, and it dies again
+        while not stop.is_set():
+            try:
+                pid = ray.get(collector.__ray_call__.remote(lambda self: os.getpid()), timeout=5)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except Exception:
+                pass
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        answers = [post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 4})
+                   for _ in range(6)]
+    finally:
+        stop.set()
+        thread.join()
+    assert len(killed) >= 2 and [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
 
 
 def test_reconfigure_switches_versions_and_in_flight_requests_finish_on_theirs(run):
@@ -373,17 +624,16 @@ def test_reconfigure_switches_versions_and_in_flight_requests_finish_on_theirs(r
 
     cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16"]))
     prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
-    params = {"max_tokens": 24, "temperature": 0, "stop_token_ids": (EOS_ID,)}
+    params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(EOS_ID,))
     want = {fmt: expected_text(run, fmt, "The people", 24) for fmt in ("bf16", "nf4")}
 
     async def collect(server, started=None):
         items = []
-        async for batch in server.generate(prompt, params):
+        async for batch in generate(server, prompt, params):
             items += batch
-            if started and any("token" in item for item in batch):
+            if started and ids_of(batch):
                 started.set()
-        tokens = [i["token"] for i in items if "token" in i]
-        return items[0]["version"], run["tokenizer"].decode(tokens)
+        return items[0].version, run["tokenizer"].decode(ids_of(items))
 
     async def scenario():
         server = LLMServer(cfg.to_dict())
@@ -432,17 +682,17 @@ def test_a_replica_that_fails_before_its_first_message_is_retried_and_one_after_
         def options(self, **kw):
             return self
 
-        def remote(self, prompt, params):
+        def remote(self, prompts, params, n):
             self.calls.append(self.plan.pop(0))
             return self.calls[-1]
 
     async def messages(plan):
         ingress = OpenAIIngress.__new__(OpenAIIngress)
         ingress.llm = Handle(plan)
-        got = [items async for items in ingress._generate([1, 2], {})]
+        got = [items async for items in ingress._generate([[1, 2]], SamplingParams(), 1)]
         return got, ingress.llm.calls
 
-    answer = [[{"version": "v"}], [{"token": 7}, {"finish_reason": "stop"}]]
+    answer = [[Started("v")], [Tokens(0, (7,)), Finished(0, "stop", last=True)]]
     got, calls = asyncio.run(messages([Stream([], True), Stream([], True), Stream(answer, False)]))
     assert got == answer and len(calls) == 3
     assert [c.cancelled for c in calls] == [True, True, False]  # a finished call needs no cancel
@@ -450,7 +700,7 @@ def test_a_replica_that_fails_before_its_first_message_is_retried_and_one_after_
     async def first_message_only(plan):  # the caller leaves mid-stream (a disconnect, a timeout)
         ingress = OpenAIIngress.__new__(OpenAIIngress)
         ingress.llm = Handle(plan)
-        async with contextlib.aclosing(ingress._generate([1, 2], {})) as gen:
+        async with contextlib.aclosing(ingress._generate([[1, 2]], SamplingParams(), 1)) as gen:
             await anext(gen)
         return ingress.llm.calls
 
@@ -470,17 +720,17 @@ def test_tokens_go_out_first_at_once_then_batched_by_the_stream_interval(run, in
 
     cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16", f"--serve.stream_interval_ms={interval_ms}"]))
     prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
-    params = {"max_tokens": 12, "temperature": 0, "stop_token_ids": ()}
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=())
 
     async def messages():
-        return [batch async for batch in LLMServer(cfg.to_dict()).generate(prompt, params)]
+        return [batch async for batch in generate(LLMServer(cfg.to_dict()), prompt, params)]
 
     got = asyncio.run(messages())
-    tokens = [[i["token"] for i in batch if "token" in i] for batch in got]
+    tokens = [ids_of(batch) for batch in got]
     model, _ = load_quantized(run["report"]["formats"]["bf16"]["path"], served_dtype(run))
-    assert sum(tokens, []) == Engine(model, max_batch=1).generate([prompt], SamplingParams(**params))[0].output
-    assert "version" in got[0][0] and tokens[0] == [tokens[0][0]]  # the first token alone, at once
-    assert got[-1][-1] == {"finish_reason": "length"}
+    assert sum(tokens, []) == Engine(model, max_batch=1).generate([prompt], params)[0].output
+    assert isinstance(got[0][0], Started) and tokens[0] == [tokens[0][0]]  # the first token alone, at once
+    assert got[-1][-1] == Finished(0, "length", last=True)
     if interval_ms:  # everything after the first token waited for the end of the request
         assert len(got) == 2 and len(tokens[1]) == 11
     else:  # one message per engine step
@@ -495,18 +745,18 @@ def test_response_cache_answers_a_repeated_deterministic_request_and_is_keyed_on
 
     cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16", "--serve.response_cache=2"]))
     prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
-    greedy = {"max_tokens": 12, "temperature": 0, "stop_token_ids": (EOS_ID,)}
-    sampled = {**greedy, "temperature": 1.0}
+    greedy = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(EOS_ID,))
+    sampled = dataclasses.replace(greedy, temperature=1.0)
 
     async def items(server, params, p=prompt):
-        return [i for batch in [b async for b in server.generate(p, params)] for i in batch]
+        return [i for batch in [b async for b in generate(server, p, params)] for i in batch]
 
     async def scenario():
         server = LLMServer(cfg.to_dict())
         first, again = await items(server, greedy), await items(server, greedy)
         hits = server.info()["cache_hits"]
         await items(server, sampled), await items(server, sampled)           # unseeded: never cached
-        seeded = [await items(server, {**sampled, "seed": 3}) for _ in range(2)]
+        seeded = [await items(server, dataclasses.replace(sampled, seed=3)) for _ in range(2)]
         after_sampling = server.info()["cache_hits"]
         for other in ([BOS_ID, 7], [BOS_ID, 8]):                             # evicts the greedy entry (LRU of 2)
             await items(server, greedy, other)
@@ -519,9 +769,8 @@ def test_response_cache_answers_a_repeated_deterministic_request_and_is_keyed_on
     assert again == first and hits == 1
     assert seeded[0] == seeded[1] and after_sampling == 2
     assert evicted == first and info["cache_entries"] == 2
-    assert on_nf4[0]["version"].startswith("nf4-") and info["cache_hits"] == 2  # a new version misses
-    tokens = [i["token"] for i in on_nf4 if "token" in i]
-    assert run["tokenizer"].decode(tokens) == expected_text(run, "nf4", "The people", 12)
+    assert on_nf4[0].version.startswith("nf4-") and info["cache_hits"] == 2  # a new version misses
+    assert run["tokenizer"].decode(ids_of(on_nf4)) == expected_text(run, "nf4", "The people", 12)
 
 
 def test_a_dead_engine_process_fails_its_requests_at_once_and_the_next_request_starts_a_new_one(run):
@@ -534,12 +783,12 @@ def test_a_dead_engine_process_fails_its_requests_at_once_and_the_next_request_s
 
     cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16"]))
     prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
-    long = {"max_tokens": 200, "temperature": 0, "stop_token_ids": ()}  # still decoding when the process dies
-    short = {**long, "max_tokens": 40}
+    long = SamplingParams(max_tokens=200, temperature=0)  # still decoding when the process dies
+    short = dataclasses.replace(long, max_tokens=40)
 
     async def collect(server, params, started=None):
         items = []
-        async for batch in server.generate(prompt, params):
+        async for batch in generate(server, prompt, params):
             items += batch
             if started:
                 started.set()
@@ -558,9 +807,9 @@ def test_a_dead_engine_process_fails_its_requests_at_once_and_the_next_request_s
 
     victim, failed, after, info = asyncio.run(scenario())
     for items in failed:  # each answered with an error, none left waiting
-        assert items[-1]["error"] == "internal" and "engine process exited" in items[-1]["message"]
-        assert sum("token" in i for i in items) < 200
-    assert after[-1] == {"finish_reason": "length"} and sum("token" in i for i in after) == 40
+        assert isinstance(items[-1], Failed) and items[-1].kind == "internal"
+        assert "engine process exited" in items[-1].message and len(ids_of(items)) < 200
+    assert after[-1] == Finished(0, "length", last=True) and len(ids_of(after)) == 40
     assert info["engine_pid"] != victim and info["pid"] == os.getpid()
 
 
