@@ -13,6 +13,22 @@ Each of `--rounds` rounds measures the sequential baseline and then every level;
 figure's median over the rounds, and `batching_speedup` is the median of the rounds' own ratios.
 `--proxy haproxy` (the default) starts Ray with RAY_SERVE_ENABLE_HA_PROXY=1, Ray's high-throughput
 HTTP proxy; `--proxy python` uses Serve's default Python proxy.
+
+Two more modes, each serving the first of `--formats`:
+
+    python -m bench.serve --mode adversarial burst   # both, on one app: about 2 minutes here
+    python -m bench.serve --mode adversarial   # small-request latency while 8 clients send ~1 MB prompts
+    python -m bench.serve --mode burst         # 64 requests with n=4 at concurrency 32 against full queues
+
+`adversarial`: `--small` small completions (4 tokens, greedy, one at a time) are timed alone, then
+with `--attackers` client processes posting prompts of `--attack-bytes` characters (each refused
+with a 4xx: more than the context can hold), twice: in waves, every small request sent while each
+attacker is sending one prompt (the issue's reproduction: `p99_ratio`, the small requests' p99 then
+over their p99 alone, target <= 1.5), and as a flood, each attacker posting again as soon as it is
+answered, at nice 19 (on 2 shared cores their own CPU stands for other machines'; `p99_ratio_flood`).
+`burst`: `--burst` completions with n=`--burst-n`, `--max-tokens` each, from `--burst-concurrency`
+client threads, against a replica whose queue holds serve.max_queue choices; reports how many were
+served and refused (503) and the largest time from a request to its 503 (target < 1 s).
 """
 
 from __future__ import annotations
@@ -73,6 +89,136 @@ def load_level(url: str, concurrency: int, max_tokens: int, per_client: int) -> 
             "latency_p50_s": round(float(np.percentile(lat, 50)), 4), "latency_p99_s": round(float(np.percentile(lat, 99)), 4)}
 
 
+def timed_post(url: str, body: dict) -> tuple[int, float]:
+    start = time.perf_counter()
+    r = requests.post(f"{url}/v1/completions", json=body, timeout=300)
+    return r.status_code, time.perf_counter() - start
+
+
+def small_latencies(url: str, n: int) -> list[float]:
+    body = {"model": "deepkiln", "prompt": "The river", "max_tokens": 4, "temperature": 0}
+    out = []
+    with requests.Session() as session:
+        for _ in range(n):
+            start = time.perf_counter()
+            r = session.post(f"{url}/v1/completions", json=body, timeout=300)
+            assert r.status_code == 200, r.text
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def attacker(url: str, body: bytes, go, done, stop, out) -> None:
+    """A client process posting `body` (already encoded): once per token taken from `go` (waves:
+    `done` is released as it sends and when it has its answer), or, with `go` None, as fast as it is
+    answered (a flood, at nice 19: its own CPU stands for another machine's), until `stop`; puts
+    ({status: count}, connection errors) on `out`."""
+    if go is None:
+        os.nice(19)
+    codes: dict[int, int] = {}
+    errors = 0
+    with requests.Session() as session:
+        done.release()  # started
+        while not stop.is_set():
+            if go is not None:
+                if not go.acquire(timeout=0.1):
+                    continue
+                done.release()  # sending
+            try:
+                r = session.post(f"{url}/v1/completions", data=body, timeout=120,
+                                 headers={"Content-Type": "application/json"})
+                codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            except requests.RequestException:
+                errors += 1
+            if go is not None:
+                done.release()
+    out.put((codes, errors))
+
+
+def attacked_latencies(url: str, small: int, attackers: int, body: bytes, waves: bool) -> dict:
+    """Small requests' latencies while `attackers` processes post `body`: in waves (all of them at
+    the moment each small request is sent) or as a flood (each as fast as it is answered)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    go, done, stop, out = ctx.Semaphore(0) if waves else None, ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=attacker, args=(url, body, go, done, stop, out), daemon=True)
+             for _ in range(attackers)]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        done.acquire(timeout=120)
+    time.sleep(1.0)  # a flood is under way before the first small request
+    start = time.perf_counter()
+    latencies = []
+    small_body = {"model": "deepkiln", "prompt": "The river", "max_tokens": 4, "temperature": 0}
+    try:
+        with requests.Session() as session:
+            for _ in range(small):
+                for _ in range(attackers if waves else 0):
+                    go.release()
+                for _ in range(attackers if waves else 0):
+                    done.acquire(timeout=120)  # every attacker is sending its prompt
+                sent = time.perf_counter()
+                r = session.post(f"{url}/v1/completions", json=small_body, timeout=300)
+                assert r.status_code == 200, r.text
+                latencies.append(time.perf_counter() - sent)
+                for _ in range(attackers if waves else 0):
+                    done.acquire(timeout=120)
+    finally:
+        stop.set()
+        wall = time.perf_counter() - start
+        results = [out.get(timeout=180) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=30)
+    codes: dict[str, int] = {}
+    for got, _ in results:
+        for code, count in got.items():
+            codes[str(code)] = codes.get(str(code), 0) + count
+    return {"latencies": latencies, "attack_requests": sum(codes.values()),
+            "attack_requests_per_s": round(sum(codes.values()) / wall, 1), "attack_status_codes": codes,
+            "attack_connection_errors": sum(e for _, e in results)}
+
+
+def adversarial(url: str, small: int, attackers: int, attack_bytes: int) -> dict:
+    """Small requests' latency alone, then with `attackers` client processes posting oversized
+    prompts: in waves (each small request sent together with one prompt from every attacker, the
+    issue's reproduction; `p99_ratio`), then as a flood (`p99_ratio_flood`)."""
+    small_latencies(url, 4)  # warm-up
+    calm = small_latencies(url, small)
+    huge = json.dumps({"model": "deepkiln", "prompt": ("river " * (attack_bytes // 6 + 1))[:attack_bytes],
+                       "max_tokens": 4}).encode()
+    p50 = lambda xs: round(float(np.percentile(xs, 50)), 4)  # noqa: E731
+    p99 = lambda xs: round(float(np.percentile(xs, 99)), 4)  # noqa: E731
+    result = {"small_requests": small, "attackers": attackers, "attack_bytes": len(huge),
+              "small_p50_s_alone": p50(calm), "small_p99_s_alone": p99(calm)}
+    for mode, waves in (("waves", True), ("flood", False)):
+        got = attacked_latencies(url, small, attackers, huge, waves)
+        lat = got.pop("latencies")
+        result[mode] = {**got, "small_p50_s": p50(lat), "small_p99_s": p99(lat)}
+    result["p99_ratio"] = round(result["waves"]["small_p99_s"] / result["small_p99_s_alone"], 3)
+    result["p99_ratio_flood"] = round(result["flood"]["small_p99_s"] / result["small_p99_s_alone"], 3)
+    return result
+
+
+def burst(url: str, requests_: int, concurrency: int, n: int, max_tokens: int) -> dict:
+    """`requests_` completions with `n` choices each from `concurrency` threads at once."""
+    texts = prompts(requests_)
+    body = lambda p: {"model": "deepkiln", "prompt": p, "max_tokens": max_tokens, "n": n,  # noqa: E731
+                      "temperature": 1.0, "seed": 0}
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        done = list(pool.map(lambda p: timed_post(url, body(p)), texts))
+    wall = time.perf_counter() - start
+    refused = [s for code, s in done if code == 503]
+    served = [s for code, s in done if code == 200]
+    return {"requests": requests_, "concurrency": concurrency, "n": n, "max_tokens": max_tokens,
+            "served": len(served), "refused_503": len(refused),
+            "other_status": sorted({code for code, _ in done} - {200, 503}), "wall_s": round(wall, 3),
+            "refusal_latency_max_s": round(max(refused), 4) if refused else None,
+            "refusal_latency_p50_s": round(float(np.percentile(refused, 50)), 4) if refused else None,
+            "served_latency_p50_s": round(float(np.percentile(served, 50)), 4) if served else None}
+
+
 def sequential_tokens_per_s(artifact: str, tokenizer: Tokenizer, max_tokens: int, n: int, threads: int,
                             dtype: torch.dtype) -> float:
     """The same prompts through the engine one at a time (a batch of one), in this process."""
@@ -117,11 +263,19 @@ def main(argv=None) -> dict:
     p.add_argument("--replica-cpus", type=float, default=os.cpu_count() or 1)
     p.add_argument("--run-dir", help="serve this folder's quantized 'served' run (deepkiln.testing.make_run's "
                                      "layout) instead of making one")
+    p.add_argument("--mode", choices=["throughput", "adversarial", "burst"], nargs="+", default=["throughput"],
+                   help="throughput, or adversarial and/or burst (one app serves both)")
+    p.add_argument("--small", type=int, default=40, help="adversarial: small requests timed, alone and attacked")
+    p.add_argument("--attackers", type=int, default=8, help="adversarial: client processes sending oversized prompts")
+    p.add_argument("--attack-bytes", type=int, default=1_000_000, help="adversarial: characters per oversized prompt")
+    p.add_argument("--burst", type=int, default=64, help="burst: requests sent")
+    p.add_argument("--burst-concurrency", type=int, default=32, help="burst: client threads")
+    p.add_argument("--burst-n", type=int, default=4, help="burst: choices per request")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                    help="config overrides for the served app, e.g. serve.stream_interval_ms=0")
     opts = p.parse_args(argv)
     cpus = opts.replica_cpus
-    result: dict = {"levels": opts.levels, "max_tokens": opts.max_tokens, "requests_per_client": opts.requests,
+    result: dict = {"mode": opts.mode, "levels": opts.levels, "max_tokens": opts.max_tokens, "requests_per_client": opts.requests,
                     "rounds": opts.rounds,
                     "proxy": opts.proxy, "replica_cpus": cpus, "set": opts.set}
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,6 +302,20 @@ def main(argv=None) -> dict:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
+            if "throughput" not in opts.mode:
+                fmt = opts.formats[0]
+                cfg = load_config(run_argv + [f"--quant.format={fmt}", f"--serve.replica_cpus={cpus}",
+                                              *(f"--{o}" for o in opts.set)])
+                result.update(format=fmt, max_batch=cfg.serve.max_batch, max_queue=cfg.serve.max_queue,
+                              precision=describe(compute_dtype(cfg.serve.dtype)))
+                serve.run(build(cfg), name="deepkiln", route_prefix="/")
+                url = f"http://127.0.0.1:{port}"
+                if "adversarial" in opts.mode:
+                    result["adversarial"] = adversarial(url, opts.small, opts.attackers, opts.attack_bytes)
+                if "burst" in opts.mode:
+                    result["burst"] = burst(url, opts.burst, opts.burst_concurrency, opts.burst_n, opts.max_tokens)
+                print(json.dumps(result))
+                return result
             for fmt in opts.formats:
                 cfg = load_config(run_argv + [f"--quant.format={fmt}", f"--serve.replica_cpus={cpus}",
                                               f"--serve.max_batch={max(opts.levels)}", *(f"--{o}" for o in opts.set)])

@@ -63,3 +63,24 @@ def test_bench_serve_prints_its_figures(ray_local, served_run, capsys):
     assert r["linear_bytes_ratio_nf4"] >= 3  # nf4 layers' weights against the same layers in bf16
     assert r["perplexity_nf4"] > 0 and r["bytes_nf4"] < r["bytes_bf16"]
     assert '"batching_speedup"' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_serve_adversarial_and_burst_modes_print_their_figures(ray_local, served_run, capsys):
+    from bench import serve as bench_serve
+
+    r = bench_serve.main(["--mode", "adversarial", "burst", "--formats", "bf16", "--proxy", "python",
+                          "--replica-cpus", "0.5", "--small", "3", "--attackers", "2", "--attack-bytes", "300000",
+                          "--burst", "12", "--burst-concurrency", "12", "--burst-n", "4", "--max-tokens", "8",
+                          "--set", "serve.max_batch=1", "serve.max_queue=4", "--run-dir", str(served_run["root"])])
+    adv = r["adversarial"]
+    for mode in ("waves", "flood"):
+        assert adv[mode]["attack_status_codes"].keys() == {"413"} and adv[mode]["attack_connection_errors"] == 0
+        assert adv[mode]["small_p99_s"] > 0
+    assert adv["waves"]["attack_requests"] == 3 * 2  # one prompt per attacker for every small request
+    assert adv["p99_ratio"] == pytest.approx(adv["waves"]["small_p99_s"] / adv["small_p99_s_alone"], rel=0.01)
+    burst = r["burst"]
+    # 12 requests of 4 choices at once against 1 running + 4 queued choices: most are refused whole.
+    assert burst["served"] + burst["refused_503"] == 12 and burst["refused_503"] >= 6 and burst["other_status"] == []
+    assert burst["refusal_latency_max_s"] is not None
+    assert '"p99_ratio"' in capsys.readouterr().out
