@@ -66,8 +66,9 @@ def ray_local(tmp_path_factory):
     os.environ["DEEPKILN_KILL_ONCE"] = str(marker)  # inherited by Ray's worker processes
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
+    # Metrics exported every 2 s, not 10: the Prometheus test waits for them.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+             _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"), _system_config={"metrics_report_interval_ms": 2000})
     yield marker
     _shutdown_session_ray()
 
