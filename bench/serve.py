@@ -62,7 +62,8 @@ def prompts(n: int) -> list[str]:
 def one_request(url: str, prompt: str, max_tokens: int) -> dict:
     start = time.perf_counter()
     first, usage = None, None
-    body = {"model": "deepkiln", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": "deepkiln", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
