@@ -352,6 +352,9 @@ class ServeArgs(Section):
     Set but missing, unreadable or empty: the app refuses to start."""
     allow_unauthenticated: bool = False
     """Serve on a non-loopback serve.host without an API key (otherwise the app refuses to start)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of the Serve controller, proxy and replicas (their log files and the console; INFO
+    includes a line per request). The quickstart runs with WARNING."""
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:

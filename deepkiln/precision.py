@@ -77,6 +77,8 @@ def describe(dtype: torch.dtype, device: torch.device | str = "cpu") -> dict:
 
 @functools.cache
 def _announce(setting: str, dtype: str, device: str, capability: str) -> None:
+    if "RAY_RAYLET_PID" in os.environ:  # a Ray worker (a training rank, a replica): its driver says it
+        return
     why = "explicit" if setting != "auto" else ("auto: native bf16" if dtype == "bfloat16" else "auto: no native bf16")
     # stderr: a process whose stdout is a protocol (a test's subprocess) stays readable.
     print(f"compute dtype {dtype} on {device} ({why}; CPU capability {capability})", file=sys.stderr, flush=True)

@@ -48,6 +48,11 @@ class _Once(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Once())
+# On AVX-512 BF16 CPUs bitsandbytes tries to fetch an nf4 kernel from the Hugging Face hub through the
+# `kernels` package at import, and warns in every process when it cannot; deepkiln downloads nothing
+# at run time, so the fallback it takes is the one wanted, and the line is dropped (installed here,
+# before bitsandbytes is imported, on the logger it uses).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
 
 
 def _kept(name: str, keep: list[str]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -37,18 +38,37 @@ def torch_trainer(loop, loop_config: dict, cfg, *, name: str, storage: str, work
     the cluster has GPUs (a job's driver on a CPU head counts its GPU workers), else gloo on
     train.cpus_per_worker CPUs each; storage `storage`/`name`."""
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1
+    # On CPU workers DeepSpeed is told so (else each rank warns it found no accelerator).
+    env = compute_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
     return TorchTrainer(
-        loop, train_loop_config=loop_config,
+        _quietly(loop), train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep), callbacks=callbacks,
-                             worker_runtime_env={"env_vars": compute_env()}))
+                             # Ray Train's INFO lines (worker group started, each checkpoint reported)
+                             # stay in its log files; the console keeps the run's own progress.
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             worker_runtime_env={"env_vars": env}))
+
+
+def _quietly(loop):
+    """`loop` with Ray Train's per-report INFO line ("Reporting training result N: ...", logged by
+    every rank to a logger named after its source file, which LoggingConfig does not reach) kept
+    off the console, like its other INFO lines."""
+    def run(config):
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        return loop(config)
+
+    run.__name__ = getattr(loop, "__name__", "loop")
+    return run
 
 
 def fit(trainer):

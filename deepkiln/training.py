@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -69,8 +71,21 @@ def initialize(model: torch.nn.Module, params, *, lr: float, weight_decay: float
 
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    with _stdout_without("built successfully"):  # DeepSpeed prints it in every rank, every run
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     return engine
+
+
+@contextlib.contextmanager
+def _stdout_without(fragment: str):
+    """Print what the block prints to stdout, but the lines containing `fragment`."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(keepends=True) if fragment not in line]
+        sys.stdout.write("".join(kept))
 
 
 def build_engine(cfg: Config, world: int):

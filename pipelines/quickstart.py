@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -49,9 +50,9 @@ def read_json(path: Path) -> dict:
 def serve_app(cfg: Config) -> str:
     from ray import serve
 
-    from serve.app import build, http_options
+    from serve.app import build, start_options
 
-    serve.start(http_options=http_options(cfg))
+    serve.start(**start_options(cfg))
     serve.run(build(cfg), name=APP, route_prefix="/")
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
@@ -170,7 +171,13 @@ def main(argv=None) -> dict:
     p.add_argument("--fresh", action="store_true", help="run every stage again")
     p.add_argument("--redo", choices=STAGES, help="run this stage and every later one again")
     opts, argv = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    # A console a newcomer reads: Serve's INFO lines (a line per request and per replica change) off
+    # unless asked for (an option given later wins).
+    argv = ["--serve.log_level=WARNING", *argv]  # the stages it runs get it too (online redeploys)
     cfg = load_config(argv)
+    from ray import serve  # noqa: F401  (importing Serve sets its driver logger to INFO: set it after)
+
+    logging.getLogger("ray.serve").setLevel(cfg.serve.log_level)
     stages = [s for s in STAGES if s != "dp_finetune" or cfg.privacy.enabled]
     redo_from = 0 if opts.fresh else stages.index(opts.redo) if opts.redo else len(stages)
     init_ray()

@@ -34,6 +34,11 @@ def llm_options(cfg: Config, artifact: str | None = None) -> dict:
             "user_config": {"artifact": artifact or RunPaths.of(cfg).artifact}}
 
 
+def start_options(cfg: Config) -> dict:
+    """serve.start's keyword arguments: the HTTP options and the controller's and proxy's log level."""
+    return {"http_options": http_options(cfg), "logging_config": {"log_level": cfg.serve.log_level}}
+
+
 def http_options(cfg: Config) -> dict:
     """serve.start's HTTP options: the address, and a request timeout a little past the app's own
     (serve.request_timeout_s answers 408 first; this one ends a connection nothing answers)."""
@@ -53,12 +58,13 @@ def build(cfg: Config, artifact: str | None = None):
     served = cfg.model_copy(deep=True)
     if artifact:  # a new replica loads it in __init__, and reconfigure then finds it loaded
         served.serve.artifact = artifact if "://" in artifact else os.path.abspath(artifact)
-    llm = LLMServerDeployment.options(**llm_options(cfg, artifact)).bind(served.to_dict())
+    llm = LLMServerDeployment.options(**llm_options(cfg, artifact),
+                                      logging_config={"log_level": cfg.serve.log_level}).bind(served.to_dict())
     digest = hashlib.sha256(key.encode()).hexdigest() if key else ""
     # The proxy's queue in front of the ingress is bounded as well (503 beyond it).
     ingress = OpenAIIngressDeployment.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
                                               max_queued_requests=1000,
-                                              logging_config={"enable_access_log": False}).bind(llm, cfg.to_dict(), digest)
+                                              logging_config={"log_level": cfg.serve.log_level}).bind(llm, cfg.to_dict(), digest)
     return ingress
 
 
@@ -72,7 +78,7 @@ def main(argv=None) -> None:
 
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     init_ray()
-    serve.start(http_options=http_options(cfg))
+    serve.start(**start_options(cfg))
     serve.run(build(cfg), name="deepkiln", route_prefix="/")
     print(f"serve: http://{cfg.serve.host}:{cfg.serve.port}/v1 (model {cfg.serve.model_name!r}); Ctrl-C stops it",
           flush=True)

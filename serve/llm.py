@@ -151,6 +151,8 @@ class LLMServer:
                 future.set_exception(EngineFailed(f"could not load {message.artifact}: {message.message}"))
         elif message is None and conn is self.conn:
             code = self.proc.wait()
+            if getattr(self, "stopping", False):  # this replica asked it to stop: it is going away
+                return
             logger.error(f"the engine process exited with code {code}; the next request starts a new one")
             self.proc, self.reader, self.running, self.engine_waiting = None, None, 0, 0
             failed = Failed(INTERNAL, f"the replica's engine process exited (code {code})")
@@ -170,6 +172,7 @@ class LLMServer:
 
     def __del__(self):  # Serve calls it when the replica stops; the engine process ends too
         if getattr(self, "proc", None) is not None:
+            self.stopping = True
             self._stop(self.conn)
 
     # -- requests ----------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The quickstart: every stage in order on the built-in corpus to a live endpoint and a summary; a
 run killed half-way finishes when run again, reusing the stages it had finished."""
 
+import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,9 +27,20 @@ def test_a_stage_is_done_only_when_its_last_file_is_there(tmp_path):
     assert quickstart.done_marker(cfg, "serve") is None  # always started anew
 
 
+def console_lines(text: str):
+    """The console's lines as a reader sees them: without colour codes, Ray's "(Worker pid=N)"
+    prefix and its "[repeated Nx across cluster]" note; blank and ==== rule lines left out."""
+    for line in text.splitlines():
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        line = re.sub(r"^\(\S+ pid=\d+(, ip=\S+)?\) ", "", line)
+        line = re.sub(r" \[repeated \d+x across cluster\].*$", "", line).rstrip()
+        if line and set(line) != {"="}:
+            yield line
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("own_ray")  # the quickstart starts its own local Ray, as `make run` does
-def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path):
+def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path, capfd):
     from ray import serve
 
     argv = FAST + ["--run.run_dir", str(tmp_path), "--serve.port", str(free_port())]
@@ -46,7 +59,16 @@ def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path):
     assert not (tmp_path / "tiny" / "train" / "train_summary.json").exists()
 
     try:
+        capfd.readouterr()
         result = quickstart.main(argv)
+        console = capfd.readouterr()
+        # What a newcomer reads: every line once (library warnings included), whichever process
+        # printed it (Ray prefixes a worker's lines with its name and pid).
+        lines = list(console_lines(console.out + console.err))
+        assert "[3/8] train ..." in lines and any(line.startswith("online: update 1:") for line in lines)
+        repeated = {line: n for line, n in collections.Counter(lines).items() if n > 1}
+        assert not repeated, repeated
+        assert not [line for line in lines if "ERROR" in line or "Traceback" in line], lines
         out = result["summary"]
         assert out["data kept"].endswith("near duplicates removed)") and out["audit"] == "passed"
         assert "prepare" not in result["times"] and "train" in result["times"]  # reused, and redone
