@@ -9,7 +9,8 @@ rating). Thumbs down without a correction is counted, not trained on.
 
 Priority = weight x recency (halving every `online.half_life_s`). `draw(n)` returns up to n examples
 not consumed yet, sampled by priority without replacement (seeded: the same draw after a restart);
-`commit(keys, update)` marks them consumed once the update that used them is decided. The bound on
+`commit(keys, update)` deletes them (counted as consumed) once the update that used them is recorded,
+so the file holds only what waits. The bound on
 replay: an update that crashes before `commit` draws its examples again, once per crash. Beyond
 `online.buffer_size` unconsumed examples, the lowest-priority ones are dropped (and counted).
 A restarted actor runs `__init__` again and reopens the same file: it holds exactly the unconsumed
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.feedback import transaction
+from actors.feedback import head_node, transaction
 from deepkiln.config import Config, FeedbackArgs, OnlineArgs
 from deepkiln.paths import RunPaths
 
@@ -60,6 +61,10 @@ class ReplayBuffer:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        with transaction(self.db):  # a store from before consumed examples were deleted
+            n = self.db.execute("DELETE FROM examples WHERE consumed_by IS NOT NULL").rowcount
+            if n:
+                self._count("consumed", n)
 
     def offset(self, source: str) -> int:
         """The newest feedback seq of `source` already ingested (0: none)."""
@@ -89,9 +94,11 @@ class ReplayBuffer:
                 self.db.execute("INSERT OR REPLACE INTO offsets VALUES (?, ?)", (source, newest))
             dropped = self._evict()
             for name, n in (("ingested", added), ("not_trainable", skipped), ("dropped", dropped)):
-                self.db.execute("INSERT INTO counts VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET n = n + ?",
-                                (name, n, n))
+                self._count(name, n)
         return {"added": added, "not_trainable": skipped, "dropped": dropped}
+
+    def _count(self, name: str, n: int) -> None:
+        self.db.execute("INSERT INTO counts VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET n = n + ?", (name, n, n))
 
     def _evict(self) -> int:
         """Drop the lowest-priority unconsumed examples beyond the capacity."""
@@ -132,18 +139,19 @@ class ReplayBuffer:
         return [rows[i] for i in np.argsort(-keys, kind="stable")[:n]]
 
     def commit(self, keys: list[tuple[str, int]], update: int) -> int:
-        """Mark the examples (source, seq) consumed by update number `update`; idempotent."""
+        """The examples (source, seq) were consumed by update number `update`: deleted (counted), so
+        the buffer holds only what waits, however many updates ran; idempotent."""
         with transaction(self.db):
-            self.db.executemany("UPDATE examples SET consumed_by = ? WHERE source = ? AND seq = ? "
-                                "AND consumed_by IS NULL", [(update, s, q) for s, q in keys])
+            before = self.db.total_changes
+            self.db.executemany("DELETE FROM examples WHERE source = ? AND seq = ?", keys)
+            self._count("consumed", self.db.total_changes - before)
         return self.size()
 
     def stats(self) -> dict:
         counts = dict(self.db.execute("SELECT name, n FROM counts").fetchall())
-        consumed = self.db.execute("SELECT count(*) FROM examples WHERE consumed_by IS NOT NULL").fetchone()[0]
         corrected = self.db.execute("SELECT count(*) FROM examples WHERE consumed_by IS NULL AND corrected = 1"
                                     ).fetchone()[0]
-        return {"unconsumed": self.size(), "unconsumed_corrected": corrected, "consumed": consumed,
+        return {"unconsumed": self.size(), "unconsumed_corrected": corrected, "consumed": counts.get("consumed", 0),
                 "capacity": self.args.buffer_size, **{k: counts.get(k, 0) for k in ("ingested", "not_trainable", "dropped")},
                 "offsets": dict(self.db.execute("SELECT source, seq FROM offsets").fetchall())}
 
@@ -153,10 +161,9 @@ ReplayBufferActor = ray.remote(max_restarts=-1, max_task_retries=-1)(ReplayBuffe
 
 
 def replay_buffer(cfg: Config):
-    """The run's ReplayBuffer actor (named, detached; started on first use)."""
+    """The run's ReplayBuffer actor (named, detached; started on first use, on the head node)."""
     path = str(Path(RunPaths.of(cfg).replay_db).resolve())
     return ReplayBufferActor.options(
         name=f"deepkiln-replay-{hashlib.sha1(path.encode()).hexdigest()[:16]}", namespace="deepkiln",
-        lifetime="detached",
-        get_if_exists=True, num_cpus=0,
+        lifetime="detached", get_if_exists=True, num_cpus=0, scheduling_strategy=head_node(),
     ).remote(path, cfg.online.model_dump(), cfg.feedback.model_dump())

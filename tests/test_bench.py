@@ -84,3 +84,18 @@ def test_bench_serve_adversarial_and_burst_modes_print_their_figures(ray_local, 
     assert burst["served"] + burst["refused_503"] == 12 and burst["refused_503"] >= 6 and burst["other_status"] == []
     assert burst["refusal_latency_max_s"] is not None
     assert '"p99_ratio"' in capsys.readouterr().out
+
+
+def test_bench_replay_pages_a_large_store_and_the_buffer_stays_flat(capsys):
+    import json
+
+    from bench import replay
+
+    result = replay.main(["--records", "20000", "--updates", "30", "--per-update", "64"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    store, buf = result["store"], result["replay"]
+    assert store["records_read"] == 20000 and store["pages"] == 20
+    assert store["largest_page_records"] <= store["page_limit_records"]
+    assert store["largest_page_bytes"] <= store["page_limit_bytes"]
+    # consumed examples leave the buffer: it holds what waits (one update's worth), round after round
+    assert buf["consumed"] == 30 * 64 and buf["rows_first"] == buf["rows_last"] == 64

@@ -1,6 +1,7 @@
 """FeedbackCollector: stored once per feedback_id, joined to the served completion, PII-masked,
 refused with the field named, atomic Parquet export, and nothing acknowledged lost to SIGKILL."""
 
+import json
 import os
 import random
 import signal
@@ -41,6 +42,76 @@ def test_a_record_is_stored_once_joined_to_its_completion_and_masked(tmp_path):
     assert one["tags"] == ["call <PHONE>"] and one["pii_masked"] == 2
     assert two["rating"] == 5  # thumbs up: the top of the scale
     assert c.records(after=one["seq"]) == [two]
+
+
+def test_a_reused_feedback_id_is_a_duplicate_with_its_payload_and_a_409_with_another(tmp_path):
+    c = collector(tmp_path)
+    c.remember("cmpl-2", "Another question", "Another answer", "bf16-step60-abcd1234")
+    record = {"feedback_id": "fb-1", "completion_id": "cmpl-1", "rating": 2, "correction": "mail ann@example.com"}
+    c.submit(record)
+    assert c.submit(dict(record))["duplicate"] is True  # the same payload: a retry
+    for other in ({"rating": 3}, {"correction": "mail bob@example.com, not ann"}, {"completion_id": "cmpl-2"},
+                  {"completion_id": "cmpl-404"}, {"tags": ["x"]}):
+        with pytest.raises(FeedbackError) as e:
+            c.submit({**record, **other})
+        assert (e.value.status, e.value.param) == (409, "feedback_id"), other
+    assert c.count() == 1
+
+
+def test_concurrent_posts_of_one_id_through_two_collectors_store_one_record(tmp_path):
+    # Eight connections to one store file (actors that each run one call at a time: a restarted
+    # one beside its old self, Ray re-running a call), all posting one id at once: SQLite's
+    # immediate transactions keep it single.
+    first = collector(tmp_path)
+    others = [FeedbackCollector(str(tmp_path / "fb" / "collector-0.sqlite")) for _ in range(7)]
+    record = {"feedback_id": "fb-race", "completion_id": "cmpl-1", "rating": 4}
+    start = threading.Barrier(8)
+
+    def post(c):
+        start.wait()
+        return c.submit(dict(record))
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, [first, *others]))
+    assert sum(not r["duplicate"] for r in answers) == 1 and len({r["seq"] for r in answers}) == 1
+    assert first.count() == 1
+
+
+def test_records_come_in_pages_bounded_by_count_and_bytes(tmp_path):
+    c = collector(tmp_path)
+    for i in range(30):
+        c.submit({"feedback_id": f"p-{i}", "completion_id": "cmpl-1", "rating": 1, "correction": "x" * 50})
+    assert [r["seq"] for r in c.records(limit=7)] == list(range(1, 8))
+    assert [r["seq"] for r in c.records(after=28, limit=7)] == [29, 30] and c.records(after=30) == []
+    one_record = sum(len(v) for v in c.records(limit=1)[0].values() if isinstance(v, str)) + len("[]")  # + its tags
+    assert len(c.records(max_bytes=3 * one_record)) == 3
+    assert len(c.records(max_bytes=1)) == 1  # always at least one: a reader never stalls on a large record
+    assert [r["seq"] for r in c.all_records()] == list(range(1, 31))
+
+
+CANARIES = ["canary.user@example.com", "555-867-5309", "4111 1111 1111 1111", "11010519491231002X", "13812345678"]
+
+
+def test_no_raw_pii_is_stored_anywhere_in_the_store(tmp_path):
+    """Prompts, chat messages, completions, `user`, corrections and tags with e-mail, phone, card
+    (Luhn) and ID-number canaries: none is in the SQLite files' bytes, nor in an export."""
+    c = FeedbackCollector(str(tmp_path / "fb" / "collector-0.sqlite"))
+    text = "; ".join(CANARIES)
+    c.remember("cmpl-1", f"My details: {text}", f"Noted: {text}", "v", user=CANARIES[0])
+    c.remember("chatcmpl-1", json.dumps([{"role": "user", "content": f"我的电话 {CANARIES[4]}，邮箱 {CANARIES[0]}"}]),
+               f"好的 {CANARIES[3]}", "v")
+    c.submit({"feedback_id": "a", "completion_id": "cmpl-1", "rating": 1, "correction": text, "tags": [CANARIES[1]]})
+    c.submit({"feedback_id": "b", "completion_id": "chatcmpl-1", "rating": "up"})
+    [chat] = [r for r in c.records() if r["completion_id"] == "chatcmpl-1"]
+    assert json.loads(chat["prompt"])[0]["content"] == "我的电话 <PHONE>，邮箱 <EMAIL>"  # still valid JSON messages
+    c.export(str(tmp_path / "fb" / "export.parquet"))
+    c.db.close()
+    files = list((tmp_path / "fb").iterdir())
+    assert len(files) >= 2
+    for f in files:
+        data = f.read_bytes()
+        for canary in CANARIES:
+            assert canary.encode() not in data and canary.replace(" ", "").encode() not in data, (f.name, canary)
 
 
 @pytest.mark.parametrize("record, status, field", [
@@ -118,7 +189,7 @@ def test_a_writer_killed_at_random_moments_loses_no_acknowledged_record(tmp_path
         writer.wait()
         reader.join()
         acknowledged += lines
-    stored = {r["feedback_id"] for r in FeedbackCollector(path).records()}
+    stored = {r["feedback_id"] for r in FeedbackCollector(path).all_records()}
     assert len(acknowledged) > 20 and {f"fb-{i}" for i in acknowledged} <= stored
     assert len(stored) <= len(acknowledged) + 4  # at most the one in flight per kill
     db = sqlite3.connect(path)
