@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deepkiln.corpus import replace_folder
 from deepkiln.model import RUNTIME_FIELDS, ModelArgs, Transformer
 
 WEIGHTS, CONFIG, MANIFEST = "model.safetensors", "config.json", "manifest.json"
@@ -52,9 +53,11 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *,
-                    step: int = 0, tokens: int = 0) -> Path:
+                    step: int = 0, tokens: int = 0, files: dict[str, str | Path] | None = None) -> Path:
     """Write model weights and `config` (the resolved config dict, with a "model" section) to folder
-    `path`, replacing any checkpoint already there only once the new one is complete."""
+    `path`, replacing any checkpoint already there only once the new one is complete. `files`: more
+    files to carry inside it, {name: source path} (the tokenizer, in served artifacts), listed in the
+    manifest like the weights."""
     path = Path(path)
     if "model" not in config:
         raise ValueError("config must hold a 'model' section (ModelArgs) to be saved with the weights")
@@ -66,12 +69,16 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *,
     with open(tmp / WEIGHTS, "rb+") as f:
         os.fsync(f.fileno())
     _write_synced(tmp / CONFIG, json.dumps(config, indent=2) + "\n")
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-             for name in (WEIGHTS, CONFIG)}
+    for name, source in (files or {}).items():
+        shutil.copyfile(source, tmp / name)
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
+    listed = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+              for name in (WEIGHTS, CONFIG, *(files or {}))}
     manifest = {"format_version": FORMAT_VERSION, "step": step, "tokens": tokens,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": listed}
     _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    _swap(tmp, path)
+    replace_folder(tmp, path)
     return path
 
 
@@ -82,24 +89,8 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    _swap(tmp, dst)
+    replace_folder(tmp, dst)
     return dst
-
-
-def _swap(tmp: Path, path: Path) -> None:
-    """Put the complete folder `tmp` at `path` (replacing what is there) and sync the parent."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_model_args(saved: ModelArgs, expected: ModelArgs, where: str | Path) -> None:
@@ -124,7 +115,7 @@ def load_checkpoint(path: str | Path, expected: ModelArgs | None = None) -> Chec
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{manifest_path} is unreadable: {e}") from None
-    for name in (WEIGHTS, CONFIG):
+    for name in (WEIGHTS, CONFIG, *sorted(set(files) - {WEIGHTS, CONFIG})):
         file = path / name
         if name not in files or not file.is_file():
             raise ValueError(f"{file} is missing from the checkpoint")

@@ -12,6 +12,7 @@ import ast
 import io
 import json
 import os
+import shutil
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -63,6 +64,23 @@ def write_atomic(uri: str, data: bytes | pa.Table) -> None:
     fs.move(tmp, path)
     if local:
         _fsync(folder)
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Put the complete folder `tmp` at `path` (replacing what is there) and sync the parent: a
+    reader sees the old folder or the new one, never a mix (one rename each way)."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync(path: str) -> None:

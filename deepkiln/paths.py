@@ -111,6 +111,19 @@ class RunPaths:
         return f"{self.root}/online/updates/update-{update:04d}.json"
 
 
+TOKENIZER_FILE = "tokenizer.model"  # the tokenizer inside every quantized artifact
+
+
+def tokenizer_of(cfg: Config, artifact: str | Path) -> str:
+    """The tokenizer that goes with `artifact`: serve.tokenizer when set, else the copy inside the
+    artifact (so re-running the tokenizer stage never changes what a served model's ids mean), else
+    the run's (an artifact from before artifacts carried one)."""
+    if cfg.serve.tokenizer:
+        return cfg.serve.tokenizer
+    inside = Path(artifact) / TOKENIZER_FILE
+    return str(inside) if inside.is_file() else RunPaths.of(cfg).tokenizer_model
+
+
 def version_of(artifact: str | Path) -> str:
     """A model version's name: the artifact folder, its training step and a prefix of its weights' hash."""
     import json

@@ -6,8 +6,8 @@
 Reads the run's final model (`quant.source`, else the DP fine-tune's model when privacy.enabled, else
 the training export <run_dir>/<run.name>/train/model) and the held-out
 windows of the tokenizer stage's token shards, and writes <run_dir>/<run.name>/quantize/:
-{bf16,int8,nf4}/ (checkpoint folders that `deepkiln.quantize.load_quantized` reads; Serve loads the
-one `quant.format` names) and report.json with, per format, bytes on disk and in memory, the bytes
+{bf16,int8,nf4}/ (checkpoint folders that `deepkiln.quantize.load_quantized` reads, each carrying the
+tokenizer.model it was trained with; Serve loads the one `quant.format` names, and its tokenizer) and report.json with, per format, bytes on disk and in memory, the bytes
 of the quantized layers' weights, held-out perplexity and its change against bf16, and greedy
 decode tokens/s on this machine. On CPU quantization buys memory, not speed: the report shows both.
 Artifacts store bf16; the figures are those of each artifact loaded back as Serve loads it, computing
@@ -29,7 +29,7 @@ from deepkiln.config import QuantArgs, load_config
 from deepkiln.data import TokenWindows
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.evaluate import perplexity, windows
-from deepkiln.paths import RunPaths
+from deepkiln.paths import TOKENIZER_FILE, RunPaths
 from deepkiln.model import Transformer
 from deepkiln.precision import compute_dtype, describe
 from deepkiln.quantize import apply_quantization, linear_weight_bytes, load_quantized, model_bytes, target_names
@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
         stored = apply_quantization(model, args)
         # Saved before any forward: what is served is exactly what was quantized.
         path = save_checkpoint(out / fmt, stored, {**cfg.to_dict(), "quant": args.model_dump()},
-                               step=src.manifest.get("step", 0), tokens=src.manifest.get("tokens", 0))
+                               step=src.manifest.get("step", 0), tokens=src.manifest.get("tokens", 0),
+                               files={TOKENIZER_FILE: paths.tokenizer_model})  # it travels with the weights
         model, _ = load_quantized(path, dtype)  # what Serve loads, in its compute dtype
         ppl = perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches)
         report["formats"][fmt] = {

@@ -8,21 +8,28 @@ Reads <run_dir>/<run.name>/prepare/ (run pipelines.prepare first) and writes
 <run_dir>/<run.name>/tokenizer/: tokenizer.model, tokens/<shard>.bin (uint16 ids when the vocabulary
 fits, else uint32; each document followed by EOS), tokens/<shard>.idx.npy (int64 document start
 offsets, plus the end) and tokens/index.json (written last: the stage is complete when it exists).
+A re-run writes a new folder beside the old one and swaps it in whole (on s3:// or gs://, where
+folders do not rename, the old index is deleted first). Served artifacts carry their own copy of
+tokenizer.model: a re-run never changes what a running server's ids decode to.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 from itertools import chain
+from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 
 from actors.shard import ShardOwnerActor
 from deepkiln.config import load_config
-from deepkiln.corpus import load_registry, write_atomic
-from deepkiln.paths import RunPaths
+from deepkiln.corpus import load_registry, replace_folder, resolve, write_atomic
+from deepkiln.paths import RunPaths, is_uri
 from deepkiln.ray_utils import cpus_per_actor, init_ray
 from deepkiln.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
@@ -30,7 +37,15 @@ from deepkiln.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
 def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     paths = RunPaths.of(cfg)
-    prep, out = paths.stage("prepare"), paths.stage("tokenizer")
+    prep, final = paths.stage("prepare"), paths.stage("tokenizer")
+    if is_uri(final):  # no folder rename on object stores: the old index goes first, the new one comes last
+        fs, where = resolve(f"{final}/tokens/index.json")
+        if fs.get_file_info(where).type != pafs.FileType.NotFound:
+            fs.delete_file(where)
+        out = final
+    else:  # written into a sibling and swapped in whole: a reader never sees old and new mixed
+        out = f"{os.path.dirname(os.path.abspath(final))}/.tokenizer.tmp-{os.getpid()}"
+        shutil.rmtree(out, ignore_errors=True)
     names = [n for g in load_registry(prep)["generations"] for n in g["shards"]]
     if not names:
         raise ValueError(f"no prepared shards under {prep}: run pipelines.prepare first")
@@ -58,6 +73,9 @@ def main(argv=None) -> dict:
         "config": cfg.to_dict(),
     }
     write_atomic(f"{out}/tokens/index.json", json.dumps(index, indent=1).encode())
+    if out != final:
+        replace_folder(Path(out), Path(final))
+    out = final
     print(f"tokenizer: {index['total_docs']:,} documents -> {index['total_tokens']:,} tokens "
           f"({index['dtype']}) in {index['seconds']:.1f}s -> {out}", flush=True)
     return index

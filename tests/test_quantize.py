@@ -1,9 +1,11 @@
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
 
 from deepkiln.checkpoint import save_checkpoint
-from deepkiln.config import Config, QuantArgs
+from deepkiln.config import Config, QuantArgs, load_config
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.model import Transformer
 from deepkiln.precision import compute_dtype
@@ -83,3 +85,31 @@ def test_pipeline_writes_three_artifacts_and_a_report(served_run):
     assert abs(formats["int8"]["perplexity_change"]) < 0.05 and abs(formats["nf4"]["perplexity_change"]) < 0.2
     assert formats["nf4"]["linear_bytes_vs_bf16"] > 3 and formats["int8"]["linear_bytes_vs_bf16"] > 1.8
     assert formats["nf4"]["bytes_in_memory"] < formats["int8"]["bytes_in_memory"] < formats["bf16"]["bytes_in_memory"]
+
+
+def test_a_served_artifact_keeps_its_tokenizer_when_the_stage_reruns(served_copy):
+    """Each artifact carries the tokenizer its model was trained with (in its manifest); Serve's
+    engine and ingress read that copy, so a re-run of the tokenizer stage, which replaces the run's
+    tokenizer.model, does not change what a served model's ids decode to."""
+    import json
+    import random
+
+    from deepkiln.paths import RunPaths, tokenizer_of
+    from deepkiln.testing import paragraph
+    from deepkiln.tokenizer import Tokenizer, train_tokenizer
+    from serve.engine_process import load_engine
+
+    _, argv = served_copy
+    cfg = load_config(argv + ["--quant.format=nf4"])
+    paths = RunPaths.of(cfg)
+    manifest = json.loads((Path(paths.artifact) / "manifest.json").read_text())
+    assert manifest["files"]["tokenizer.model"]["bytes"] == Path(paths.tokenizer_model).stat().st_size
+    ids = Tokenizer.load(tokenizer_of(cfg, paths.artifact)).encode("The river runs past the market")
+    before = Tokenizer.load(tokenizer_of(cfg, paths.artifact)).decode(ids)
+    rng = random.Random(1)  # the stage re-run: another tokenizer replaces the run's
+    Tokenizer(train_tokenizer([paragraph(rng, 40)[::-1] for _ in range(100)], 320)).save(paths.tokenizer_model)
+    assert Tokenizer.load(paths.tokenizer_model).vocab_size == 320  # the run's tokenizer did change
+    assert tokenizer_of(cfg, paths.artifact) == str(Path(paths.artifact) / "tokenizer.model")
+    assert Tokenizer.load(tokenizer_of(cfg, paths.artifact)).decode(ids) == before
+    _, engine, _ = load_engine(cfg, paths.artifact)
+    assert engine.vocab_size == 512  # the artifact's tokenizer bounds what it samples, not the new one's 320

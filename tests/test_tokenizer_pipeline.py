@@ -35,3 +35,22 @@ def test_tokenizer_stage_trains_and_packs_every_shard(builtin_run):
 def test_tokenizer_stage_needs_prepared_shards(tmp_path):
     with pytest.raises(ValueError, match="run pipelines.prepare first"):
         tokenizer.main(["--run.run_dir", str(tmp_path)])
+
+
+def test_a_rerun_swaps_the_whole_stage_folder_in(builtin_run, tmp_path):
+    """A re-run (another vocabulary) writes beside the old folder and swaps it in whole: the model,
+    the shards and the index that come out all belong to the new tokenizer, and nothing is left over."""
+    import shutil
+
+    argv = list(builtin_run["argv"])
+    argv[argv.index("--run.run_dir") + 1] = str(tmp_path)
+    for stage in ("prepare", "tokenizer"):
+        shutil.copytree(builtin_run["root"] / stage, tmp_path / "data" / stage)
+    index = tokenizer.main([*argv, "--tokenizer.vocab_size=1024", "--tokenizer.sample_docs=500"])
+    out = tmp_path / "data" / "tokenizer"
+    tok = Tokenizer.load(out / "tokenizer.model")
+    assert index["vocab_size"] == tok.vocab_size == 1024 != builtin_run["index"]["vocab_size"]
+    assert json.loads((out / "tokens" / "index.json").read_text())["vocab_size"] == 1024
+    shard = index["shards"][0]
+    ids = np.fromfile(out / "tokens" / shard["bin"], dtype=np.uint16)
+    assert ids.max() < 1024 and sorted(p.name for p in (tmp_path / "data").iterdir()) == ["prepare", "tokenizer"]
