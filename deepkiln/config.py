@@ -430,7 +430,10 @@ class OnlineArgs(Section):
     poll_s: float = Field(10.0, gt=0)
     """How often the long-running loop looks for new feedback."""
     publish: bool = True
-    """Reconfigure the running Serve application with a version that passed the gate."""
+    """Publish a version that passed the gate to the running Serve application (only its artifact changes)."""
+    keep_versions: int = Field(5, ge=1)
+    """Versions kept on disk under online/versions/ besides the one served: the last keep_versions
+    served (what --rollback can return to) and the newest keep_versions made; older ones are deleted."""
 
     @model_validator(mode="after")
     def _check(self) -> OnlineArgs:

@@ -2,6 +2,7 @@
 
 With the variable set and the marker absent, the first process to reach `kill_once()` creates the
 marker and SIGKILLs itself; with the marker present (the default the tests set up) nothing happens.
+`kill_at(step)` does the same at the named step of a process when DEEPKILN_KILL_AT names that step.
 """
 
 from __future__ import annotations
@@ -20,3 +21,9 @@ def kill_once() -> None:
         return
     os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_at(step: str) -> None:
+    """kill_once() if DEEPKILN_KILL_AT is `step`: a kill test stops a process at one step of its work."""
+    if os.environ.get("DEEPKILN_KILL_AT") == step:
+        kill_once()

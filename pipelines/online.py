@@ -12,12 +12,19 @@ priority and trains the serving version on Ray Train workers that are DeepSpeed 
 by default (merged afterwards), every weight with online.method=full. Each batch mixes a share
 `online.feedback_fraction` of feedback sequences (corrected answers as targets with weight 1, good
 answers weighted by their rating; loss on the answer tokens only, each sequence counting once) with
-base pretraining windows, against forgetting. The candidate must pass the gate against the serving
-version: held-out perplexity up by `online.max_ppl_increase` at most, preference accuracy down by
-`online.max_preference_drop` at most. Then it is quantized (quant.format) and published: the Serve
-app is redeployed with the new artifact, and Serve replaces its replicas without dropping a request.
-Every version stays under <run>/online/versions/ and state.json names the one served; a candidate
-that fails is kept there too, unpublished, and its examples are consumed (the report says why).
+base pretraining windows, against forgetting. The candidate is quantized (quant.format) and its
+artifact, loaded as Serve loads it, must pass the gate against the served artifact: held-out
+perplexity up by `online.max_ppl_increase` at most, preference accuracy down by
+`online.max_preference_drop` at most, every figure finite (the candidate's unquantized figures are
+reported beside). Then it is published: the Serve app is redeployed with the new artifact, and Serve
+replaces its replicas without dropping a request.
+Versions live under <run>/online/versions/ and state.json names the one served; a candidate that
+fails is kept there too, unpublished, and its examples are consumed (the report says why). Publishing
+redeploys the running app from its own settings (key, limits) with the new artifact; it is
+crash-safe: the update is recorded before its examples are consumed, the intent to publish before
+Serve hears of it, and a rerun settles an unfinished publish with what Serve actually serves
+(`reconcile`). Versions beyond online.keep_versions are deleted, never the served one or a rollback
+target (`prune`); Ray Train's folder of an update is deleted once its model is copied out.
 Each update writes <run>/online/updates/update-NNNN.json: feedback counts, buffer size and mix,
 update loss, the gate's figures, the feedback targets' loss before and after, the version served and
 the seconds from the newest feedback used to the new version serving.
@@ -43,7 +50,8 @@ from deepkiln.config import Config, QuantArgs, load_config
 from deepkiln.corpus import read_bytes, write_atomic
 from deepkiln.data import TokenWindows
 from deepkiln.evaluate import continuation_logprob, pad_rows, perplexity, sequence_losses, windows
-from deepkiln.paths import RunPaths, absolute
+from deepkiln.faults import kill_at
+from deepkiln.paths import TOKENIZER_FILE, RunPaths, absolute, tokenizer_of
 from deepkiln.precision import compute_dtype, describe
 from deepkiln.tokenizer import EOS_ID, Tokenizer
 
@@ -77,6 +85,7 @@ def train_update(cfg: Config, base_model: str, encoded: list, weights: list[floa
     out = tempfile.mkdtemp(prefix="deepkiln-update-")
     with result.checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "model", Path(out) / "model")
+    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)  # Ray Train's copy: the model is out
     return result.metrics, f"{out}/model"
 
 
@@ -120,6 +129,25 @@ def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, encoded: list)
             "feedback_target_loss": sum(target) / max(1, len(target))}
 
 
+def judge(cfg: Config, served_artifact: str, candidate_model: str, candidate_artifact: str, data: TokenWindows,
+          pairs: list, encoded: list) -> dict:
+    """The gate's verdict on the candidate's quantized artifact (what publishing would serve) against
+    the served artifact, both loaded as Serve loads them; the candidate's unquantized figures are
+    reported beside them (`candidate_unquantized`), so a broken quantization shows as such."""
+    from deepkiln.quantize import load_quantized
+
+    dtype = compute_dtype(cfg.serve.dtype)
+    served = evaluate(cfg, load_quantized(served_artifact, dtype)[0], data, pairs, encoded)
+    try:
+        candidate = load_quantized(candidate_artifact, dtype)[0]
+    except (ValueError, OSError, RuntimeError) as e:  # what Serve would fail to load is refused here
+        return {"passed": False, "reasons": [f"the candidate's artifact {candidate_artifact} does not load: {e}"],
+                "current": served, "candidate": None, "candidate_unquantized": None}
+    verdict = gate(cfg, served, evaluate(cfg, candidate, data, pairs, encoded))
+    verdict["candidate_unquantized"] = evaluate(cfg, load_model(candidate_model, dtype=dtype)[0], data, pairs, encoded)
+    return verdict
+
+
 def gate(cfg: Config, current: dict, candidate: dict) -> dict:
     on = cfg.online
     reasons = [f"{side} {key} is {value} (not a finite number)" for side, figures in
@@ -159,19 +187,32 @@ def save_state(cfg: Config, state: dict) -> None:
     write_atomic(RunPaths.of(cfg).online_state, json.dumps(state, indent=1).encode())
 
 
-def quantize_version(cfg: Config, model_dir: str, out: Path) -> str:
+def quantize_version(cfg: Config, model_dir: str, out: Path, tokenizer: str) -> str:
+    """The serving artifact of a version (quant.format), carrying `tokenizer` (its parent's)."""
     from deepkiln.quantize import apply_quantization
 
     model, ckpt = load_model(model_dir)
     args = QuantArgs(**cfg.quant.model_dump())
     model = apply_quantization(model, args)
     return str(save_checkpoint(out, model, {**ckpt.config, "quant": args.model_dump()},
-                               step=ckpt.manifest.get("step", 0), tokens=ckpt.manifest.get("tokens", 0)))
+                               step=ckpt.manifest.get("step", 0), tokens=ckpt.manifest.get("tokens", 0),
+                               files={TOKENIZER_FILE: tokenizer}))
 
 
-def publish(cfg: Config, artifact: str) -> bool:
-    """Redeploy the running Serve app with `artifact` and wait until its replicas serve it. False
-    (nothing done) when the app is not running."""
+def served_version() -> str | None:
+    """The version the running Serve app serves (its LLMServer's), None when the app is not running."""
+    from ray import serve
+
+    if APP not in serve.status().applications:
+        return None
+    return serve.get_deployment_handle("LLMServer", app_name=APP).info.remote().result()["version"]
+
+
+def publish(artifact: str) -> bool:
+    """Redeploy the running Serve app with `artifact` and wait until its replicas serve it. Everything
+    else is the running app's own (its config and key, from OpenAIIngress.settings), not this job's:
+    a new version changes the artifact and nothing else. False (nothing done) when the app is not
+    running."""
     from ray import serve
 
     from serve.app import build
@@ -180,15 +221,76 @@ def publish(cfg: Config, artifact: str) -> bool:
     if APP not in serve.status().applications:
         print(f"online: the Serve app {APP!r} is not running; {artifact} is ready but not published", flush=True)
         return False
-    serve.run(build(cfg, artifact=artifact), name=APP, route_prefix="/")  # returns once the app is running
+    settings = serve.get_app_handle(APP).settings.remote().result()
+    serve.run(build(Config.from_dict(settings["config"]), artifact=artifact, api_key_sha256=settings["api_key_sha256"]),
+              name=APP, route_prefix="/")  # returns once the app is running
     want = version_of(artifact)
-    llm = serve.get_deployment_handle("LLMServer", app_name=APP)
     deadline = time.monotonic() + 300
-    while llm.info.remote().result()["version"] != want:
+    while served_version() != want:
         if time.monotonic() > deadline:
             raise RuntimeError(f"Serve did not switch to {want} within 300 s")
         time.sleep(0.5)
     return True
+
+
+def serve_version(cfg: Config, state: dict, name: str) -> bool:
+    """Publish version `name` crash-safely: the intent is saved first, so a run killed at any moment
+    finds it and `reconcile` settles what Serve actually serves. True once Serve serves it."""
+    from ray.exceptions import RayError
+
+    state["publishing"] = name
+    save_state(cfg, state)
+    published = False
+    try:
+        published = publish(state["versions"][name]["artifact"])
+    except (RuntimeError, RayError) as e:
+        print(f"online: publishing {name} failed ({type(e).__name__}: {e}); checking what Serve serves", flush=True)
+    kill_at("switched")
+    reconcile(cfg, state)
+    return published and state["current"] == name
+
+
+def reconcile(cfg: Config, state: dict) -> dict:
+    """Settle a publish that was under way (state["publishing"]) with the version Serve serves: if
+    it is the intended one, that version is current; else the state stays as it was. Saved."""
+    from deepkiln.paths import version_of
+
+    name = state.pop("publishing", None)
+    if name is None:
+        return state
+    served = served_version()
+    if served is not None and served == version_of(state["versions"][name]["artifact"]):
+        state["versions"][name]["published"] = True
+        if state["current"] != name:
+            state["current"] = name
+            state["history"].append(name)
+    else:
+        print(f"online: {name} was being published and Serve serves {served or 'nothing'}: serving "
+              f"{state['current']} stays the state", flush=True)
+    save_state(cfg, state)
+    return state
+
+
+def prune(cfg: Config, state: dict) -> list[str]:
+    """Delete the folders of versions beyond online.keep_versions: never the one served, the last
+    keep_versions served (the rollback targets), one being published, or the newest keep_versions
+    made; v0000 (the run's own model and artifact) is never under versions/. Returns those pruned."""
+    keep_n = cfg.online.keep_versions
+    made = sorted(state["versions"])
+    keep = {state["current"], "v0000", *state["history"][-keep_n:], *made[-keep_n:]}
+    if state.get("publishing"):
+        keep.add(state["publishing"])
+    pruned = []
+    for name in made:
+        version = state["versions"][name]
+        if name in keep or version.get("pruned"):
+            continue
+        shutil.rmtree(RunPaths.of(cfg).version(name), ignore_errors=True)
+        version.update(pruned=True, model=None, artifact=None)
+        pruned.append(name)
+    if pruned:
+        save_state(cfg, state)
+    return pruned
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -197,11 +299,13 @@ def poll(cfg: Config, buffer, collectors) -> dict:
     """Move new feedback from every collector's store into the buffer."""
     import ray
 
-    names = [f"collector-{i}" for i in range(len(collectors))]
-    offsets = ray.get([buffer.offset.remote(n) for n in names])
-    records = ray.get([c.records.remote(o) for c, o in zip(collectors, offsets)])
-    counts = ray.get([buffer.ingest.remote(n, r) for n, r in zip(names, records)])
-    return {k: sum(c[k] for c in counts) for k in ("added", "not_trainable", "dropped")}
+    totals = {"added": 0, "not_trainable": 0, "dropped": 0}
+    for i, collector in enumerate(collectors):  # page by page: bounded however long the loop was down
+        name = f"collector-{i}"
+        while page := ray.get(collector.records.remote(ray.get(buffer.offset.remote(name)))):
+            for k, n in ray.get(buffer.ingest.remote(name, page)).items():
+                totals[k] += n
+    return totals
 
 
 def run_update(cfg: Config, buffer, state: dict) -> dict:
@@ -213,56 +317,60 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     started = time.time()
     drawn = ray.get(buffer.draw.remote(on.max_feedback, cfg.run.seed + update))
     paths = RunPaths.of(cfg)
-    tok = Tokenizer.load(paths.tokenizer_model)
+    current = state["versions"][state["current"]]
+    tokenizer = tokenizer_of(cfg, current["artifact"])  # the served version's: the ids its model knows
+    tok = Tokenizer.load(tokenizer)
     encoded = [encode_example(tok, e, cfg.model.max_seq_len) for e in drawn]
     weights = [e["weight"] for e in drawn]
-    current = state["versions"][state["current"]]
     print(f"online: update {update}: {len(drawn)} feedback examples on {state['current']}", flush=True)
     timings = {}
     mark = time.perf_counter()
     metrics, model_dir = train_update(cfg, current["model"], encoded, weights, update, state["base_cursor"])
     timings["train_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     name = f"v{update:04d}"
+    if name in state["versions"]:
+        raise RuntimeError(f"{name} is in {paths.online_state} already: refusing to overwrite it")
     folder = Path(paths.version(name))
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a try of this update that crashed before the state named it
     folder.mkdir(parents=True)
     shutil.copytree(model_dir, folder / "model")
     shutil.rmtree(Path(model_dir).parent, ignore_errors=True)
+    kill_at("trained")
 
+    # The gate judges what would be served: the candidate's quantized artifact against the served one.
+    artifact = quantize_version(cfg, str(folder / "model"), folder / f"{name}-{cfg.quant.format}", tokenizer)
+    timings["quantize_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     data = windows(cfg)
-    pairs = preference_pairs(cfg, tok, data)
-    dtype = compute_dtype(cfg.serve.dtype)
-    before = evaluate(cfg, load_model(current["model"], dtype=dtype)[0], data, pairs, encoded)
-    after = evaluate(cfg, load_model(folder / "model", dtype=dtype)[0], data, pairs, encoded)
-    verdict = gate(cfg, before, after)
+    verdict = judge(cfg, current["artifact"], str(folder / "model"), artifact, data,
+                    preference_pairs(cfg, tok, data), encoded)
     timings["gate_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
-    version = {"model": str(folder / "model"), "artifact": None, "published": False, "parent": state["current"],
-               "gate": verdict}
-    published_at = None
-    if verdict["passed"]:
-        version["artifact"] = quantize_version(cfg, str(folder / "model"), folder / f"{name}-{cfg.quant.format}")
-        timings["quantize_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
-        if on.publish and publish(cfg, version["artifact"]):
-            timings["publish_s"] = round(time.perf_counter() - mark, 1)
-            published_at = time.time()
-            version["published"] = True
-            state["current"] = name
-            state["history"].append(name)
-    ray.get(buffer.commit.remote([(e["source"], e["seq"]) for e in drawn], update))
-    state["versions"][name] = version
+    # The update is recorded before its examples are consumed and before Serve hears of it: a crash
+    # after this point never redoes it, and never deletes a folder the state names.
+    state["versions"][name] = {"model": str(folder / "model"), "artifact": artifact, "published": False,
+                               "parent": state["current"], "gate": verdict}
     state["updates"] = update
     state["base_cursor"] += on.steps * metrics["base_per_batch"]
     save_state(cfg, state)
+    kill_at("recorded")
+    ray.get(buffer.commit.remote([(e["source"], e["seq"]) for e in drawn], update))
+    kill_at("consumed")
+    published_at = None
+    if verdict["passed"] and on.publish and serve_version(cfg, state, name):
+        timings["publish_s"] = round(time.perf_counter() - mark, 1)
+        published_at = time.time()
+    kill_at("published")
+    pruned = prune(cfg, state)
     newest = max(e["created"] for e in drawn)
     report = {
-        "update": update, "version": name, "parent": version["parent"], "serving": state["current"],
+        "update": update, "version": name, "parent": state["versions"][name]["parent"], "serving": state["current"],
         "feedback": {"examples": len(drawn), "corrected": sum(e["corrected"] for e in drawn),
                      "rated": sum(not e["corrected"] for e in drawn), "mean_weight": float(np.mean(weights))},
         "buffer": ray.get(buffer.stats.remote()),
         "mix": {"feedback_per_batch": metrics["feedback_per_batch"], "base_per_batch": metrics["base_per_batch"]},
-        "method": on.method, "steps": on.steps, "precision": {"update": metrics["precision"], "gate": describe(dtype)},
+        "method": on.method, "steps": on.steps, "precision": {"update": metrics["precision"], "gate": describe(compute_dtype(cfg.serve.dtype))},
         "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"],
-        "losses": metrics["losses"], "gate": verdict, "published": version["published"],
+        "losses": metrics["losses"], "gate": verdict, "published": state["versions"][name]["published"],
+        "pruned": pruned,
         "seconds": round(time.time() - started, 1), "timings": timings,
         "feedback_to_serving_s": round(published_at - newest, 1) if published_at else None,
     }
@@ -277,23 +385,26 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
 
 def rollback(cfg: Config, to: str | None) -> dict:
     """Serve an earlier version again: `to`, or the one served before the current one."""
+    from deepkiln.ray_utils import init_ray
+
     state = load_state(cfg)
+    if state.get("publishing"):  # a publish a killed run left under way: settled first
+        init_ray()
+        reconcile(cfg, state)
     if to is None:
         if len(state["history"]) < 2:
             raise ValueError(f"nothing to roll back to: {state['current']} is the only version served so far")
         to = state["history"][-2]
-    version = state["versions"].get(to)
-    if version is None or not version["artifact"]:
-        servable = sorted(v for v, info in state["versions"].items() if info["artifact"])
-        raise ValueError(f"--rollback {to}: not a version with an artifact (these are: {servable})")
-    from deepkiln.ray_utils import init_ray
-
+    servable = sorted(v for v, info in state["versions"].items()
+                      if info.get("artifact") and info.get("gate", {"passed": True})["passed"])
+    if to not in servable:
+        raise ValueError(f"--rollback {to}: not a kept version that passed the gate (these are: {servable})")
+    version = state["versions"][to]
     init_ray()  # only now: a refused rollback needs no cluster
-    if not publish(cfg, version["artifact"]):
+    if served_version() is None:
         raise ValueError(f"the Serve app {APP!r} is not running: nothing to roll back")
-    state["current"] = to
-    state["history"].append(to)
-    save_state(cfg, state)
+    if not serve_version(cfg, state, to):
+        raise RuntimeError(f"Serve did not switch to {to}; it serves {state['current']} ({served_version()})")
     print(f"online: serving {to} again ({version['artifact']})", flush=True)
     return {"serving": to, "artifact": version["artifact"]}
 
@@ -338,6 +449,7 @@ def main(argv=None) -> dict:
     init_ray()
     torch.set_num_threads(os.cpu_count() or 1)
     buffer, sources = replay_buffer(cfg), collectors(cfg)
+    reconcile(cfg, load_state(cfg))  # a publish a killed run left under way
     last: dict = {}
     while True:
         state = load_state(cfg)

@@ -39,7 +39,7 @@ from ray.serve.exceptions import BackPressureError
 
 from actors.feedback import FeedbackError, collectors, shard_of
 from deepkiln.config import Config
-from deepkiln.paths import RunPaths
+from deepkiln.paths import RunPaths, tokenizer_of
 from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS, Tokenizer
 from serve.llm import context_length
 from serve.protocol import QUEUE_FULL, Failed, Finished, Started, Tokens
@@ -173,7 +173,7 @@ class OpenAIIngress:
         deployed); '' for none."""
         self.cfg = Config.from_dict(config)
         self.llm = llm
-        self.tokenizer = Tokenizer.load(RunPaths.of(self.cfg).tokenizer_model)
+        self.tokenizer = Tokenizer.load(tokenizer_of(self.cfg, RunPaths.of(self.cfg).artifact))  # the served artifact's
         self.api_key_sha256 = api_key_sha256
         check_exposure(self.cfg, api_key_sha256)
         self.context = context_length(self.cfg)
@@ -181,7 +181,7 @@ class OpenAIIngress:
         self.body_limit = generation_body_limit(self.cfg.serve, self.context, self.most_chars,
                                                 self.tokenizer.vocab_size)
         self.metrics = _metrics()
-        self.collectors = collectors(self.cfg)
+        self.collectors = collectors(self.cfg, configure=True)
 
     # -- routes -------------------------------------------------------------------------------------
 
@@ -191,6 +191,12 @@ class OpenAIIngress:
 
     def pid(self) -> int:  # for tests and operators, through a deployment handle (not over HTTP)
         return os.getpid()
+
+    def settings(self) -> dict:
+        """What this app was deployed with (through a deployment handle, never over HTTP): its config
+        and the key's SHA-256. pipelines.online republishes with these, so a new model version
+        changes the artifact and nothing else (key, limits, serve.* settings)."""
+        return {"config": self.cfg.to_dict(), "api_key_sha256": self.api_key_sha256}
 
     @app.get("/v1/models")
     async def models(self) -> dict:
@@ -208,11 +214,15 @@ class OpenAIIngress:
     @app.post("/v1/feedback")
     async def feedback(self, request: Request):
         """A rating (and optionally a corrected answer and tags) of a completion this server gave,
-        committed by its FeedbackCollector before the answer; the same feedback_id twice is stored once."""
+        committed by its FeedbackCollector before the answer; the same feedback_id twice is stored once
+        (another payload under a stored feedback_id is a 409)."""
         body = await self._read_json(request)  # the collector validates it, naming the field
-        collector = self.collectors[shard_of(str(body.get("completion_id")), len(self.collectors))]
+        n = len(self.collectors)
+        owner, keeper = (shard_of(str(body.get(k)), n) for k in ("feedback_id", "completion_id"))
         try:
-            result = await asyncio.wait_for(collector.submit.remote(body), self.cfg.serve.request_timeout_s)
+            # Stored by the collector its feedback_id hashes to (one id, one record, across collectors),
+            # with the completion from the collector that keeps it.
+            result = await asyncio.wait_for(self._submit(body, owner, keeper), self.cfg.serve.request_timeout_s)
         except TimeoutError:
             raise APIError(503, "the feedback store did not answer in time; retry with the same feedback_id",
                            type="server_error", code="unavailable", headers={"Retry-After": "1"}) from None
@@ -220,8 +230,14 @@ class OpenAIIngress:
             if not isinstance(e.cause, FeedbackError):
                 raise
             raise APIError(e.cause.status, e.cause.message, param=e.cause.param,
-                           code="not_found" if e.cause.status == 404 else "invalid_value") from None
+                           code={404: "not_found", 409: "conflict"}.get(e.cause.status, "invalid_value")) from None
         return JSONResponse({"object": "feedback", **result})
+
+    async def _submit(self, body: dict, owner: int, keeper: int) -> dict:
+        served = None
+        if owner != keeper and isinstance(body.get("completion_id"), str):
+            served = await self.collectors[keeper].served.remote(body["completion_id"])
+        return await self.collectors[owner].submit.remote(body, served)
 
     # -- request handling --------------------------------------------------------------------------
 

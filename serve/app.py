@@ -6,8 +6,9 @@
 
 `build_app(args)` is the import path Serve configs name (serve.app:build_app). Its args:
 `config` (a preset YAML) and `overrides` (a list of dotted `--a.b=v` options). The artifact is
-<run_dir>/<run.name>/quantize/<quant.format> unless serve.artifact names another; a new version is
-published by changing the LLMServer deployment's user_config {"artifact": path}.
+<run_dir>/<run.name>/quantize/<quant.format> unless serve.artifact names another; pipelines.online
+publishes a new version by redeploying the app from the running app's own settings
+(OpenAIIngress.settings) with another artifact.
 """
 
 from __future__ import annotations
@@ -20,18 +21,17 @@ import time
 from ray import serve
 
 from deepkiln.config import Config, load_config
-from deepkiln.paths import RunPaths, absolute
+from deepkiln.paths import absolute
 from serve.api import OpenAIIngressDeployment, check_exposure, configured_api_key
 from serve.llm import LLMServerDeployment
 
 
-def llm_options(cfg: Config, artifact: str | None = None) -> dict:
+def llm_options(cfg: Config) -> dict:
     s = cfg.serve
     return {"num_replicas": s.replicas, "ray_actor_options": {"num_cpus": s.replica_cpus},
             # A replica's own queue (serve.max_queue choices) answers 503 when full; in front of the
             # replicas, Serve's queue is bounded too (503 in the ingress), so nothing waits unbounded.
-            "max_ongoing_requests": s.max_batch + s.max_queue + 1, "max_queued_requests": s.max_queue,
-            "user_config": {"artifact": artifact or RunPaths.of(cfg).artifact}}
+            "max_ongoing_requests": s.max_batch + s.max_queue + 1, "max_queued_requests": s.max_queue}
 
 
 def start_options(cfg: Config) -> dict:
@@ -45,26 +45,28 @@ def http_options(cfg: Config) -> dict:
     return {"host": cfg.serve.host, "port": cfg.serve.port, "request_timeout_s": cfg.serve.request_timeout_s + 10}
 
 
-def build(cfg: Config, artifact: str | None = None):
+def build(cfg: Config, artifact: str | None = None, api_key_sha256: str | None = None):
     """The app serving `artifact` (default: the config's). Redeployed with another artifact, Serve
     replaces the LLMServer replicas one by one, each loading the new version (no request dropped).
     The API key is read here, where the app is deployed, failing closed (a configured key file that
     is missing, unreadable or empty, or a non-loopback serve.host without a key, is a ValueError),
     and reaches every ingress replica as its SHA-256 in the deployment's arguments: the key itself
-    never leaves this process."""
+    never leaves this process. `api_key_sha256` (a running app's, when republishing) is used as it
+    is instead."""
     cfg = absolute(cfg)  # replicas run in folders of their own
-    key = configured_api_key(cfg)
-    check_exposure(cfg, key)
-    served = cfg.model_copy(deep=True)
-    if artifact:  # a new replica loads it in __init__, and reconfigure then finds it loaded
-        served.serve.artifact = artifact if "://" in artifact else os.path.abspath(artifact)
-    llm = LLMServerDeployment.options(**llm_options(cfg, artifact),
-                                      logging_config={"log_level": cfg.serve.log_level}).bind(served.to_dict())
-    digest = hashlib.sha256(key.encode()).hexdigest() if key else ""
+    if api_key_sha256 is None:
+        key = configured_api_key(cfg)
+        api_key_sha256 = hashlib.sha256(key.encode()).hexdigest() if key else ""
+    check_exposure(cfg, api_key_sha256)
+    if artifact:  # a restarted replica loads it again: it is in the deployments' arguments
+        cfg.serve.artifact = artifact if "://" in artifact else os.path.abspath(artifact)
+    llm = LLMServerDeployment.options(**llm_options(cfg),
+                                      logging_config={"log_level": cfg.serve.log_level}).bind(cfg.to_dict())
     # The proxy's queue in front of the ingress is bounded as well (503 beyond it).
     ingress = OpenAIIngressDeployment.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
                                               max_queued_requests=1000,
-                                              logging_config={"log_level": cfg.serve.log_level}).bind(llm, cfg.to_dict(), digest)
+                                              logging_config={"log_level": cfg.serve.log_level}).bind(
+                                                  llm, cfg.to_dict(), api_key_sha256)
     return ingress
 
 

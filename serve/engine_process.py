@@ -11,9 +11,8 @@ engine (model version) with work, and sends tokens in batches: a request's first
 then at most one message per `serve.stream_interval_ms`, then its finish. A request of several
 choices (n, or several prompts) is added whole. A failure stays with the requests it belongs to: a
 request whose own parameters break its sampling fails alone, a failed forward fails the requests in
-it, and the others go on. A model version is loaded in a thread while the current one keeps
-decoding; requests in flight finish on the version they started on, and an old version is dropped
-once it is idle. When the replica goes away (its end of the socket closes), the process exits.
+it, and the others go on. It serves one model version, the one it started with (a new version
+comes as a new replica). When the replica goes away (its end of the socket closes), the process exits.
 The messages are serve/protocol.py's.
 """
 
@@ -21,9 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,11 +30,10 @@ import torch
 
 from deepkiln.config import Config
 from deepkiln.engine import Engine, Request
-from deepkiln.paths import RunPaths, version_of
-from serve.protocol import (INVALID, Add, Cancel, Failed, Finished, Items, Load, Loaded, LoadFailed, Start, Started,
-                            Stats, Stop, Tokens, is_final)
+from deepkiln.paths import tokenizer_of, version_of
+from serve.protocol import (INVALID, Add, Cancel, Failed, Finished, Items, Loaded, LoadFailed, Start, Started, Stats,
+                            Stop, Tokens, is_final)
 
-POLL_S = 0.05  # how often an idle loop looks for a finished model load
 logger = logging.getLogger(__name__)
 
 
@@ -54,18 +50,15 @@ def load_engine(cfg: Config, path: str) -> tuple[str, Engine, dict]:
     model, _ = load_quantized(path, dtype)
     s = cfg.serve
     engine = Engine(model, max_batch=s.max_batch, max_len=cfg.model.max_seq_len, max_step_tokens=s.max_step_tokens or None,
-                    vocab_size=Tokenizer.load(RunPaths.of(cfg).tokenizer_model).vocab_size)
+                    vocab_size=Tokenizer.load(tokenizer_of(cfg, path)).vocab_size)
     layers = Counter(type(m).__name__ for m in model.modules() if not list(m.children()))
     return version, engine, {"layers": dict(layers), "weight_bytes": model_bytes(model), "dtype": dtype_name(dtype)}
 
 
 @dataclass(eq=False)
 class _Stream:
-    """One request: the engine (model version) it runs on, its choices' engine requests, and the
-    items not yet sent."""
+    """One request: its choices' engine requests, and the items not yet sent."""
     sid: int
-    version: str
-    engine: Engine
     reqs: list[Request]
     sent: list[int]                                   # tokens of each choice already buffered
     finished: set[int] = field(default_factory=set)
@@ -77,9 +70,7 @@ class EngineLoop:
     def __init__(self, conn: Connection, cfg: Config, path: str):
         self.conn, self.cfg = conn, cfg
         self.version, self.engine, info = load_engine(cfg, path)
-        self.engines = {self.version: self.engine}    # every version with requests, and the current one
         self.streams: list[_Stream] = []
-        self.loads: queue.SimpleQueue = queue.SimpleQueue()  # results of loader threads
         self.load_sent: tuple[int, int] | None = None
         self.conn.send(Loaded(self.version, info))
 
@@ -92,13 +83,9 @@ class EngineLoop:
                 return
             if idle:  # tokens/s counts busy time only
                 made, since = 0, time.monotonic()
-            for engine in list(self.engines.values()):
-                made += self._step(engine)
+            made += self._step()
             now = time.monotonic()
             self._flush(now, interval)
-            for version in [v for v, e in self.engines.items() if e is not self.engine]:
-                if not any(x.engine is self.engines[version] for x in self.streams):
-                    del self.engines[version]         # an old version, idle: drop it
             # Load gauges on every change (cancellations and going idle included); tokens/s each second.
             if self.load() != self.load_sent or now - since >= 1.0:
                 self.load_sent = self.load()
@@ -107,22 +94,21 @@ class EngineLoop:
                     made, since = 0, now
 
     def load(self) -> tuple[int, int]:
-        """(requests decoding, requests waiting for a slot), every version together."""
-        return (sum(len(e.running) for e in self.engines.values()),
-                sum(len(e.waiting) for e in self.engines.values()))
+        """(requests decoding, requests waiting for a slot)."""
+        return len(self.engine.running), len(self.engine.waiting)
 
-    def _step(self, engine: Engine) -> int:
-        """One step of `engine`; its streams' new tokens and finishes go to their buffers. Returns
-        the tokens made."""
-        mine = [x for x in self.streams if x.engine is engine]
-        if not mine:
+    def _step(self) -> int:
+        """One engine step; the streams' new tokens and finishes go to their buffers. Returns the
+        tokens made."""
+        if not self.streams:
             return 0
+        engine = self.engine
         try:
             engine.step()
         except Exception:  # a defect of the engine's own bookkeeping, not of a request: start it clean
             logger.exception("an engine step failed outside any forward; its requests fail, the engine is reset")
             engine.abort_all("internal error in the engine")
-        return sum(self._collect(x) for x in mine)
+        return sum(self._collect(x) for x in self.streams)
 
     def _collect(self, x: _Stream) -> int:
         """Move the new tokens and finishes of stream `x` to its buffer; a failed choice fails the
@@ -131,7 +117,7 @@ class EngineLoop:
         for i, r in enumerate(x.reqs):
             if r.finish_reason == "error":
                 for other in x.reqs:
-                    x.engine.cancel(other)
+                    self.engine.cancel(other)
                 x.buffer.append(Failed(*r.error))
                 return made
             new = r.output[x.sent[i]:]
@@ -155,7 +141,7 @@ class EngineLoop:
                                 or now - x.flushed_at >= interval)
             if due:
                 if x.flushed_at is None and not isinstance(x.buffer[0], Failed):
-                    x.buffer.insert(0, Started(x.version))
+                    x.buffer.insert(0, Started(self.version))
                 out.append((x.sid, tuple(x.buffer)))
                 x.buffer, x.flushed_at = [], now
                 if is_final(out[-1][1][-1]):
@@ -166,13 +152,9 @@ class EngineLoop:
             self.conn.send(Items(tuple(out), *self.load()))
 
     def _take(self, block: bool) -> bool:
-        """Apply the replica's waiting messages and finished loads (wait for one if `block`);
-        False on Stop."""
+        """Apply the replica's waiting messages (wait for one if `block`); False on Stop."""
         while True:
-            self._install_loads()
-            if not self.conn.poll(POLL_S if block else 0):
-                if block:
-                    continue
+            if not self.conn.poll(None if block else 0):
                 return True
             block = False
             message = self.conn.recv()                # EOFError once the replica is gone
@@ -184,11 +166,9 @@ class EngineLoop:
                 for x in self.streams:
                     if x.sid == message.sid:
                         for r in x.reqs:
-                            x.engine.cancel(r)
+                            self.engine.cancel(r)
                         self.streams.remove(x)
                         break
-            elif isinstance(message, Load):
-                threading.Thread(target=self._load, args=(message.artifact,), daemon=True).start()
 
     def _add(self, add: Add) -> None:
         """Every choice of the request into the engine, or none of them: choice p * n + j is prompt
@@ -204,28 +184,7 @@ class EngineLoop:
                 self.engine.cancel(r)
             self.conn.send(Items(((add.sid, (Failed(INVALID, str(refused)),)),), *self.load()))
             return
-        self.streams.append(_Stream(add.sid, self.version, self.engine, reqs, [0] * len(reqs)))
-
-    def _load(self, path: str) -> None:
-        """In a thread: load a version while the loop decodes; the loop installs it."""
-        try:
-            self.loads.put((path, load_engine(self.cfg, path)))
-        except Exception as e:
-            logger.exception("loading %s failed", path)
-            self.loads.put((path, e))
-
-    def _install_loads(self) -> None:
-        while True:
-            try:
-                path, result = self.loads.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(result, Exception):
-                self.conn.send(LoadFailed(path, f"{type(result).__name__}: {result}"))
-                continue
-            self.version, self.engine, info = result
-            self.engines[self.version] = self.engine
-            self.conn.send(Loaded(self.version, info))
+        self.streams.append(_Stream(add.sid, reqs, [0] * len(reqs)))
 
 
 def main(argv=None) -> None:

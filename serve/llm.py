@@ -6,8 +6,7 @@ queues: `generate(prompts, params, n)` (an async generator, called through a str
 handle) adds a request of len(prompts) x n choices whole, or refuses it whole with a
 Failed(queue_full) when it would overfill serve.max_queue, before anything runs; then it yields the
 lists of serve/protocol.py's stream items that come back, in order: Started, Tokens and Finished,
-or Failed. `reconfigure({"artifact": path})` loads another model version: new requests go to it
-once it is loaded, requests in flight finish on the version they started on. With
+or Failed. A new model version comes as a new replica (pipelines.online redeploys the app). With
 `serve.response_cache` on, a finished deterministic generation (greedy, or seeded) is kept, keyed on
 version, prompts, sampling parameters and n, and answered again without the engine. If the engine
 process dies, every request it held gets an internal error at once and the next request starts a
@@ -33,9 +32,9 @@ from ray import serve
 
 from deepkiln.config import Config
 from deepkiln.sampling import SamplingParams
-from deepkiln.paths import RunPaths, version_of
-from serve.protocol import (INTERNAL, QUEUE_FULL, Add, Cancel, Failed, Finished, Items, Load, Loaded, LoadFailed,
-                            Start, Started, Stats, Stop, is_final)
+from deepkiln.paths import RunPaths
+from serve.protocol import (INTERNAL, QUEUE_FULL, Add, Cancel, Failed, Finished, Items, Loaded, Start, Started,
+                            Stats, Stop, is_final)
 
 logger = logging.getLogger("ray.serve")
 START_TIMEOUT_S = 600  # a large artifact can take minutes to load
@@ -58,7 +57,6 @@ class LLMServer:
         self.ids = itertools.count()
         self.running = self.engine_waiting = 0       # the engine's load, as it last said
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.loading: dict[str, asyncio.Future] = {}  # reconfigure calls waiting for their version
         self.send_lock = threading.Lock()
         self.cache: OrderedDict[str, list] = OrderedDict()  # response cache: key -> every item, LRU order
         self.cache_hits = 0
@@ -139,16 +137,6 @@ class LLMServer:
         elif isinstance(message, Stats):
             self.running, self.engine_waiting = message.running, message.waiting
             self._set_load_gauges(message.tokens_per_s)
-        elif isinstance(message, Loaded):
-            old, self.version, self.layout = self.version, message.version, message.info
-            self._set_version_gauge(old)
-            for future in self.loading.values():  # every reconfigure waiting ends on the newest version
-                if not future.done():
-                    future.set_result(self.version)
-        elif isinstance(message, LoadFailed):
-            future = self.loading.get(message.artifact)
-            if future and not future.done():
-                future.set_exception(EngineFailed(f"could not load {message.artifact}: {message.message}"))
         elif message is None and conn is self.conn:
             code = self.proc.wait()
             if getattr(self, "stopping", False):  # this replica asked it to stop: it is going away
@@ -158,9 +146,6 @@ class LLMServer:
             failed = Failed(INTERNAL, f"the replica's engine process exited (code {code})")
             for q in self.streams.values():
                 q.put_nowait([failed])
-            for future in self.loading.values():
-                if not future.done():
-                    future.set_exception(EngineFailed(failed.message))
             self._set_load_gauges()
 
     def _stop(self, conn: Connection) -> None:
@@ -176,20 +161,6 @@ class LLMServer:
             self._stop(self.conn)
 
     # -- requests ----------------------------------------------------------------------------------
-
-    async def reconfigure(self, user_config: dict) -> None:
-        """Serve calls this with the deployment's user_config: {"artifact": path} switches versions."""
-        path = (user_config or {}).get("artifact") or RunPaths.of(self.cfg).artifact
-        if version_of(path) == self.version:
-            return
-        await self._ensure_engine()
-        self.artifact = path  # what a restarted engine process loads
-        future = self.loading[path] = self.loop.create_future()
-        self._send(Load(path))
-        try:
-            await future
-        finally:
-            self.loading.pop(path, None)
 
     def info(self) -> dict:
         """What this replica serves: version, processes, load, and the layer types and bytes of its weights."""

@@ -1,6 +1,6 @@
 """The typed messages between the engine process, the LLMServer replica and the ingress.
 
-    replica -> engine process    Start, Load, Add, Cancel, Stop
+    replica -> engine process    Start, Add, Cancel, Stop
     engine process -> replica    Loaded, LoadFailed, Items, Stats
     stream items (engine process -> replica -> ingress, per request, in order):
         Started (the model version, with the first tokens), then Tokens per choice, then Finished
@@ -12,7 +12,7 @@ here is added for every side at once, and a message is never a dict read by key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from deepkiln.sampling import SamplingParams
 
@@ -25,11 +25,6 @@ QUEUE_FULL, INVALID, INTERNAL = "queue_full", "invalid_request", "internal"
 @dataclass(frozen=True)
 class Start:
     config: dict
-    artifact: str
-
-
-@dataclass(frozen=True)
-class Load:
     artifact: str
 
 

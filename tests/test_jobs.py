@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -31,6 +32,7 @@ from tests.ray_cluster import RAY_CLI, SERVE_CLI, submit_job
 pytestmark = [pytest.mark.slow]
 MODEL = "deepkiln"
 PROMPTS = ["The river", "A market", "The doctor wrote", "Summer in the village"]
+CANARIES = ["canary.user@example.com", "555-867-5309", "4111 1111 1111 1111", "11010519491231002X"]
 CORRECTIONS = ["runs past the old mill.", "opens at dawn.", "a letter to the school.", "is long and warm."]
 
 
@@ -44,8 +46,19 @@ def test_the_jobs_api_refuses_requests_without_the_token(ray_head):
     assert listing.returncode != 0
 
 
-def post(url, path, body):
-    return requests.post(url + path, json=body, timeout=120)
+KEY = "journey-key"  # the app is started with a key file and limits of its own (the online jobs know neither)
+
+
+def post(url, path, body, key=KEY):
+    return requests.post(url + path, json=body, timeout=120, headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+def app_settings_stand(url):
+    """The app's own key and limits, after a publish or a rollback: no key is 401, over its
+    serve.max_tokens=40 is 400."""
+    assert post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 2}, key=None).status_code == 401
+    over = post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 41})
+    assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens", over.text
 
 
 def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candidate_and_rollback(tmp_path, ray_head):
@@ -76,9 +89,11 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
     assert json.loads((out / "audit" / "report.json").read_text())["passed"]
 
     port = free_port()
+    (tmp_path / "key").write_text(KEY + "\n")
+    app = [*run[2:], f"--serve.api_key_file={tmp_path / 'key'}", "--serve.max_tokens=40"]
     config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
               "applications": [{"name": "deepkiln", "route_prefix": "/", "import_path": "serve.app:build_app",
-                                "args": {"config": "configs/tiny.yaml", "overrides": run[2:]}}]}
+                                "args": {"config": "configs/tiny.yaml", "overrides": app}}]}
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     job("run", str(tmp_path / "serve.yaml"), "--non-blocking", program=SERVE_CLI)
     url = f"http://127.0.0.1:{port}"
@@ -87,7 +102,7 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
         while not _ok(f"{url}/health"):
             assert time.monotonic() < deadline, "the app never became ready"
             time.sleep(2)
-        online_update(job, run, out, url)
+        online_update(job, run, out, url, ray_head)
     finally:
         job("shutdown", "-y", program=SERVE_CLI)
 
@@ -120,7 +135,7 @@ def tune(job, run, out, marker):
     assert yaml.safe_load((out / "tune" / "best.yaml").read_text())["train"]["lr"] == best.train.lr
 
 
-def online_update(job, run, out, url):
+def online_update(job, run, out, url, head):
     first = post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()
     first_version = first["system_fingerprint"]
     # A burst of feedback: every prompt answered, then corrected three times.
@@ -131,6 +146,15 @@ def online_update(job, run, out, url):
             fb = post(url, "/v1/feedback", {"feedback_id": f"fb-{i}-{k}", "completion_id": r.json()["id"],
                                             "rating": 1, "correction": CORRECTIONS[i]})
             assert fb.status_code == 200, fb.text
+
+    # One more, with PII canaries in the prompt, the user, the correction and the tags: trained on,
+    # and stored nowhere raw (checked over every file under the run folder after the update).
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": f"Reach me at {' or '.join(CANARIES)}",
+                                      "max_tokens": 8, "user": CANARIES[0]})
+    assert r.status_code == 200, r.text
+    assert post(url, "/v1/feedback", {"feedback_id": "fb-canary", "completion_id": r.json()["id"], "rating": 1,
+                                      "correction": f"Write to {CANARIES[0]}, call {CANARIES[1]}",
+                                      "tags": [CANARIES[2], CANARIES[3]]}).status_code == 200
 
     # Requests keep flowing while the update trains and Serve switches versions.
     statuses, fingerprints, stop = [], [], threading.Event()
@@ -151,7 +175,10 @@ def online_update(job, run, out, url):
     assert "serving v0001" in done.stdout, done.stdout[-3000:]
     report = json.loads((out / "online" / "updates" / "update-0001.json").read_text())
     assert report["gate"]["passed"] and report["published"], report["gate"]
-    assert report["feedback"] == {"examples": 12, "corrected": 12, "rated": 0, "mean_weight": 1.0}
+    assert report["feedback"] == {"examples": 13, "corrected": 13, "rated": 0, "mean_weight": 1.0}
+    for f in (p for p in out.rglob("*") if p.is_file()):  # no canary at rest: SQLite files, reports, versions
+        data = f.read_bytes()
+        assert not [c for c in CANARIES if c.encode() in data], f
     assert report["mix"] == {"feedback_per_batch": 2, "base_per_batch": 6}
     assert report["loss_last"] < report["loss_first"] and report["buffer"]["unconsumed"] == 0
     assert 0 < report["feedback_to_serving_s"]
@@ -162,6 +189,7 @@ def online_update(job, run, out, url):
     new_version = post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()
     new_version = new_version["system_fingerprint"]
     assert new_version.startswith("v0001-bf16") and new_version != first_version
+    app_settings_stand(url)
 
     # The corrected answers became more likely, measured here on the two full-precision models.
     tok = Tokenizer.load(out / "tokenizer" / "tokenizer.model")
@@ -189,11 +217,23 @@ def online_update(job, run, out, url):
     assert post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()[
         "system_fingerprint"] == new_version
 
-    # Rollback: one command, and the first version answers again; the refused candidate has no artifact.
-    job("-m", "pipelines.online", *run, "--rollback")
+    # Rollback: one command, and the first version answers again. This one is SIGKILLed just after
+    # Serve switched, before its state says so; the next run settles the state with what Serve serves.
+    marker = out.parent / "kill-rollback"
+    killed = submit_job(head, "-m", "pipelines.online", *run, "--rollback", runtime_env={
+        "env_vars": {"DEEPKILN_KILL_ONCE": str(marker), "DEEPKILN_KILL_AT": "switched"}})
+    assert marker.exists() and killed.returncode != 0, killed.stdout[-3000:]
+    state = json.loads((out / "online" / "state.json").read_text())
+    assert state["publishing"] == "v0000" and state["current"] == "v0001"
     assert post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()[
         "system_fingerprint"] == first_version
-    with pytest.raises(ValueError, match="--rollback v0002: not a version with an artifact"):
+    job("-m", "pipelines.online", *run, "--once")
+    state = json.loads((out / "online" / "state.json").read_text())
+    assert "publishing" not in state and state["current"] == "v0000" and state["history"][-2:] == ["v0001", "v0000"]
+    for name in state["history"]:  # every version Serve served or can roll back to is whole on disk
+        assert (Path(state["versions"][name]["artifact"]) / "manifest.json").is_file(), name
+    app_settings_stand(url)
+    with pytest.raises(ValueError, match="--rollback v0002: not a kept version that passed the gate"):
         online.main([*run, "--rollback", "v0002"])  # refused before it needs the cluster
 
 

@@ -5,12 +5,16 @@ tests/test_jobs.py."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from deepkiln.config import load_config
-from deepkiln.evaluate import pad_rows, sequence_losses
+from deepkiln.checkpoint import load_model, save_checkpoint
+from deepkiln.config import QuantArgs, load_config
+from deepkiln.evaluate import pad_rows, sequence_losses, windows
+from deepkiln.paths import RunPaths
+from deepkiln.quantize import apply_quantization, quantized_layers
 from deepkiln.testing import paragraph
 from deepkiln.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
 from pipelines import online
@@ -73,3 +77,69 @@ def test_a_user_preference_set_is_read_and_a_bad_line_is_named(tok, tmp_path):
 def test_the_first_run_needs_the_earlier_stages(tmp_path):
     with pytest.raises(ValueError, match="run pipelines.train and pipelines.quantize first"):
         online.load_state(load_config(["--run.run_dir", str(tmp_path)]))
+
+
+def _candidate(cfg, out, spoil_model=None, spoil_artifact=None) -> str:
+    """The run's model quantized to nf4 as an update's candidate, spoilt before or after quantizing."""
+    model, ckpt = load_model(RunPaths.of(cfg).train_model)
+    if spoil_model:
+        spoil_model(model)
+    q = QuantArgs(format="nf4")
+    model = apply_quantization(model, q)
+    if spoil_artifact:
+        spoil_artifact(model)
+    return str(save_checkpoint(out, model, {**ckpt.config, "quant": q.model_dump()}))
+
+
+def test_the_gate_judges_the_quantized_artifact_it_would_publish(served_run, tmp_path):
+    cfg = load_config([*served_run["argv"], "--quant.format=nf4"])
+    paths = RunPaths.of(cfg)
+    data = windows(cfg)
+    pairs = online.preference_pairs(cfg, served_run["tokenizer"], data)
+    encoded = [online.encode_example(served_run["tokenizer"], {"completion_id": "cmpl-1", "prompt": "The river",
+                                                                "target": "is wide"}, 64)]
+
+    def judge(candidate):
+        return online.judge(cfg, paths.artifact, paths.train_model, candidate, data, pairs, encoded)
+
+    fine = judge(_candidate(cfg, tmp_path / "fine"))  # the served artifact's twin passes
+    assert fine["passed"] and fine["candidate"]["perplexity"] == pytest.approx(fine["current"]["perplexity"])
+
+    def scramble(model):  # the packed nf4 weights overwritten after quantization
+        g = torch.Generator().manual_seed(0)
+        for layer in quantized_layers(model).values():
+            w = layer.weight
+            w.data.copy_(torch.randint(0, 256, w.shape, dtype=torch.uint8, generator=g))
+
+    broken = judge(_candidate(cfg, tmp_path / "broken", spoil_artifact=scramble))
+    assert not broken["passed"] and "held-out perplexity" in broken["reasons"][0], broken["reasons"]
+    # ...while the same model unquantized passes: only the artifact's figures can catch it.
+    assert online.gate(cfg, broken["current"], broken["candidate_unquantized"])["passed"]
+
+    nan = judge(_candidate(cfg, tmp_path / "nan", spoil_model=lambda m: next(
+        p for n, p in m.named_parameters() if n.startswith("layers.0.")).data.fill_(float("nan"))))
+    assert not nan["passed"] and any("not a finite number" in r for r in nan["reasons"]), nan["reasons"]
+
+
+def test_pruning_keeps_the_served_version_the_rollback_targets_and_the_newest(tmp_path):
+    cfg = load_config(["--run.run_dir", str(tmp_path), "--run.name", "r", "--online.keep_versions=2"])
+    paths = RunPaths.of(cfg)
+    names = [f"v{i:04d}" for i in range(1, 9)]
+    state = {"current": "v0003", "history": ["v0000", "v0001", "v0003", "v0002", "v0003"], "updates": 8,
+             "publishing": "v0005", "versions": {"v0000": {"model": "train/model", "artifact": "quantize/bf16"}}}
+    for name in names:
+        Path(paths.version(name), "model").mkdir(parents=True)
+        state["versions"][name] = {"model": f"{paths.version(name)}/model", "artifact": f"{paths.version(name)}/a",
+                                   "gate": {"passed": True}}
+    Path(paths.online_state).parent.mkdir(parents=True, exist_ok=True)
+    pruned = online.prune(cfg, state)
+    # kept: served v0003, the last two served (v0002, v0003), one being published (v0005), the newest two (v0007, v0008)
+    assert pruned == ["v0001", "v0004", "v0006"]
+    assert sorted(p.name for p in Path(paths.version("v0001")).parent.iterdir()) == ["v0002", "v0003", "v0005", "v0007", "v0008"]
+    saved = json.loads(Path(paths.online_state).read_text())
+    assert saved["versions"]["v0001"] == {"model": None, "artifact": None, "gate": {"passed": True}, "pruned": True}
+    assert online.prune(cfg, saved) == []  # nothing more to do
+    saved.pop("publishing")
+    online.save_state(cfg, saved)
+    with pytest.raises(ValueError, match="--rollback v0001: not a kept version"):
+        online.rollback(cfg, "v0001")

@@ -395,11 +395,9 @@ def test_killed_replica_is_replaced_and_the_load_finishes_with_retries(http):
 
 
 def test_version_switch_under_load_drops_nothing(http, run):
-    """Redeployed with serve.run, Serve replaces the replicas (a rolling update); `serve deploy` of a
-    changed user_config reconfigures them in place (test_reconfigure_*)."""
-    from ray import serve
-
-    from serve.app import build
+    """Redeployed with serve.run, Serve replaces the replicas (a rolling update): the one way a new
+    version is published (pipelines.online does it from the running app's own settings)."""
+    from pipelines import online
 
     url = http(*BASE)
     before = handle("LLMServer").info.remote().result()
@@ -407,9 +405,8 @@ def test_version_switch_under_load_drops_nothing(http, run):
     want = {fmt: expected_text(run, fmt, "The people", 24) for fmt in ("bf16", "nf4")}
 
     def one(i):
-        if i == 8:  # publish the nf4 artifact while requests are in flight
-            cfg = load_config(run["argv"] + ["--serve.replica_cpus=0.5", http.store, *BASE])
-            serve.run(build(cfg, artifact=run["report"]["formats"]["nf4"]["path"]), name="deepkiln", route_prefix="/")
+        if i == 8:  # publish the nf4 artifact while requests are in flight, as the online loop does
+            assert online.publish(run["report"]["formats"]["nf4"]["path"])
         return post(url + "/v1/completions", body)
 
     with ThreadPoolExecutor(4) as pool:
@@ -426,6 +423,11 @@ def test_version_switch_under_load_drops_nothing(http, run):
         assert r.json()["choices"][0]["text"] == want[fmt]
     last = post(url + "/v1/completions", body).json()
     assert last["system_fingerprint"] == after["version"] and last["choices"][0]["text"] == want["nf4"]
+    # Only the artifact changed: the app's own limits (BASE's, not the defaults) and store stand.
+    over = post(url + "/v1/completions", {**body, "max_tokens": 65})
+    assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens", over.text
+    settings = handle("OpenAIIngress").settings.remote().result()["config"]
+    assert settings["serve"]["max_body_bytes"] == 20000 and settings["feedback"]["store"] == http.store.split("=", 1)[1]
 
 
 def scrape(name: str, until, timeout: float = 60.0) -> str:
@@ -557,7 +559,6 @@ def test_api_key_guards_every_route_but_health(http, tmp_path):
     client = OpenAI(base_url=url + "/v1", api_key="s3cret-key")
     assert [m.id for m in client.models.list()] == [MODEL]
     # The key reached the replica as its digest, never as itself: not in the deployed app's arguments.
-    import ray
     from ray import serve
 
     details = json.dumps(serve.status().to_dict() if hasattr(serve.status(), "to_dict") else str(serve.status()))
@@ -608,46 +609,13 @@ def test_a_crash_looping_feedback_collector_costs_feedback_never_a_completion(ht
     thread = threading.Thread(target=killer)
     thread.start()
     try:
-        answers = [post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 4})
-                   for _ in range(6)]
+        answers, deadline = [], time.monotonic() + 120
+        while (len(answers) < 6 or len(killed) < 2) and time.monotonic() < deadline:  # through two kills at least
+            answers.append(post(url + "/v1/completions", {"model": MODEL, "prompt": "The people", "max_tokens": 4}))
     finally:
         stop.set()
         thread.join()
-    assert len(killed) >= 2 and [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
-
-
-def test_reconfigure_switches_versions_and_in_flight_requests_finish_on_theirs(run):
-    import asyncio
-
-    from deepkiln.paths import absolute
-    from serve.llm import LLMServer
-
-    cfg = absolute(load_config(run["argv"] + ["--quant.format=bf16"]))
-    prompt = [BOS_ID, *run["tokenizer"].encode("The people")]
-    params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(EOS_ID,))
-    want = {fmt: expected_text(run, fmt, "The people", 24) for fmt in ("bf16", "nf4")}
-
-    async def collect(server, started=None):
-        items = []
-        async for batch in generate(server, prompt, params):
-            items += batch
-            if started and ids_of(batch):
-                started.set()
-        return items[0].version, run["tokenizer"].decode(ids_of(items))
-
-    async def scenario():
-        server = LLMServer(cfg.to_dict())
-        started = asyncio.Event()
-        in_flight = asyncio.create_task(collect(server, started))
-        await asyncio.wait_for(started.wait(), 60)  # the bf16 request is decoding
-        await server.reconfigure({"artifact": run["report"]["formats"]["nf4"]["path"]})
-        new = await collect(server)
-        return await in_flight, new, server.info()
-
-    (old_version, old_text), (new_version, new_text), info = asyncio.run(scenario())
-    assert old_version.startswith("bf16-") and old_text == want["bf16"]
-    assert new_version.startswith("nf4-") and new_text == want["nf4"] and info["version"] == new_version
-    assert info["layers"].get("Linear4bit", 0) > 0 and info["running"] == 0
+    assert len(killed) >= 2 and {r.status_code for r in answers} == {200}, [r.text for r in answers]
 
 
 def test_a_replica_that_fails_before_its_first_message_is_retried_and_one_after_is_not():
@@ -761,16 +729,12 @@ def test_response_cache_answers_a_repeated_deterministic_request_and_is_keyed_on
         for other in ([BOS_ID, 7], [BOS_ID, 8]):                             # evicts the greedy entry (LRU of 2)
             await items(server, greedy, other)
         evicted = await items(server, greedy)
-        await server.reconfigure({"artifact": run["report"]["formats"]["nf4"]["path"]})
-        on_nf4 = await items(server, greedy)
-        return first, again, hits, seeded, after_sampling, evicted, on_nf4, server.info()
+        return first, again, hits, seeded, after_sampling, evicted, server.info()
 
-    first, again, hits, seeded, after_sampling, evicted, on_nf4, info = asyncio.run(scenario())
+    first, again, hits, seeded, after_sampling, evicted, info = asyncio.run(scenario())
     assert again == first and hits == 1
     assert seeded[0] == seeded[1] and after_sampling == 2
-    assert evicted == first and info["cache_entries"] == 2
-    assert on_nf4[0].version.startswith("nf4-") and info["cache_hits"] == 2  # a new version misses
-    assert run["tokenizer"].decode(ids_of(on_nf4)) == expected_text(run, "nf4", "The people", 12)
+    assert evicted == first and info["cache_entries"] == 2 and info["cache_hits"] == 2
 
 
 def test_a_dead_engine_process_fails_its_requests_at_once_and_the_next_request_starts_a_new_one(run):
