@@ -46,11 +46,11 @@ CREATE TABLE IF NOT EXISTS feedback (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, feedback_id TEXT NOT NULL UNIQUE, completion_id TEXT NOT NULL,
     rating INTEGER NOT NULL, correction TEXT, tags TEXT NOT NULL, prompt TEXT NOT NULL,
     completion TEXT NOT NULL, model_version TEXT NOT NULL, pii_masked INTEGER NOT NULL, created REAL NOT NULL,
-    user TEXT);
+    user TEXT, client TEXT);
 """
 PAGE_RECORDS, PAGE_BYTES = 1000, 8 << 20  # one `records` call: at most this many records, about this much text
 COLUMNS = ["seq", "feedback_id", "completion_id", "rating", "correction", "tags", "prompt", "completion",
-           "model_version", "pii_masked", "created", "user"]
+           "model_version", "pii_masked", "created", "user", "client"]
 
 
 class FeedbackError(ValueError):
@@ -113,9 +113,9 @@ class FeedbackCollector:
         self.db.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a commit is on disk when it returns
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
-        for table in ("completions", "feedback"):  # stores from before the `user` column
-            if "user" not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN user TEXT")
+        for table, column in (("completions", "user"), ("feedback", "user"), ("feedback", "client")):
+            if column not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")  # a store from before it
         saved = self.db.execute("SELECT value FROM settings WHERE key = 'feedback'").fetchone()
         if saved:  # the settings Serve configured last outlive a restart (which re-runs __init__ with the first ones)
             self.args = FeedbackArgs(**json.loads(saved[0]))
@@ -130,28 +130,29 @@ class FeedbackCollector:
                  user: str | None = None) -> None:
         """Keep a served completion (and the `user` the client named) for feedback to refer to, PII
         masked (nothing raw is ever written: feedback, the replay buffer and exports copy these);
-        forget the oldest beyond retention."""
+        forget those beyond feedback.retention (a count) or older than feedback.retention_s."""
         prompt, completion = mask_prompt(prompt), mask_pii(completion)[0]
         user = mask_pii(user)[0] if user is not None else None
         with transaction(self.db):
             self.db.execute("INSERT OR REPLACE INTO completions (completion_id, prompt, completion, model_version, "
                             "created, user) VALUES (?, ?, ?, ?, ?, ?)",
                             (completion_id, prompt, completion, model_version, time.time(), user))
-            self.db.execute("DELETE FROM completions WHERE rowid <= (SELECT max(rowid) FROM completions) - ?",
-                            (self.args.retention,))
+            self.db.execute("DELETE FROM completions WHERE rowid <= (SELECT max(rowid) FROM completions) - ? "
+                            "OR created < ?", (self.args.retention, time.time() - self.args.retention_s))
 
     def served(self, completion_id: str) -> tuple | None:
         """(prompt, completion, model_version, user) of a completion this collector keeps, or None."""
         return self.db.execute("SELECT prompt, completion, model_version, user FROM completions "
                                "WHERE completion_id = ?", (completion_id,)).fetchone()
 
-    def submit(self, record: dict, served: tuple | None = None) -> dict:
+    def submit(self, record: dict, served: tuple | None = None, client: str = "anonymous") -> dict:
         """Validate, mask and commit one feedback record. Returns {"feedback_id", "seq", "duplicate"}:
         the same feedback_id with the same payload again is a duplicate (stored once); with another
         payload it is a FeedbackError 409. Raises FeedbackError (nothing stored) for bad input or an
         unknown completion id. `served`: the completion, looked up in the collector that keeps it
         when that is another one (the ingress stores feedback in the collector its feedback_id
-        hashes to, so an id is unique across collectors)."""
+        hashes to, so an id is unique across collectors). `client`: who posted it (the ingress
+        names the API key's hash), stored for online.max_share_per_source."""
         fb = self._validate(record)
         correction, masked = (mask_pii(fb.correction) if fb.correction is not None else (None, {}))
         tags = [mask_pii(t) for t in fb.tags]
@@ -169,14 +170,15 @@ class FeedbackCollector:
                 return {"feedback_id": fb.feedback_id, "seq": row[0], "duplicate": True}
             served = served or self.served(fb.completion_id)
             if served is None:
-                raise FeedbackError(404, f"completion_id {fb.completion_id!r} is unknown (or older than the "
-                                    f"last {self.args.retention} completions kept)", "completion_id")
+                raise FeedbackError(404, f"completion_id {fb.completion_id!r} is unknown (or no longer kept: the "
+                                    f"last {self.args.retention} completions of at most {self.args.retention_s:g} s "
+                                    "are)", "completion_id")
             prompt, completion, version, user = served
             cur = self.db.execute(
                 "INSERT INTO feedback (feedback_id, completion_id, rating, correction, tags, prompt, completion, "
-                "model_version, pii_masked, created, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "model_version, pii_masked, created, user, client) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (fb.feedback_id, fb.completion_id, rating, correction, json.dumps(payload[3]),
-                 prompt, completion, version, n_masked, time.time(), user))
+                 prompt, completion, version, n_masked, time.time(), user, client))
             return {"feedback_id": fb.feedback_id, "seq": cur.lastrowid, "duplicate": False}
 
     def _validate(self, record: dict) -> Feedback:
@@ -234,7 +236,8 @@ class FeedbackCollector:
             [("seq", pa.int64()), ("feedback_id", pa.string()), ("completion_id", pa.string()),
              ("rating", pa.int64()), ("correction", pa.string()), ("tags", pa.list_(pa.string())),
              ("prompt", pa.string()), ("completion", pa.string()), ("model_version", pa.string()),
-             ("pii_masked", pa.int64()), ("created", pa.float64()), ("user", pa.string())]))
+             ("pii_masked", pa.int64()), ("created", pa.float64()), ("user", pa.string()),
+             ("client", pa.string())]))
         write_atomic(path, table)
         return len(records)
 

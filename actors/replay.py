@@ -8,7 +8,8 @@ the user's own target) or a completion rated above the middle of the scale (weig
 rating). Thumbs down without a correction is counted, not trained on.
 
 Priority = weight x recency (halving every `online.half_life_s`). `draw(n)` returns up to n examples
-not consumed yet, sampled by priority without replacement (seeded: the same draw after a restart);
+not consumed yet, sampled by priority without replacement (seeded: the same draw after a restart),
+with at most a share `max_share` of them from one client (the API key that posted the feedback);
 `commit(keys, update)` deletes them (counted as consumed) once the update that used them is recorded,
 so the file holds only what waits. The bound on
 replay: an update that crashes before `commit` draws its examples again, once per crash. Beyond
@@ -35,11 +36,12 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
     source TEXT NOT NULL, seq INTEGER NOT NULL, completion_id TEXT NOT NULL, prompt TEXT NOT NULL,
     target TEXT NOT NULL, weight REAL NOT NULL, corrected INTEGER NOT NULL, model_version TEXT NOT NULL,
-    created REAL NOT NULL, consumed_by INTEGER, PRIMARY KEY (source, seq));
+    created REAL NOT NULL, consumed_by INTEGER, client TEXT, PRIMARY KEY (source, seq));
 CREATE TABLE IF NOT EXISTS offsets (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
-FIELDS = ["source", "seq", "completion_id", "prompt", "target", "weight", "corrected", "model_version", "created"]
+FIELDS = ["source", "seq", "completion_id", "prompt", "target", "weight", "corrected", "model_version", "created",
+          "client"]
 
 
 def example_of(record: dict, scale: FeedbackArgs) -> tuple[str, float, bool] | None:
@@ -61,6 +63,8 @@ class ReplayBuffer:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        if "client" not in {row[1] for row in self.db.execute("PRAGMA table_info(examples)")}:
+            self.db.execute("ALTER TABLE examples ADD COLUMN client TEXT")  # a store from before it
         with transaction(self.db):  # a store from before consumed examples were deleted
             n = self.db.execute("DELETE FROM examples WHERE consumed_by IS NOT NULL").rowcount
             if n:
@@ -85,9 +89,10 @@ class ReplayBuffer:
                     skipped += 1
                     continue
                 target, weight, corrected = example
-                self.db.execute("INSERT OR IGNORE INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                self.db.execute(f"INSERT OR IGNORE INTO examples ({', '.join(FIELDS)}) VALUES "
+                                f"({', '.join('?' * len(FIELDS))})",
                                 (source, r["seq"], r["completion_id"], r["prompt"], target, weight, int(corrected),
-                                 r["model_version"], r["created"]))
+                                 r["model_version"], r["created"], r.get("client") or "anonymous"))
                 added += 1
             if records:
                 newest = max(after, max(r["seq"] for r in records))
@@ -128,15 +133,24 @@ class ReplayBuffer:
         """Every example not consumed yet, by source and seq."""
         return self._unconsumed()
 
-    def draw(self, n: int, seed: int = 0, now: float | None = None) -> list[dict]:
+    def draw(self, n: int, seed: int = 0, now: float | None = None, max_share: float = 1.0) -> list[dict]:
         """Up to n unconsumed examples, sampled by priority without replacement (Efraimidis-Spirakis
-        keys u^(1/p)); the same arguments over the same contents give the same draw."""
+        keys u^(1/p)), at most max(1, floor(max_share * n)) from one client (the rest of a client's
+        wait for later draws); the same arguments over the same contents give the same draw."""
         rows = self._unconsumed()
         if not rows:
             return []
         p = np.maximum(self._priorities(rows, now), 1e-12)
         keys = np.log(np.random.default_rng(seed).random(len(rows))) / p
-        return [rows[i] for i in np.argsort(-keys, kind="stable")[:n]]
+        cap, taken, out = max(1, int(max_share * min(n, len(rows)) + 1e-9)), {}, []
+        for i in np.argsort(-keys, kind="stable"):
+            client = rows[i]["client"] or "anonymous"
+            if taken.get(client, 0) < cap:
+                taken[client] = taken.get(client, 0) + 1
+                out.append(rows[i])
+                if len(out) == n:
+                    break
+        return out
 
     def commit(self, keys: list[tuple[str, int]], update: int) -> int:
         """The examples (source, seq) were consumed by update number `update`: deleted (counted), so

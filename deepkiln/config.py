@@ -348,8 +348,9 @@ class ServeArgs(Section):
     api_key_env: str = "DEEPKILN_API_KEY"
     """Environment variable holding the API key, read where the app is deployed; unset or empty: no key."""
     api_key_file: str = ""
-    """File holding the API key (wins over the environment variable); read where the app is deployed.
-    Set but missing, unreadable or empty: the app refuses to start."""
+    """File holding the API keys, one per line, one per client ('#' comments; wins over the
+    environment variable); read where the app is deployed. Set but missing, unreadable or empty: the
+    app refuses to start. Feedback is attributed to the key that posted it (its hash)."""
     allow_unauthenticated: bool = False
     """Serve on a non-loopback serve.host without an API key (otherwise the app refuses to start)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -368,7 +369,8 @@ class FeedbackArgs(Section):
     """Folder of the collectors' SQLite files (a local path: SQLite needs a real file system);
     empty: <run_dir>/<run.name>/feedback."""
     collectors: int = Field(1, ge=1)
-    """FeedbackCollector actors; a completion, and the feedback on it, go to the one its id hashes to."""
+    """FeedbackCollector actors: a completion is kept by the one its id hashes to, feedback stored by
+    the one its feedback_id hashes to."""
     rating_min: int = 1
     """Lowest rating on the scale (thumbs down counts as rating_min)."""
     rating_max: int = 5
@@ -377,6 +379,8 @@ class FeedbackArgs(Section):
     """Longest corrected answer, and longest tag list, accepted (in characters)."""
     retention: int = Field(10000, ge=1)
     """Completions kept per collector for feedback to refer to; older ones are forgotten."""
+    retention_s: float = Field(7 * 86400.0, gt=0)
+    """Seconds a completion is kept for feedback to refer to (beside the count bound); older ones are forgotten."""
 
     @model_validator(mode="after")
     def _check(self) -> FeedbackArgs:
@@ -429,6 +433,9 @@ class OnlineArgs(Section):
     """Pairs in the built-in preference set."""
     poll_s: float = Field(10.0, gt=0)
     """How often the long-running loop looks for new feedback."""
+    max_share_per_source: float = Field(1.0, gt=0, le=1)
+    """Largest share of one update's feedback examples that may come from one client (the API key
+    that posted them; without keys every client is one source); the rest wait for later updates."""
     publish: bool = True
     """Publish a version that passed the gate to the running Serve application (only its artifact changes)."""
     keep_versions: int = Field(5, ge=1)

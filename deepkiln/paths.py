@@ -65,6 +65,17 @@ class RunPaths:
         """<root>/<name>: the folder a stage writes."""
         return f"{self.root}/{name}"
 
+    def remove(self, path: str | Path) -> None:
+        """Delete the folder `path`, which must lie inside this run's folder (after following
+        symlinks): the one way stages delete, so nothing outside <run_dir>/<run.name> is ever deleted.
+        Absent: nothing to do."""
+        import shutil
+
+        target, root = Path(path).resolve(), Path(self.root).resolve()
+        if root not in target.parents:
+            raise ValueError(f"refusing to delete {target}: it is not inside the run folder {root}")
+        shutil.rmtree(target, ignore_errors=True)
+
     def done(self, stage: str) -> Path | None:
         """The file `stage` writes last; None for stages that always run (serve)."""
         return Path(self.root, DONE[stage]) if stage in DONE else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -178,7 +177,7 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
     paths = RunPaths.of(cfg)
     os.makedirs(paths.stage("train"), exist_ok=True)
     if not t.resume and os.path.isdir(f"{paths.train_ray}/{cfg.run.name}"):
-        shutil.rmtree(f"{paths.train_ray}/{cfg.run.name}")  # reusing a run name continues it: start fresh
+        paths.remove(f"{paths.train_ray}/{cfg.run.name}")  # reusing a run name continues it: start fresh
     return torch_trainer(train_loop, cfg.to_dict(), cfg, name=cfg.run.name, storage=paths.train_ray,
                          workers=t.num_workers, max_failures=t.max_failures, keep=t.keep_checkpoints,
                          callbacks=callbacks)

@@ -75,9 +75,9 @@ def train_update(cfg: Config, base_model: str, encoded: list, weights: list[floa
     from deepkiln.trainer import update_loop
 
     cfg = absolute(cfg)
-    storage = f"{RunPaths.of(cfg).stage('online')}/ray"
-    name = f"update-{update:04d}"
-    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)  # a crashed try of this update
+    paths = RunPaths.of(cfg)
+    storage, name = f"{paths.stage('online')}/ray", f"update-{update:04d}"
+    paths.remove(os.path.join(storage, name))  # a crashed try of this update
     config = {"cfg": cfg.to_dict(), "base": os.path.abspath(base_model), "update": update, "examples": encoded,
               "weights": weights, "base_first": base_first}
     result = fit(torch_trainer(update_loop, config, cfg, name=name, storage=storage, workers=cfg.online.num_workers,
@@ -85,7 +85,7 @@ def train_update(cfg: Config, base_model: str, encoded: list, weights: list[floa
     out = tempfile.mkdtemp(prefix="deepkiln-update-")
     with result.checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "model", Path(out) / "model")
-    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)  # Ray Train's copy: the model is out
+    paths.remove(os.path.join(storage, name))  # Ray Train's copy: the model is out
     return result.metrics, f"{out}/model"
 
 
@@ -285,7 +285,7 @@ def prune(cfg: Config, state: dict) -> list[str]:
         version = state["versions"][name]
         if name in keep or version.get("pruned"):
             continue
-        shutil.rmtree(RunPaths.of(cfg).version(name), ignore_errors=True)
+        RunPaths.of(cfg).remove(RunPaths.of(cfg).version(name))
         version.update(pruned=True, model=None, artifact=None)
         pruned.append(name)
     if pruned:
@@ -308,6 +308,14 @@ def poll(cfg: Config, buffer, collectors) -> dict:
     return totals
 
 
+def shares(drawn: list[dict]) -> dict[str, float]:
+    """Each client's share of an update's examples (online.max_share_per_source bounds it)."""
+    counts: dict[str, int] = {}
+    for e in drawn:
+        counts[e["client"] or "anonymous"] = counts.get(e["client"] or "anonymous", 0) + 1
+    return {c: round(k / len(drawn), 4) for c, k in sorted(counts.items())}
+
+
 def run_update(cfg: Config, buffer, state: dict) -> dict:
     """One update from the buffer's best examples: train, gate, and publish if it passes."""
     import ray
@@ -315,7 +323,7 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     on = cfg.online
     update = state["updates"] + 1
     started = time.time()
-    drawn = ray.get(buffer.draw.remote(on.max_feedback, cfg.run.seed + update))
+    drawn = ray.get(buffer.draw.remote(on.max_feedback, cfg.run.seed + update, None, on.max_share_per_source))
     paths = RunPaths.of(cfg)
     current = state["versions"][state["current"]]
     tokenizer = tokenizer_of(cfg, current["artifact"])  # the served version's: the ids its model knows
@@ -331,7 +339,7 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     if name in state["versions"]:
         raise RuntimeError(f"{name} is in {paths.online_state} already: refusing to overwrite it")
     folder = Path(paths.version(name))
-    shutil.rmtree(folder, ignore_errors=True)  # a try of this update that crashed before the state named it
+    paths.remove(folder)  # a try of this update that crashed before the state named it
     folder.mkdir(parents=True)
     shutil.copytree(model_dir, folder / "model")
     shutil.rmtree(Path(model_dir).parent, ignore_errors=True)
@@ -364,7 +372,8 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     report = {
         "update": update, "version": name, "parent": state["versions"][name]["parent"], "serving": state["current"],
         "feedback": {"examples": len(drawn), "corrected": sum(e["corrected"] for e in drawn),
-                     "rated": sum(not e["corrected"] for e in drawn), "mean_weight": float(np.mean(weights))},
+                     "rated": sum(not e["corrected"] for e in drawn), "mean_weight": float(np.mean(weights)),
+                     "sources": shares(drawn)},
         "buffer": ray.get(buffer.stats.remote()),
         "mix": {"feedback_per_batch": metrics["feedback_per_batch"], "base_per_batch": metrics["base_per_batch"]},
         "method": on.method, "steps": on.steps, "precision": {"update": metrics["precision"], "gate": describe(compute_dtype(cfg.serve.dtype))},

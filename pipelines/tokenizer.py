@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from itertools import chain
@@ -45,7 +44,7 @@ def main(argv=None) -> dict:
         out = final
     else:  # written into a sibling and swapped in whole: a reader never sees old and new mixed
         out = f"{os.path.dirname(os.path.abspath(final))}/.tokenizer.tmp-{os.getpid()}"
-        shutil.rmtree(out, ignore_errors=True)
+        paths.remove(out)
     names = [n for g in load_registry(prep)["generations"] for n in g["shards"]]
     if not names:
         raise ValueError(f"no prepared shards under {prep}: run pipelines.prepare first")

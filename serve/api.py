@@ -105,23 +105,36 @@ def generation_body_limit(s, context: int, most_chars: int, vocab: int) -> int:
     return min(s.max_body_bytes, prompt + 24 * vocab + 64 * context + 65536)
 
 
-def configured_api_key(cfg: Config) -> str:
-    """The API key, failing closed: serve.api_key_file when set (missing, unreadable or empty: a
-    ValueError), else the variable serve.api_key_env ('' when unset: no key)."""
+def configured_api_keys(cfg: Config) -> list[str]:
+    """The API keys, failing closed: serve.api_key_file when set, one key per line (missing,
+    unreadable or without a key: a ValueError), else the variable serve.api_key_env ([] when unset:
+    no key)."""
     s = cfg.serve
     if s.api_key_file:
         try:
-            key = Path(s.api_key_file).read_text().strip()
+            lines = Path(s.api_key_file).read_text().splitlines()
         except OSError as e:
             raise ValueError(f"serve.api_key_file={s.api_key_file!r} cannot be read ({type(e).__name__}): "
                              "refusing to serve without the key it was told to use") from None
-        if not key:
+        keys = [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]
+        if not keys:
             raise ValueError(f"serve.api_key_file={s.api_key_file!r} is empty: refusing to serve without a key")
-        return key
-    return os.environ.get(s.api_key_env, "").strip()
+        return keys
+    key = os.environ.get(s.api_key_env, "").strip()
+    return [key] if key else []
 
 
-def check_exposure(cfg: Config, key: str) -> None:
+def key_digests(keys: list[str]) -> list[str]:
+    """What an ingress replica is given of the keys: their SHA-256, never the keys."""
+    return [hashlib.sha256(k.encode()).hexdigest() for k in keys]
+
+
+def source_of(digest: str) -> str:
+    """The feedback source a key stands for: a prefix of its SHA-256 ('anonymous' without keys)."""
+    return f"key-{digest[:12]}" if digest else "anonymous"
+
+
+def check_exposure(cfg: Config, key) -> None:
     """A server on anything but a loopback address needs a key, unless serve.allow_unauthenticated."""
     host = cfg.serve.host
     if not key and host not in ("127.0.0.1", "localhost", "::1") and not cfg.serve.allow_unauthenticated:
@@ -168,14 +181,15 @@ class _Choice:
 
 
 class OpenAIIngress:
-    def __init__(self, llm, config: dict, api_key_sha256: str = ""):
-        """`api_key_sha256`: the key's SHA-256 (serve.app.build reads the key where the app is
-        deployed); '' for none."""
+    def __init__(self, llm, config: dict, api_key_sha256: list[str] | str = ()):
+        """`api_key_sha256`: the keys' SHA-256 (serve.app.build reads the keys where the app is
+        deployed); empty for none."""
         self.cfg = Config.from_dict(config)
         self.llm = llm
         self.tokenizer = Tokenizer.load(tokenizer_of(self.cfg, RunPaths.of(self.cfg).artifact))  # the served artifact's
-        self.api_key_sha256 = api_key_sha256
-        check_exposure(self.cfg, api_key_sha256)
+        self.api_key_sha256 = [api_key_sha256] if isinstance(api_key_sha256, str) else list(api_key_sha256)
+        self.api_key_sha256 = [d for d in self.api_key_sha256 if d]
+        check_exposure(self.cfg, self.api_key_sha256)
         self.context = context_length(self.cfg)
         self.most_chars = self.context * self.tokenizer.longest_piece_chars  # a longer prompt cannot fit
         self.body_limit = generation_body_limit(self.cfg.serve, self.context, self.most_chars,
@@ -194,7 +208,7 @@ class OpenAIIngress:
 
     def settings(self) -> dict:
         """What this app was deployed with (through a deployment handle, never over HTTP): its config
-        and the key's SHA-256. pipelines.online republishes with these, so a new model version
+        and the keys' SHA-256. pipelines.online republishes with these, so a new model version
         changes the artifact and nothing else (key, limits, serve.* settings)."""
         return {"config": self.cfg.to_dict(), "api_key_sha256": self.api_key_sha256}
 
@@ -222,7 +236,8 @@ class OpenAIIngress:
         try:
             # Stored by the collector its feedback_id hashes to (one id, one record, across collectors),
             # with the completion from the collector that keeps it.
-            result = await asyncio.wait_for(self._submit(body, owner, keeper), self.cfg.serve.request_timeout_s)
+            result = await asyncio.wait_for(self._submit(body, owner, keeper, request.state.source),
+                                            self.cfg.serve.request_timeout_s)
         except TimeoutError:
             raise APIError(503, "the feedback store did not answer in time; retry with the same feedback_id",
                            type="server_error", code="unavailable", headers={"Retry-After": "1"}) from None
@@ -233,22 +248,27 @@ class OpenAIIngress:
                            code={404: "not_found", 409: "conflict"}.get(e.cause.status, "invalid_value")) from None
         return JSONResponse({"object": "feedback", **result})
 
-    async def _submit(self, body: dict, owner: int, keeper: int) -> dict:
+    async def _submit(self, body: dict, owner: int, keeper: int, source: str) -> dict:
         served = None
         if owner != keeper and isinstance(body.get("completion_id"), str):
             served = await self.collectors[keeper].served.remote(body["completion_id"])
-        return await self.collectors[owner].submit.remote(body, served)
+        return await self.collectors[owner].submit.remote(body, served, source)
 
     # -- request handling --------------------------------------------------------------------------
 
     def authorize(self, request: Request) -> None:
+        """401 unless the request carries one of the keys (compared with every digest, in constant
+        time each); request.state.source names the key it carried, for feedback attribution."""
+        request.state.source = source_of("")
         if not self.api_key_sha256:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         digest = hashlib.sha256(given.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.api_key_sha256):
+        matched = [hmac.compare_digest(digest, d) for d in self.api_key_sha256]
+        if scheme.lower() != "bearer" or not any(matched):
             raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+        request.state.source = source_of(digest)
 
     async def _serve(self, request: Request, schema, route: str):
         start = time.perf_counter()

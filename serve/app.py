@@ -13,7 +13,6 @@ publishes a new version by redeploying the app from the running app's own settin
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from ray import serve
 
 from deepkiln.config import Config, load_config
 from deepkiln.paths import absolute
-from serve.api import OpenAIIngressDeployment, check_exposure, configured_api_key
+from serve.api import OpenAIIngressDeployment, check_exposure, configured_api_keys, key_digests
 from serve.llm import LLMServerDeployment
 
 
@@ -45,18 +44,17 @@ def http_options(cfg: Config) -> dict:
     return {"host": cfg.serve.host, "port": cfg.serve.port, "request_timeout_s": cfg.serve.request_timeout_s + 10}
 
 
-def build(cfg: Config, artifact: str | None = None, api_key_sha256: str | None = None):
+def build(cfg: Config, artifact: str | None = None, api_key_sha256: list[str] | None = None):
     """The app serving `artifact` (default: the config's). Redeployed with another artifact, Serve
     replaces the LLMServer replicas one by one, each loading the new version (no request dropped).
-    The API key is read here, where the app is deployed, failing closed (a configured key file that
+    The API keys are read here, where the app is deployed, failing closed (a configured key file that
     is missing, unreadable or empty, or a non-loopback serve.host without a key, is a ValueError),
-    and reaches every ingress replica as its SHA-256 in the deployment's arguments: the key itself
-    never leaves this process. `api_key_sha256` (a running app's, when republishing) is used as it
-    is instead."""
+    and reach every ingress replica as their SHA-256 in the deployment's arguments: the keys
+    themselves never leave this process. `api_key_sha256` (a running app's, when republishing) is
+    used as it is instead."""
     cfg = absolute(cfg)  # replicas run in folders of their own
     if api_key_sha256 is None:
-        key = configured_api_key(cfg)
-        api_key_sha256 = hashlib.sha256(key.encode()).hexdigest() if key else ""
+        api_key_sha256 = key_digests(configured_api_keys(cfg))
     check_exposure(cfg, api_key_sha256)
     if artifact:  # a restarted replica loads it again: it is in the deployments' arguments
         cfg.serve.artifact = artifact if "://" in artifact else os.path.abspath(artifact)

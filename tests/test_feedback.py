@@ -143,6 +143,16 @@ def test_only_the_newest_completions_are_kept(tmp_path):
     assert c.submit({"feedback_id": "b", "completion_id": "cmpl-4", "rating": 1})["duplicate"] is False
 
 
+def test_completions_older_than_the_retention_time_are_forgotten(tmp_path):
+    c = collector(tmp_path, retention_s=60)
+    c.db.execute("UPDATE completions SET created = created - 61 WHERE completion_id = 'cmpl-1'")  # a minute ago
+    c.remember("cmpl-2", "prompt", "answer", "v")  # each remember forgets what is too old
+    with pytest.raises(FeedbackError, match="cmpl-1") as e:
+        c.submit({"feedback_id": "a", "completion_id": "cmpl-1", "rating": 1})
+    assert e.value.status == 404 and "60 s" in e.value.message
+    assert c.submit({"feedback_id": "b", "completion_id": "cmpl-2", "rating": 1})["duplicate"] is False
+
+
 def test_export_writes_every_record_as_parquet_in_one_rename(tmp_path):
     c = collector(tmp_path)
     for i in range(5):

@@ -6,6 +6,7 @@ online update published while requests keep flowing (the corrected answers more 
 a candidate trained far too hard refused by the gate, and a rollback. And the Jobs API refusing
 requests without the token."""
 
+import hashlib
 import json
 import random
 import shlex
@@ -27,6 +28,7 @@ from deepkiln.model import Gate
 from deepkiln.testing import free_port, paragraph
 from deepkiln.tokenizer import EOS_ID, Tokenizer
 from pipelines import online
+from serve.api import source_of
 from tests.ray_cluster import RAY_CLI, SERVE_CLI, submit_job
 
 pytestmark = [pytest.mark.slow]
@@ -175,7 +177,8 @@ def online_update(job, run, out, url, head):
     assert "serving v0001" in done.stdout, done.stdout[-3000:]
     report = json.loads((out / "online" / "updates" / "update-0001.json").read_text())
     assert report["gate"]["passed"] and report["published"], report["gate"]
-    assert report["feedback"] == {"examples": 13, "corrected": 13, "rated": 0, "mean_weight": 1.0}
+    assert report["feedback"] == {"examples": 13, "corrected": 13, "rated": 0, "mean_weight": 1.0,
+                                  "sources": {source_of(hashlib.sha256(KEY.encode()).hexdigest()): 1.0}}
     for f in (p for p in out.rglob("*") if p.is_file()):  # no canary at rest: SQLite files, reports, versions
         data = f.read_bytes()
         assert not [c for c in CANARIES if c.encode() in data], f

@@ -61,3 +61,21 @@ def test_no_module_imports_a_pipeline_but_the_quickstart(package):
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
             offenders += [f"{path.name}: {n}" for n in names if n == "pipelines" or n.startswith("pipelines.")]
     assert not offenders, offenders
+
+
+def test_a_stage_deletes_only_inside_its_run_folder(tmp_path):
+    import os
+
+    p = RunPaths.of(load_config(["--run.run_dir", str(tmp_path / "runs"), "--run.name", "r"]))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "keep").write_text("x")
+    os.makedirs(p.stage("train"))
+    os.symlink(tmp_path / "outside", f"{p.stage('train')}/ray")  # a link out of the run folder
+    for path in (tmp_path / "outside", f"{p.root}/../outside", f"{p.stage('train')}/ray", p.root, tmp_path):
+        with pytest.raises(ValueError, match="not inside the run folder"):
+            p.remove(path)
+    assert (tmp_path / "outside" / "keep").is_file()
+    os.makedirs(f"{p.stage('online')}/versions/v0001/model")
+    p.remove(f"{p.stage('online')}/versions/v0001")
+    assert not os.path.exists(f"{p.stage('online')}/versions/v0001") and os.path.isdir(p.stage("online"))
+    p.remove(f"{p.stage('online')}/versions/v0009")  # absent: nothing to do

@@ -51,6 +51,18 @@ def test_capacity_drops_the_lowest_priority_first(tmp_path):
     assert [r["seq"] for r in buf.unconsumed()] == [1, 3, 4] and buf.stats()["dropped"] == 2
 
 
+def test_one_client_gets_at_most_its_share_of_a_draw(tmp_path):
+    buf = ReplayBuffer(str(tmp_path / "replay.sqlite"))
+    buf.ingest("c0", [record(i, correction="c") | {"client": "key-flood"} for i in range(1, 21)]
+               + [record(i, correction="c") | {"client": "key-b"} for i in range(21, 23)]
+               + [record(23, correction="c")])  # posted without a key: "anonymous"
+    draw = buf.draw(8, seed=0, max_share=0.5)
+    assert Counter(r["client"] for r in draw) == {"key-flood": 4, "key-b": 2, "anonymous": 1}
+    assert Counter(r["client"] for r in buf.draw(8, seed=0))["key-flood"] >= 5  # unbounded: the flood wins
+    buf.commit([(r["source"], r["seq"]) for r in draw], 1)
+    assert Counter(r["client"] for r in buf.draw(8, seed=1, max_share=0.5)) == {"key-flood": 4}  # the rest wait
+
+
 def test_draw_is_seeded_without_repeats_prefers_priority_and_commit_consumes(tmp_path):
     buf = ReplayBuffer(str(tmp_path / "replay.sqlite"), {"half_life_s": 3600.0})
     buf.ingest("c0", [record(i, correction="c", age=0) for i in range(1, 11)]

@@ -3,6 +3,7 @@ quantized replicas, bad input, overload, timeouts and the API key."""
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -18,6 +19,7 @@ from deepkiln.precision import compute_dtype
 from deepkiln.quantize import load_quantized
 from deepkiln.testing import free_port
 from deepkiln.tokenizer import BOS_ID, EOS_ID
+from serve.api import source_of
 from serve.protocol import Failed, Finished, Started, Tokens
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
@@ -543,9 +545,9 @@ def test_a_request_over_its_time_gets_408(http):
         assert json.loads(events[-1][len("data: "):])["error"]["code"] == "timeout"
 
 
-def test_api_key_guards_every_route_but_health(http, tmp_path):
+def test_api_key_guards_every_route_but_health(http, run, tmp_path):
     key = tmp_path / "key"
-    key.write_text("s3cret-key\n")
+    key.write_text("# one key per client\ns3cret-key\n\nother-client-key\n")
     url = http("--quant.format=bf16", f"--serve.api_key_file={key}")
     body = {"model": MODEL, "prompt": "The people", "max_tokens": 2}
     assert requests.get(url + "/health", timeout=30).status_code == 200
@@ -558,6 +560,13 @@ def test_api_key_guards_every_route_but_health(http, tmp_path):
     assert post(url + "/v1/completions", body, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
     client = OpenAI(base_url=url + "/v1", api_key="s3cret-key")
     assert [m.id for m in client.models.list()] == [MODEL]
+    # Each key is a client: feedback is stored with the hash of the key that posted it.
+    other = {"Authorization": "Bearer other-client-key"}
+    done = post(url + "/v1/completions", body, headers=other).json()
+    assert post(url + "/v1/feedback", {"feedback_id": "from-other", "completion_id": done["id"], "rating": 5},
+                headers=other).status_code == 200
+    [stored] = [r for r in stored_feedback(http, run) if r["feedback_id"] == "from-other"]
+    assert stored["client"] == source_of(hashlib.sha256(b"other-client-key").hexdigest())
     # The key reached the replica as its digest, never as itself: not in the deployed app's arguments.
     from ray import serve
 
