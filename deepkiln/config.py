@@ -207,11 +207,15 @@ class TuneArgs(Section):
     """Validation-loss reports (and checkpoints) per trial: the rungs where ASHA may stop a trial."""
     max_failures: int = Field(1, ge=0)
     """Times a failed trial is retried, continuing from its own last checkpoint."""
+    grace_period: int = Field(1, ge=1)
+    """Reports every trial makes before ASHA may stop it."""
 
     @model_validator(mode="after")
     def _check(self) -> TuneArgs:
         if self.reports > self.max_steps:
             raise ValueError(f"tune.reports={self.reports} exceeds tune.max_steps={self.max_steps}")
+        if self.grace_period > self.reports:
+            raise ValueError(f"tune.grace_period={self.grace_period} exceeds tune.reports={self.reports}")
         return self
 
 

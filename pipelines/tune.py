@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", num_samples=tu.num_samples, max_concurrent_trials=concurrent,
             reuse_actors=False,  # a fresh process per trial: each owns a whole Train run
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tu.reports, grace_period=1,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=tu.reports, grace_period=tu.grace_period,
                                     reduction_factor=2)),
         run_config=tune.RunConfig(name=cfg.run.name, storage_path=str(out / "ray"),
                                   failure_config=tune.FailureConfig(max_failures=tu.max_failures)))

@@ -10,11 +10,11 @@ import hashlib
 import json
 import random
 import shlex
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -25,6 +25,7 @@ from deepkiln.checkpoint import load_checkpoint, load_model
 from deepkiln.config import load_config
 from deepkiln.evaluate import continuation_logprob
 from deepkiln.model import Gate
+from deepkiln.paths import version_of
 from deepkiln.testing import free_port, paragraph
 from deepkiln.tokenizer import EOS_ID, Tokenizer
 from pipelines import online
@@ -111,23 +112,25 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
 
 def tune(job, run, out, marker):
     """Tune as a job: 4 ASHA trials of one worker each, two at a time on 2 CPUs. One trial's worker
-    is SIGKILLed once after step 6 (the marker file); with train.max_failures=0 the trial itself
-    fails, and Tune's retry continues it from its checkpoint at step 3."""
+    is SIGKILLed once after step 4 (the marker file), before its second report: with
+    tune.grace_period=2 ASHA cannot have stopped it yet, so it is retried (train.max_failures=0
+    fails the trial itself) and Tune's retry continues it from its checkpoint at step 2."""
     job("-m", "pipelines.tune", *run, "--train.num_workers=1", "--train.cpus_per_worker=0.95",
         "--train.max_failures=0", "--train.seq_len=32", "--train.batch_size=16", "--tune.num_samples=4",
-        "--tune.max_steps=12", "--tune.reports=4", runtime_env={"env_vars": {"DEEPKILN_KILL_ONCE": str(marker)}})
+        "--tune.max_steps=8", "--tune.reports=4", "--tune.grace_period=2",
+        runtime_env={"env_vars": {"DEEPKILN_KILL_ONCE": str(marker)}})
     assert marker.exists()  # the kill happened (the killed worker disarmed it)
     summary = json.loads((out / "tune" / "tune_summary.json").read_text())
     assert summary["trials"] == 4 and summary["errors"] == 0
     rows = (out / "tune" / "results.csv").read_text().splitlines()
     assert len(rows) == 5 and "val_loss" in rows[0] and "config/train.lr" in rows[0]
     assert (out / "tune" / "trials.png").stat().st_size > 1000
-    starts = {}  # the retried trial: a second start, at the step-3 checkpoint, not from scratch
+    starts = {}  # the retried trial: a second start, at the step-2 checkpoint, not from scratch
     for log in (out / "tune" / "trials").glob("*/train/progress.jsonl"):
         events = [json.loads(line) for line in log.read_text().splitlines()]
         starts[log.parts[-3]] = [e["step"] for e in events if e.get("event") == "start"]
     assert len(starts) == 4
-    assert sorted(s for s in starts.values() if len(s) > 1) == [[0, 3]], starts
+    assert sorted(s for s in starts.values() if len(s) > 1) == [[0, 2]], starts
     # best.yaml is the given config with the best trial's hyperparameters, ready for pipelines.train.
     best = load_config(["--config", str(out / "tune" / "best.yaml")])
     assert best.train.lr == pytest.approx(summary["best"]["train.lr"])
@@ -213,10 +216,11 @@ def online_update(job, run, out, url, head):
         r = post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0})
         assert post(url, "/v1/feedback", {"feedback_id": f"fb2-{i}", "completion_id": r.json()["id"],
                                           "rating": 2, "correction": "nonsense " * 3}).status_code == 200
-    job("-m", "pipelines.online", *run, "--once", "--online.method=full", "--online.lr=1.0")
-    bad = json.loads((out / "online" / "updates" / "update-0002.json").read_text())
-    assert not bad["gate"]["passed"] and not bad["published"] and bad["serving"] == "v0001"
-    assert any("held-out perplexity" in reason for reason in bad["gate"]["reasons"])
+    # It is SIGKILLed just after the state recorded it, before its examples were consumed.
+    state = killed_at(head, run, out, url, "recorded", "--online.method=full", "--online.lr=1.0")
+    bad = state["versions"]["v0002"]
+    assert not bad["gate"]["passed"] and not bad["published"] and state["current"] == "v0001"
+    assert any("held-out perplexity" in reason for reason in bad["gate"]["reasons"]) and waiting(out) == 8
     assert post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()[
         "system_fingerprint"] == new_version
 
@@ -230,14 +234,49 @@ def online_update(job, run, out, url, head):
     assert state["publishing"] == "v0000" and state["current"] == "v0001"
     assert post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 8}).json()[
         "system_fingerprint"] == first_version
-    job("-m", "pipelines.online", *run, "--once")
-    state = json.loads((out / "online" / "state.json").read_text())
-    assert "publishing" not in state and state["current"] == "v0000" and state["history"][-2:] == ["v0001", "v0000"]
-    for name in state["history"]:  # every version Serve served or can roll back to is whole on disk
-        assert (Path(state["versions"][name]["artifact"]) / "manifest.json").is_file(), name
+    # Then updates killed at their other steps, each run settling what the one before left.
+    (out / "online" / "versions" / "v0003" / "model").mkdir(parents=True)  # what a run killed after
+    (out / "online" / "versions" / "v0003" / "model" / "partial").write_text("x")  # training leaves
+    quick = ["--online.steps=2", "--online.max_ppl_increase=1.0"]
+    state = killed_at(head, run, out, url, "consumed", *quick)  # it first settled the rollback
+    assert state["current"] == "v0000" and state["history"][-2:] == ["v0001", "v0000"] and state["updates"] == 3
+    assert waiting(out) == 0 and not (out / "online" / "versions" / "v0003" / "model" / "partial").exists()
+    correct(url, "fb4")
+    state = killed_at(head, run, out, url, "published", *quick)  # Serve switched and the state says so
+    assert state["updates"] == 4 and state["current"] == state["history"][-1] == "v0004" and waiting(out) == 0
     app_settings_stand(url)
     with pytest.raises(ValueError, match="--rollback v0002: not a kept version that passed the gate"):
         online.main([*run, "--rollback", "v0002"])  # refused before it needs the cluster
+
+
+def waiting(out) -> int:
+    """Examples in the replay buffer (consumed ones are deleted)."""
+    with sqlite3.connect(out / "online" / "replay.sqlite") as db:
+        return db.execute("SELECT count(*) FROM examples").fetchone()[0]
+
+
+def correct(url, tag):
+    for i, prompt in enumerate(PROMPTS * 2):
+        r = post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+        assert post(url, "/v1/feedback", {"feedback_id": f"{tag}-{i}", "completion_id": r.json()["id"],
+                                          "rating": 1, "correction": CORRECTIONS[i % 4]}).status_code == 200
+
+
+def killed_at(head, run, out, url, step, *options):
+    """`pipelines.online --once` SIGKILLed at `step` of its update; then: no publish left under way
+    in the state, nothing it names missing, and Serve serving the version it says is current."""
+    marker = out.parent / f"kill-{step}"
+    done = submit_job(head, "-m", "pipelines.online", *run, "--once", *options, runtime_env={
+        "env_vars": {"DEEPKILN_KILL_ONCE": str(marker), "DEEPKILN_KILL_AT": step}})
+    assert marker.exists() and done.returncode != 0, (step, done.stdout[-3000:])
+    state = json.loads((out / "online" / "state.json").read_text())
+    assert "publishing" not in state, step
+    for name, v in state["versions"].items():
+        assert v.get("pruned") or load_checkpoint(v["artifact"]), (step, name)  # whole, checksums and all
+    served = post(url, "/v1/completions", {"model": MODEL, "prompt": "The river", "max_tokens": 2}).json()
+    assert served["system_fingerprint"] == version_of(state["versions"][state["current"]]["artifact"]), step
+    assert not (out / "online" / "updates" / f"update-{state['updates']:04d}.json").exists()  # killed before it
+    return state
 
 
 def _ok(url: str) -> bool:
