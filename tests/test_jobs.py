@@ -111,25 +111,25 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
 
 
 def tune(job, run, out, marker):
-    """Tune as a job: 4 ASHA trials of one worker each, two at a time on 2 CPUs. One trial's worker
-    is SIGKILLed once after step 4 (the marker file), before its second report: with
-    tune.grace_period=2 ASHA cannot have stopped it yet, so it is retried (train.max_failures=0
+    """Tune as a job: 3 ASHA trials of one worker each, two at a time on 2 CPUs (the third waits).
+    One trial's worker is SIGKILLed once after step 4 (the marker file), before its second report:
+    with tune.grace_period=2 ASHA cannot have stopped it yet, so it is retried (train.max_failures=0
     fails the trial itself) and Tune's retry continues it from its checkpoint at step 2."""
     job("-m", "pipelines.tune", *run, "--train.num_workers=1", "--train.cpus_per_worker=0.95",
-        "--train.max_failures=0", "--train.seq_len=32", "--train.batch_size=16", "--tune.num_samples=4",
+        "--train.max_failures=0", "--train.seq_len=32", "--train.batch_size=16", "--tune.num_samples=3",
         "--tune.max_steps=8", "--tune.reports=4", "--tune.grace_period=2",
         runtime_env={"env_vars": {"DEEPKILN_KILL_ONCE": str(marker)}})
     assert marker.exists()  # the kill happened (the killed worker disarmed it)
     summary = json.loads((out / "tune" / "tune_summary.json").read_text())
-    assert summary["trials"] == 4 and summary["errors"] == 0
+    assert summary["trials"] == 3 and summary["errors"] == 0
     rows = (out / "tune" / "results.csv").read_text().splitlines()
-    assert len(rows) == 5 and "val_loss" in rows[0] and "config/train.lr" in rows[0]
+    assert len(rows) == 4 and "val_loss" in rows[0] and "config/train.lr" in rows[0]
     assert (out / "tune" / "trials.png").stat().st_size > 1000
     starts = {}  # the retried trial: a second start, at the step-2 checkpoint, not from scratch
     for log in (out / "tune" / "trials").glob("*/train/progress.jsonl"):
         events = [json.loads(line) for line in log.read_text().splitlines()]
         starts[log.parts[-3]] = [e["step"] for e in events if e.get("event") == "start"]
-    assert len(starts) == 4
+    assert len(starts) == 3
     assert sorted(s for s in starts.values() if len(s) > 1) == [[0, 2]], starts
     # best.yaml is the given config with the best trial's hyperparameters, ready for pipelines.train.
     best = load_config(["--config", str(out / "tune" / "best.yaml")])
@@ -237,7 +237,7 @@ def online_update(job, run, out, url, head):
     # Then updates killed at their other steps, each run settling what the one before left.
     (out / "online" / "versions" / "v0003" / "model").mkdir(parents=True)  # what a run killed after
     (out / "online" / "versions" / "v0003" / "model" / "partial").write_text("x")  # training leaves
-    quick = ["--online.steps=2", "--online.max_ppl_increase=1.0"]
+    quick = ["--online.steps=2", "--online.max_ppl_increase=1.0", "--online.preference_pairs=8"]
     state = killed_at(head, run, out, url, "consumed", *quick)  # it first settled the rollback
     assert state["current"] == "v0000" and state["history"][-2:] == ["v0001", "v0000"] and state["updates"] == 3
     assert waiting(out) == 0 and not (out / "online" / "versions" / "v0003" / "model" / "partial").exists()
