@@ -354,6 +354,8 @@ def test_feedback_is_stored_once_joined_to_the_completion_and_bad_feedback_is_a_
         ({**good, "feedback_id": "x", "correction": "y" * 201}, 400, "correction"),
         ({k: v for k, v in good.items() if k != "feedback_id"}, 400, "feedback_id"),
         ({**good, "feedback_id": "x", "rating": "4"}, 400, "rating"),
+        ({**good, "rating": 5}, 409, "feedback_id"),  # a stored id with another payload
+        ({**good, "completion_id": chat_id}, 409, "feedback_id"),
     ]:
         r = post(url + "/v1/feedback", body)
         assert r.status_code == status and r.json()["error"]["param"] == field, (body, r.text)
