@@ -64,7 +64,8 @@ class ReplayBuffer:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         if "client" not in {row[1] for row in self.db.execute("PRAGMA table_info(examples)")}:
-            self.db.execute("ALTER TABLE examples ADD COLUMN client TEXT")  # a store from before it
+            self.db.execute("ALTER TABLE examples ADD COLUMN client TEXT")  # a store from before it:
+            self.db.execute("UPDATE examples SET client = 'anonymous'")   # its examples had no client
         with transaction(self.db):  # a store from before consumed examples were deleted
             n = self.db.execute("DELETE FROM examples WHERE consumed_by IS NOT NULL").rowcount
             if n:
@@ -144,7 +145,7 @@ class ReplayBuffer:
         keys = np.log(np.random.default_rng(seed).random(len(rows))) / p
         cap, taken, out = max(1, int(max_share * min(n, len(rows)) + 1e-9)), {}, []
         for i in np.argsort(-keys, kind="stable"):
-            client = rows[i]["client"] or "anonymous"
+            client = rows[i]["client"]
             if taken.get(client, 0) < cap:
                 taken[client] = taken.get(client, 0) + 1
                 out.append(rows[i])

@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,7 @@ def prune(cfg: Config, state: dict) -> list[str]:
     """Delete the folders of versions beyond online.keep_versions: never the one served, the last
     keep_versions served (the rollback targets), one being published, or the newest keep_versions
     made; v0000 (the run's own model and artifact) is never under versions/. Returns those pruned."""
+    paths = RunPaths.of(cfg)
     keep_n = cfg.online.keep_versions
     made = sorted(state["versions"])
     keep = {state["current"], "v0000", *state["history"][-keep_n:], *made[-keep_n:]}
@@ -285,7 +287,7 @@ def prune(cfg: Config, state: dict) -> list[str]:
         version = state["versions"][name]
         if name in keep or version.get("pruned"):
             continue
-        RunPaths.of(cfg).remove(RunPaths.of(cfg).version(name))
+        paths.remove(paths.version(name))
         version.update(pruned=True, model=None, artifact=None)
         pruned.append(name)
     if pruned:
@@ -310,9 +312,7 @@ def poll(cfg: Config, buffer, collectors) -> dict:
 
 def shares(drawn: list[dict]) -> dict[str, float]:
     """Each client's share of an update's examples (online.max_share_per_source bounds it)."""
-    counts: dict[str, int] = {}
-    for e in drawn:
-        counts[e["client"] or "anonymous"] = counts.get(e["client"] or "anonymous", 0) + 1
+    counts = Counter(e["client"] for e in drawn)
     return {c: round(k / len(drawn), 4) for c, k in sorted(counts.items())}
 
 

@@ -181,14 +181,13 @@ class _Choice:
 
 
 class OpenAIIngress:
-    def __init__(self, llm, config: dict, api_key_sha256: list[str] | str = ()):
+    def __init__(self, llm, config: dict, api_key_sha256: list[str]):
         """`api_key_sha256`: the keys' SHA-256 (serve.app.build reads the keys where the app is
         deployed); empty for none."""
         self.cfg = Config.from_dict(config)
         self.llm = llm
         self.tokenizer = Tokenizer.load(tokenizer_of(self.cfg, RunPaths.of(self.cfg).artifact))  # the served artifact's
-        self.api_key_sha256 = [api_key_sha256] if isinstance(api_key_sha256, str) else list(api_key_sha256)
-        self.api_key_sha256 = [d for d in self.api_key_sha256 if d]
+        self.api_key_sha256 = list(api_key_sha256)
         check_exposure(self.cfg, self.api_key_sha256)
         self.context = context_length(self.cfg)
         self.most_chars = self.context * self.tokenizer.longest_piece_chars  # a longer prompt cannot fit
