@@ -16,7 +16,7 @@ import torch
 
 from deepkiln.ray_utils import LOCAL_ENV
 from deepkiln.testing import free_port
-from tests.ray_cluster import RAY_CLI
+from tests.ray_cluster import RAY_CLI, Head
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -124,8 +124,7 @@ def served_copy(served_run, tmp_path):
 def ray_head(tmp_path_factory):
     """A `ray start --head` cluster with token auth on (2 CPUs, dashboard and job server on
     127.0.0.1), started after the session's local Ray is shut down (one cluster at a time). Every
-    port is picked free. Yields (dashboard URL, environment for the `ray` CLI holding the token).
-    Ended by pid."""
+    port is picked free. Yields a tests.ray_cluster.Head. Ended by pid."""
     _shutdown_session_ray()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "token"} | LOCAL_ENV
     subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, capture_output=True, check=False)
@@ -149,14 +148,11 @@ def ray_head(tmp_path_factory):
                              capture_output=True).returncode != 0:
             assert time.monotonic() < deadline and head.poll() is None, log_path.read_text()
             time.sleep(2)
-        yield url, env
+        yield Head(url, env, f"127.0.0.1:{gcs}")
     finally:
-        head.terminate()  # `ray start --block` stops the cluster's processes on SIGTERM, taking ~30 s
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        # The whole process group at once: on SIGTERM `ray start --block` stops the cluster's
+        # processes one kind after another, a second or more each; its workers exit with their raylet.
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # whatever of its process group is left
+            os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
         log.close()

@@ -3,8 +3,9 @@ stage run under `ray job submit` (prepare + tokenizer in one job and train + aud
 another, each stage its own driver process; Tune among them, one trial killed and retried from its
 checkpoint), the app started with `serve run ... --non-blocking` as a job, feedback over HTTP, an
 online update published while requests keep flowing (the corrected answers more likely afterwards),
-a candidate trained far too hard refused by the gate, and a rollback. And the Jobs API refusing
-requests without the token."""
+a candidate trained far too hard refused by the gate, and a rollback; online runs SIGKILLed at each
+step of an update, as driver processes on the head, each settled by the next. And the Jobs API
+refusing requests without the token."""
 
 import hashlib
 import json
@@ -30,7 +31,7 @@ from deepkiln.testing import free_port, paragraph
 from deepkiln.tokenizer import EOS_ID, Tokenizer
 from pipelines import online
 from serve.api import source_of
-from tests.ray_cluster import RAY_CLI, SERVE_CLI, submit_job
+from tests.ray_cluster import RAY_CLI, SERVE_CLI, run_driver, submit_job
 
 pytestmark = [pytest.mark.slow]
 MODEL = "deepkiln"
@@ -40,7 +41,7 @@ CORRECTIONS = ["runs past the old mill.", "opens at dawn.", "a letter to the sch
 
 
 def test_the_jobs_api_refuses_requests_without_the_token(ray_head):
-    url, env = ray_head
+    url, env, _ = ray_head
     assert requests.get(f"{url}/api/jobs/", timeout=30).status_code in (401, 403)
     token = subprocess.run([RAY_CLI, "get-auth-token"], env=env, capture_output=True, text=True).stdout.strip()
     assert requests.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code == 200
@@ -107,7 +108,8 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
             time.sleep(2)
         online_update(job, run, out, url, ray_head)
     finally:
-        job("shutdown", "-y", program=SERVE_CLI)
+        subprocess.run([SERVE_CLI, "shutdown", "-y", "--address", ray_head.url], env=ray_head.env, check=True,
+                       capture_output=True)
 
 
 def tune(job, run, out, marker):
@@ -227,8 +229,8 @@ def online_update(job, run, out, url, head):
     # Rollback: one command, and the first version answers again. This one is SIGKILLed just after
     # Serve switched, before its state says so; the next run settles the state with what Serve serves.
     marker = out.parent / "kill-rollback"
-    killed = submit_job(head, "-m", "pipelines.online", *run, "--rollback", runtime_env={
-        "env_vars": {"DEEPKILN_KILL_ONCE": str(marker), "DEEPKILN_KILL_AT": "switched"}})
+    killed = run_driver(head, "-m", "pipelines.online", *run, "--rollback", env_vars={
+        "DEEPKILN_KILL_ONCE": str(marker), "DEEPKILN_KILL_AT": "switched"})
     assert marker.exists() and killed.returncode != 0, killed.stdout[-3000:]
     state = json.loads((out / "online" / "state.json").read_text())
     assert state["publishing"] == "v0000" and state["current"] == "v0001"
@@ -266,8 +268,8 @@ def killed_at(head, run, out, url, step, *options):
     """`pipelines.online --once` SIGKILLed at `step` of its update; then: no publish left under way
     in the state, nothing it names missing, and Serve serving the version it says is current."""
     marker = out.parent / f"kill-{step}"
-    done = submit_job(head, "-m", "pipelines.online", *run, "--once", *options, runtime_env={
-        "env_vars": {"DEEPKILN_KILL_ONCE": str(marker), "DEEPKILN_KILL_AT": step}})
+    done = run_driver(head, "-m", "pipelines.online", *run, "--once", *options, env_vars={
+        "DEEPKILN_KILL_ONCE": str(marker), "DEEPKILN_KILL_AT": step})
     assert marker.exists() and done.returncode != 0, (step, done.stdout[-3000:])
     state = json.loads((out / "online" / "state.json").read_text())
     assert "publishing" not in state, step

@@ -1,6 +1,7 @@
 """pipelines.train on Ray Train + DeepSpeed: the loss falls on the built-in corpus; ZeRO stages,
 offload and activation checkpointing keep the loss curve; a killed worker, a stop and a corrupt
-checkpoint all resume to exactly the uninterrupted run; bad input fails before any worker starts."""
+checkpoint, met by one run, resume to exactly the uninterrupted run; bad input fails before any
+worker starts."""
 
 import json
 import signal
@@ -60,12 +61,11 @@ def straight(tmp_path_factory, tokens):
 
 
 def test_tiny_trains_on_builtin_corpus_with_zero2(tmp_path, tokens):
-    summary = run(tmp_path, tokens, "zero2", "--train.steps=300",
-                  "--train.checkpoint_every=150")
+    summary = run(tmp_path, tokens, "zero2", "--train.steps=200", "--train.checkpoint_every=100")
     h = unigram_entropy(tokens)
     val = summary["history"][-1]["val_loss"]
-    # The corpus's unigram entropy is about 6.5 nats (vocab 2048); 300 steps of 16 x 128 tokens bring
-    # validation loss to about 5.0 (a bigram-aware model); "well below" here means by 0.8 nats.
+    # The corpus's unigram entropy is about 6.5 nats (vocab 2048); 200 steps of 16 x 128 tokens bring
+    # validation loss to about 5.47 (a bigram-aware model); "well below" here means by 0.8 nats.
     assert val < h - 0.8, (val, h)
     out = tmp_path / "zero2" / "train"
     assert (out / "loss.png").stat().st_size > 1000
@@ -75,7 +75,7 @@ def test_tiny_trains_on_builtin_corpus_with_zero2(tmp_path, tokens):
     assert np.isfinite(last["grad_norm"]) and last["grad_norm"] > 0
     assert summary["precision"]["dtype"] == "float32"  # configs/tiny.yaml's train.dtype
     ckpt = load_checkpoint(out / "model")
-    assert ckpt.manifest["step"] == 300 and ckpt.config["train"]["zero_stage"] == 2
+    assert ckpt.manifest["step"] == 200 and ckpt.config["train"]["zero_stage"] == 2
 
 
 def test_zero_stages_offload_and_activation_checkpointing_keep_the_loss_curve(tmp_path, tokens, straight):
@@ -105,32 +105,29 @@ def test_zero_stages_offload_and_activation_checkpointing_keep_the_loss_curve(tm
         np.testing.assert_allclose(curves[name], reference, atol=1e-3, rtol=0, err_msg=name)
 
 
-def test_killed_worker_resumes_from_checkpoint_to_the_same_weights(tmp_path, tokens, straight, ray_local):
+def test_a_killed_worker_and_a_stop_resume_past_a_corrupt_checkpoint_to_the_same_weights(tmp_path, tokens, straight,
+                                                                                       ray_local):
+    """One run meets both interruptions: its last rank is SIGKILLed after step 6 (Ray Train restarts
+    the worker group from the step-4 checkpoint) and the run stops after step 8; the step-8
+    checkpoint is then cut short, and `--train.resume=true` falls back past it to step 4. Nothing is
+    skipped, each restart repeats at most one checkpoint interval, and the weights at step 12 are
+    bit-exact those of the uninterrupted run."""
     straight, _ = straight
     ray_local.unlink()                    # arm: the last rank kills itself once, after step 6
-    killed = run(tmp_path, tokens, "killed", *SHORT, "--train.max_failures=2")
+    run(tmp_path, tokens, "split", *SHORT, "--train.max_failures=2", "--train.stop_after=8")
     assert ray_local.exists()
-    log = [json.loads(line) for line in (tmp_path / "killed" / "train" / "progress.jsonl").read_text().splitlines()]
-    starts = [e for e in log if e.get("event") == "start"]
-    steps = [e["step"] for e in log if "event" not in e]
-    assert [s["step"] for s in starts] == [0, 4]                  # resumed from the step-4 checkpoint
-    assert sorted(set(steps)) == list(range(1, 13))               # nothing skipped
-    assert len(steps) - 12 <= 4                                   # repeats <= one checkpoint interval
-    assert killed["steps"] == 12
-    assert_same_weights(weights(killed), weights(straight))
-
-
-def test_a_stopped_run_resumed_past_a_corrupt_checkpoint_matches_the_uninterrupted_one(tmp_path, tokens, straight):
-    straight, _ = straight
-    run(tmp_path, tokens, "split", *SHORT, "--train.stop_after=8")
     checkpoints = sorted(p for p in (tmp_path / "split" / "train" / "ray" / "split").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2                                   # steps 4 and 8
     model = checkpoints[-1] / "model" / "model.safetensors"
     with open(model, "r+b") as f:                                  # the step-8 upload was cut short
         f.truncate(model.stat().st_size // 2)
     resumed = run(tmp_path, tokens, "split", *SHORT, "--train.resume=true")  # continued on purpose
-    log = (tmp_path / "split" / "train" / "progress.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log if '"event"' in line] == [0, 4]  # fell back to step 4
+    log = [json.loads(line) for line in (tmp_path / "split" / "train" / "progress.jsonl").read_text().splitlines()]
+    starts = [e["step"] for e in log if e.get("event") == "start"]
+    steps = [e["step"] for e in log if "event" not in e]
+    assert starts == [0, 4, 4]            # the restart after the kill, then the fall-back past step 8
+    assert sorted(set(steps)) == list(range(1, 13))               # nothing skipped
+    assert len(steps) - 12 <= 4 * 2                               # repeats <= one interval per restart
     assert resumed["steps"] == 12
     assert_same_weights(weights(resumed), weights(straight))
 
