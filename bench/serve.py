@@ -20,12 +20,14 @@ Two more modes, each serving the first of `--formats`:
     python -m bench.serve --mode adversarial   # small-request latency while 8 clients send ~1 MB prompts
     python -m bench.serve --mode burst         # 64 requests with n=4 at concurrency 32 against full queues
 
-`adversarial`: `--small` small completions (4 tokens, greedy, one at a time) are timed alone, then
-with `--attackers` client processes posting prompts of `--attack-bytes` characters (each refused
-with a 4xx: more than the context can hold), twice: in waves, every small request sent while each
-attacker is sending one prompt (the issue's reproduction: `p99_ratio`, the small requests' p99 then
-over their p99 alone, target <= 1.5), and as a flood, each attacker posting again as soon as it is
-answered, at nice 19 (on 2 shared cores their own CPU stands for other machines'; `p99_ratio_flood`).
+`adversarial`: `--small` small completions (4 tokens, greedy, one at a time) are timed with
+`--attackers` client processes posting prompts of `--attack-bytes` characters (each refused with a
+4xx: more than the context can hold), twice: in waves, every small request sent while each attacker
+is sending one prompt (the issue's reproduction), in blocks of `--small`/10 alternating with blocks
+sent alone (`p99_ratio`, the attacked p99 over the alone p99, target <= 1.5: both samples see the
+same drift of this VM's speed); and as a flood, each attacker posting again as soon as it is answered
+(`p99_ratio_flood`). The attackers run at nice 19: on 2 shared cores their own CPU stands for other
+machines'.
 `burst`: `--burst` completions with n=`--burst-n`, `--max-tokens` each, from `--burst-concurrency`
 client threads, against a replica whose queue holds serve.max_queue choices; reports how many were
 served and refused (503) and the largest time from a request to its 503 (target < 1 s).
@@ -111,10 +113,11 @@ def small_latencies(url: str, n: int) -> list[float]:
 def attacker(url: str, body: bytes, go, done, stop, out) -> None:
     """A client process posting `body` (already encoded): once per token taken from `go` (waves:
     `done` is released as it sends and when it has its answer), or, with `go` None, as fast as it is
-    answered (a flood, at nice 19: its own CPU stands for another machine's), until `stop`; puts
-    ({status: count}, connection errors) on `out`."""
-    if go is None:
-        os.nice(19)
+    answered (a flood), until `stop`; puts ({status: count}, connection errors) on `out`. It runs at
+    nice 19: its own CPU stands for another machine's. (Ray runs the server's processes at nice 15; at
+    this process's nice 0, eight attackers sending 1 MB each outranked the replicas ~30 to 1 on the
+    shared cores, and the bench measured the client's cost, not the server's.)"""
+    os.nice(19)
     codes: dict[int, int] = {}
     errors = 0
     with requests.Session() as session:
@@ -137,7 +140,9 @@ def attacker(url: str, body: bytes, go, done, stop, out) -> None:
 
 def attacked_latencies(url: str, small: int, attackers: int, body: bytes, waves: bool) -> dict:
     """Small requests' latencies while `attackers` processes post `body`: in waves (all of them at
-    the moment each small request is sent) or as a flood (each as fast as it is answered)."""
+    the moment each small request is sent), interleaved block by block with as many sent alone (the
+    same attackers idle: this VM's speed drifts within minutes, and the two samples see the same
+    drift), or as a flood (each as fast as it is answered)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -150,20 +155,23 @@ def attacked_latencies(url: str, small: int, attackers: int, body: bytes, waves:
         done.acquire(timeout=120)
     time.sleep(1.0)  # a flood is under way before the first small request
     start = time.perf_counter()
-    latencies = []
+    latencies, alone = [], []
+    block = max(1, small // 10)
     small_body = {"model": "deepkiln", "prompt": "The river", "max_tokens": 4, "temperature": 0}
     try:
         with requests.Session() as session:
-            for _ in range(small):
-                for _ in range(attackers if waves else 0):
+            for i in range(2 * small if waves else small):
+                attacked = not waves or (i // block) % 2 == 1
+                wave = attackers if waves and attacked else 0
+                for _ in range(wave):
                     go.release()
-                for _ in range(attackers if waves else 0):
+                for _ in range(wave):
                     done.acquire(timeout=120)  # every attacker is sending its prompt
                 sent = time.perf_counter()
                 r = session.post(f"{url}/v1/completions", json=small_body, timeout=300)
                 assert r.status_code == 200, r.text
-                latencies.append(time.perf_counter() - sent)
-                for _ in range(attackers if waves else 0):
+                (latencies if attacked else alone).append(time.perf_counter() - sent)
+                for _ in range(wave):
                     done.acquire(timeout=120)
     finally:
         stop.set()
@@ -175,26 +183,27 @@ def attacked_latencies(url: str, small: int, attackers: int, body: bytes, waves:
     for got, _ in results:
         for code, count in got.items():
             codes[str(code)] = codes.get(str(code), 0) + count
-    return {"latencies": latencies, "attack_requests": sum(codes.values()),
+    return {"latencies": latencies, "alone": alone, "attack_requests": sum(codes.values()),
             "attack_requests_per_s": round(sum(codes.values()) / wall, 1), "attack_status_codes": codes,
             "attack_connection_errors": sum(e for _, e in results)}
 
 
 def adversarial(url: str, small: int, attackers: int, attack_bytes: int) -> dict:
-    """Small requests' latency alone, then with `attackers` client processes posting oversized
-    prompts: in waves (each small request sent together with one prompt from every attacker, the
-    issue's reproduction; `p99_ratio`), then as a flood (`p99_ratio_flood`)."""
+    """Small requests' latency with `attackers` client processes posting oversized prompts: in waves
+    (each small request sent together with one prompt from every attacker, the issue's
+    reproduction), interleaved with as many sent alone (`p99_ratio`: attacked p99 over alone p99),
+    then as a flood (`p99_ratio_flood`, over the same alone p99)."""
     small_latencies(url, 4)  # warm-up
-    calm = small_latencies(url, small)
     huge = json.dumps({"model": "deepkiln", "prompt": ("river " * (attack_bytes // 6 + 1))[:attack_bytes],
                        "max_tokens": 4}).encode()
     p50 = lambda xs: round(float(np.percentile(xs, 50)), 4)  # noqa: E731
     p99 = lambda xs: round(float(np.percentile(xs, 99)), 4)  # noqa: E731
-    result = {"small_requests": small, "attackers": attackers, "attack_bytes": len(huge),
-              "small_p50_s_alone": p50(calm), "small_p99_s_alone": p99(calm)}
+    result = {"small_requests": small, "attackers": attackers, "attack_bytes": len(huge)}
     for mode, waves in (("waves", True), ("flood", False)):
         got = attacked_latencies(url, small, attackers, huge, waves)
-        lat = got.pop("latencies")
+        lat, calm = got.pop("latencies"), got.pop("alone")
+        if waves:
+            result |= {"small_p50_s_alone": p50(calm), "small_p99_s_alone": p99(calm)}
         result[mode] = {**got, "small_p50_s": p50(lat), "small_p99_s": p99(lat)}
     result["p99_ratio"] = round(result["waves"]["small_p99_s"] / result["small_p99_s_alone"], 3)
     result["p99_ratio_flood"] = round(result["flood"]["small_p99_s"] / result["small_p99_s_alone"], 3)

@@ -7,8 +7,9 @@ Every error a client can cause is a 4xx in OpenAI's shape {"error": {"message", 
 "code"}} naming the field: bodies are parsed here rather than by FastAPI, so invalid JSON or UTF-8,
 nesting too deep, integers too long, lone surrogates, wrong types, out-of-range values and fields
 deepkiln does not implement (serve/schemas.py's table) all name their field. A 5xx says only
-"internal error" and a request id that the replica's log holds with the traceback. One middleware
-checks the API key on every route but /health, stamps the request id, and counts every response by
+"internal error" and a request id that the replica's log holds with the traceback. One pure ASGI
+middleware checks the API key on every route but /health, stamps the request id, refuses a body
+whose declared size is over its route's limit before anything reads it, and counts every response by
 route and code. Cheap refusals come first: a prompt longer in characters than the context could hold
 is refused before tokenizing, and tokenizing runs off the event loop. A completion never waits on
 the feedback store for longer than FEEDBACK_WAIT_S.
@@ -74,26 +75,49 @@ def internal_error(request_id: str) -> APIError:
     return APIError(500, f"internal error (request id {request_id})", type="server_error", code="internal")
 
 
-@app.middleware("http")
-async def _every_request(request: Request, call_next):
-    """The API key on every route but /health, a request id, and the count of every response by
-    route and code, 5xx included."""
-    ingress: OpenAIIngress = serve.get_replica_context().servable_object  # Serve serves a copy of `app`
-    request_id = uuid.uuid4().hex[:16]
-    request.state.request_id = request_id
-    try:
-        if request.url.path != "/health":
-            ingress.authorize(request)
-        response = await call_next(request)
-    except APIError as e:
-        response = e.response()
-    except Exception:
-        logger.exception(f"request {request_id} failed")
-        response = internal_error(request_id).response()
-    response.headers["x-deepkiln-request-id"] = request_id  # Serve sets x-request-id
-    ingress.metrics.requests.inc(tags={"route": ROUTES.get(request.url.path, "other"),
-                                       "code": str(response.status_code)})
-    return response
+class EveryRequest:
+    """Pure ASGI middleware (no BaseHTTPMiddleware task per request): the API key on every route
+    but /health, a request id, a body whose declared size is over its route's limit refused 413
+    before any routing or reading, and the count of every response by route and code, 5xx included."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        ingress: OpenAIIngress = serve.get_replica_context().servable_object  # Serve serves a copy of `app`
+        request = Request(scope)
+        request_id = uuid.uuid4().hex[:16]
+        request.state.request_id = request_id
+        status = None
+
+        async def stamped(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []),  # Serve sets x-request-id
+                                      (b"x-deepkiln-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            if scope["path"] != "/health":
+                ingress.authorize(request)
+                ingress.check_declared_size(scope["path"], request.headers.get("content-length"))
+            await self.app(scope, receive, stamped)
+        except Exception as e:
+            if status is not None:  # the response had started: nothing more can be said to the client
+                logger.exception(f"request {request_id} failed mid-response")
+                raise
+            if not isinstance(e, APIError):
+                logger.exception(f"request {request_id} failed")
+            await (e if isinstance(e, APIError) else internal_error(request_id)).response()(scope, receive, stamped)
+        finally:
+            ingress.metrics.requests.inc(tags={"route": ROUTES.get(scope["path"], "other"),
+                                               "code": str(status if status is not None else 500)})
+
+
+app.add_middleware(EveryRequest)
 
 
 def generation_body_limit(s, context: int, most_chars: int, vocab: int) -> int:
@@ -290,15 +314,27 @@ class OpenAIIngress:
         except pydantic.ValidationError as e:
             raise _validation_error(e) from None
 
-    async def _read_json(self, request: Request, limit: int | None = None) -> dict:
-        """The body as a JSON object: within `limit` bytes (default serve.max_body_bytes; 413), valid
-        UTF-8 and JSON, not nested too deep, no integer too long, no lone surrogate in any string (400)."""
-        limit = limit or self.cfg.serve.max_body_bytes
-        why = ("serve.max_body_bytes" if limit == self.cfg.serve.max_body_bytes else
-               f"the most a request can need for a context of {self.context} tokens")
-        declared = request.headers.get("content-length")
+    def body_limit_of(self, path: str) -> int:
+        """The most bytes a body may have on `path`: a generation route's need, else serve.max_body_bytes."""
+        return self.body_limit if path in ("/v1/completions", "/v1/chat/completions") else self.cfg.serve.max_body_bytes
+
+    def _why(self, limit: int) -> str:
+        return ("serve.max_body_bytes" if limit == self.cfg.serve.max_body_bytes else
+                f"the most a request can need for a context of {self.context} tokens")
+
+    def check_declared_size(self, path: str, declared: str | None) -> None:
+        """413 for a Content-Length over the route's limit, before anything reads the body."""
+        limit = self.body_limit_of(path)
         if declared and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body has {declared} bytes; the limit is {limit} ({why})", code="body_too_large")
+            raise APIError(413, f"request body has {declared} bytes; the limit is {limit} ({self._why(limit)})",
+                           code="body_too_large")
+
+    async def _read_json(self, request: Request, limit: int | None = None) -> dict:
+        """The body as a JSON object: within `limit` bytes (default serve.max_body_bytes; 413: a
+        declared larger size was refused by EveryRequest, unread), valid UTF-8 and JSON, not nested
+        too deep, no integer too long, no lone surrogate in any string (400)."""
+        limit = limit or self.cfg.serve.max_body_bytes
+        why = self._why(limit)
         raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
