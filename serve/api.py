@@ -325,7 +325,8 @@ class OpenAIIngress:
     def check_declared_size(self, path: str, declared: str | None) -> None:
         """413 for a Content-Length over the route's limit, before anything reads the body."""
         limit = self.body_limit_of(path)
-        if declared and declared.isdigit() and int(declared) > limit:
+        # ASCII digits only ("²".isdigit() holds, int() refuses it), and no int() of a huge string
+        if declared and declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
             raise APIError(413, f"request body has {declared} bytes; the limit is {limit} ({self._why(limit)})",
                            code="body_too_large")
 

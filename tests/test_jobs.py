@@ -219,7 +219,7 @@ def online_update(job, run, out, url, head):
         assert post(url, "/v1/feedback", {"feedback_id": f"fb2-{i}", "completion_id": r.json()["id"],
                                           "rating": 2, "correction": "nonsense " * 3}).status_code == 200
     # It is SIGKILLed just after the state recorded it, before its examples were consumed.
-    state = killed_at(head, run, out, url, "recorded", "--online.method=full", "--online.lr=1.0")
+    state = killed_at(head, run, out, url, "recorded", "--online.method=full", "--online.lr=1.0", "--online.steps=4")
     bad = state["versions"]["v0002"]
     assert not bad["gate"]["passed"] and not bad["published"] and state["current"] == "v0001"
     assert any("held-out perplexity" in reason for reason in bad["gate"]["reasons"]) and waiting(out) == 8
@@ -239,7 +239,7 @@ def online_update(job, run, out, url, head):
     # Then updates killed at their other steps, each run settling what the one before left.
     (out / "online" / "versions" / "v0003" / "model").mkdir(parents=True)  # what a run killed after
     (out / "online" / "versions" / "v0003" / "model" / "partial").write_text("x")  # training leaves
-    quick = ["--online.steps=2", "--online.max_ppl_increase=1.0", "--online.preference_pairs=8"]
+    quick = ["--online.steps=2", "--online.max_ppl_increase=1.0", "--online.preference_pairs=8", "--train.eval_batches=1"]
     state = killed_at(head, run, out, url, "consumed", *quick)  # it first settled the rollback
     assert state["current"] == "v0000" and state["history"][-2:] == ["v0001", "v0000"] and state["updates"] == 3
     assert waiting(out) == 0 and not (out / "online" / "versions" / "v0003" / "model" / "partial").exists()
