@@ -308,7 +308,7 @@ class OpenAIIngress:
         return JSONResponse(await self._complete(body, prompts, texts, events, route, start))
 
     async def _parse(self, request: Request, schema):
-        data = await self._read_json(request, self.body_limit)
+        data = await self._read_json(request)
         try:
             return schema.model_validate(data)
         except pydantic.ValidationError as e:
@@ -330,11 +330,11 @@ class OpenAIIngress:
             raise APIError(413, f"request body has {declared} bytes; the limit is {limit} ({self._why(limit)})",
                            code="body_too_large")
 
-    async def _read_json(self, request: Request, limit: int | None = None) -> dict:
-        """The body as a JSON object: within `limit` bytes (default serve.max_body_bytes; 413: a
-        declared larger size was refused by EveryRequest, unread), valid UTF-8 and JSON, not nested
-        too deep, no integer too long, no lone surrogate in any string (400)."""
-        limit = limit or self.cfg.serve.max_body_bytes
+    async def _read_json(self, request: Request) -> dict:
+        """The body as a JSON object: within its route's limit (body_limit_of; 413: a declared larger
+        size was refused by EveryRequest, unread), valid UTF-8 and JSON, not nested too deep, no
+        integer too long, no lone surrogate in any string (400)."""
+        limit = self.body_limit_of(request.url.path)
         why = self._why(limit)
         raw = bytearray()
         async for chunk in request.stream():

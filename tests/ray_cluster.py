@@ -1,7 +1,6 @@
 """Helpers for tests that talk to a `ray start --head` cluster (the ray_head fixture)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
