@@ -144,8 +144,9 @@ class MLP(nn.Module):
 class Gate(nn.Module):
     """Router: affinities from an nn.Linear, top-k selection on affinity + balancing bias, weights
     from the un-biased affinities. The bias is fp32, moved only by the training side's balancing step
-    (deepkiln.training.update_expert_bias), never by gradients; in training mode the gate counts the
-    tokens routed to each expert for that step."""
+    (deepkiln.training.update_expert_bias), never by gradients, and only for sigmoid routers: softmax
+    routers keep it at zero, as DeepSeek-V2 has none; in training mode the gate counts the tokens
+    routed to each expert for that step."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -237,16 +238,18 @@ class MoE(nn.Module):
 
     def _routed_bmm(self, x, weights, idx):
         """Same result as the loop: tokens sorted into a zero-padded (E, C, D) block and every expert
-        run in one batched matmul, from the experts' own nn.Linear weights stacked per call."""
+        run in one batched matmul, from the experts' own nn.Linear weights stacked per call. The path
+        ONNX export takes: its sort need not be stable (a token's slot within its expert's block does
+        not change its output), and a stable sort has no ONNX translation."""
         N, K = idx.shape
         E, D = len(self.experts), x.size(1)
         flat = idx.flatten()                                         # (N*K,) expert of each assignment
-        order = flat.argsort(stable=True)
+        order = flat.argsort()
         expert = flat[order]
         counts = torch.bincount(flat, minlength=E)
         slot = torch.arange(N * K, device=x.device) - (counts.cumsum(0) - counts)[expert]
         token = order // K
-        xs = x.new_zeros(E, int(counts.max()), D)                   # (E, C, D)
+        xs = x.new_zeros(E, counts.max().item(), D)                 # (E, C, D); .item(): exportable
         xs[expert, slot] = x[token]
         w1, w2, w3 = (torch.stack([getattr(m, name).weight for m in self.experts])
                       for name in ("w1", "w2", "w3"))               # (E, I, D) (E, D, I) (E, I, D)
@@ -286,8 +289,9 @@ class Block(nn.Module):
 
 
 class MTP(nn.Module):
-    """Multi-token prediction (V3): from the main model's hidden state at t and the embedding of
-    token t+1, one more block predicts token t+2 through the shared head."""
+    """Multi-token prediction (V3): from the main model's hidden state at t, after its final norm (as
+    DeepSeek's inference code, transformers' MtpModel and vLLM's MTP drafter feed it), and the
+    embedding of token t+1, one more block predicts token t+2 through the shared head."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -352,7 +356,7 @@ class Transformer(nn.Module):
         if mtp and self.mtp and T > 1:
             # Position t sees token t+1 (= tokens[:, t+1]) and predicts token t+2.
             cos, sin = rope
-            m, b = self.mtp[0](h[:, :-1], self.embed(tokens[:, 1:]), (cos[:, :-1], sin[:, :-1]))
+            m, b = self.mtp[0](self.norm(h[:, :-1]), self.embed(tokens[:, 1:]), (cos[:, :-1], sin[:, :-1]))
             mtp_logits = self.head(m)
             balance = balance + b
         return Output(logits, balance, mtp_logits)

@@ -174,15 +174,18 @@ def update_expert_bias(model: torch.nn.Module, group=None) -> float:
     """Auxiliary-loss-free balancing, after each optimizer step: every router nudges its
     under-loaded experts up and over-loaded ones down by bias_update_rate, re-centred to mean zero,
     from the routes counted since the last call (summed over the data-parallel `group` when
-    torch.distributed runs). Returns the busiest expert's load over the mean, worst layer."""
+    torch.distributed runs). Softmax routers (DeepSeek-V2's) keep a zero bias, as V2 and its
+    transformers and vLLM implementations define them: they are counted, not moved. Returns the
+    busiest expert's load over the mean, worst layer."""
     imbalance = 1.0
     for gate in (m for m in model.modules() if isinstance(m, Gate)):
         load = gate.counts.float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load, group=group)
         imbalance = max(imbalance, (load.max() / load.mean().clamp(min=1)).item())
-        gate.bias += gate.args.bias_update_rate * torch.sign(load.mean() - load)
-        gate.bias -= gate.bias.mean()
+        if gate.args.score_func == "sigmoid":
+            gate.bias += gate.args.bias_update_rate * torch.sign(load.mean() - load)
+            gate.bias -= gate.bias.mean()
         gate.counts.zero_()
     return imbalance
 

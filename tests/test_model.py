@@ -144,6 +144,13 @@ def test_bias_moves_against_load():
     assert gate.counts.sum() == 0
 
 
+def test_softmax_routers_keep_a_zero_bias_as_deepseek_v2():
+    gate = gate_for(score_func="softmax", n_expert_groups=1).train()
+    gate.counts.copy_(torch.tensor([10, 0, 0, 0, 0, 0, 0, 6]))
+    assert update_expert_bias(gate) == pytest.approx(10 / 2)  # still measured
+    assert torch.equal(gate.bias, torch.zeros_like(gate.bias)) and gate.counts.sum() == 0
+
+
 @pytest.mark.parametrize("impl", ["grouped", "bmm"])
 def test_fast_moe_equals_loop_forward_and_backward(impl):
     args = TINY.model_copy(update={"init_std": 0.05})
