@@ -18,7 +18,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deepkiln.model_args import PRESETS, ModelArgs
+from deepkiln.model_args import PRESETS, TRAINING_FIELDS, ModelArgs
 from deepkiln.tokenizer import MIN_VOCAB_SIZE
 
 
@@ -473,13 +473,20 @@ class Config(Section):
     @model_validator(mode="before")
     @classmethod
     def _expand_model_preset(cls, data: Any) -> Any:
-        # `model: {preset: small, n_layers: 4}` starts from the named preset, then applies the keys.
+        # `model: {preset: small, n_layers: 4}` starts from the named preset, then applies the keys;
+        # `model.init: FOLDER` takes the shape from the folder's config.json, keeping the training keys.
         if isinstance(data, dict) and isinstance(data.get("model"), dict):
             model = dict(data["model"])
             preset = model.pop("preset", "tiny")
             if preset not in PRESETS:
                 raise ValueError(f"model.preset={preset!r} is not one of {sorted(PRESETS)}")
-            data = {**data, "model": {**PRESETS[preset].model_dump(), **model}}
+            shape = PRESETS[preset].model_dump()
+            if model.get("init"):
+                from deepkiln.hf_config import read_hf_args
+
+                shape = read_hf_args(model["init"]).model_dump()
+                model = {k: v for k, v in model.items() if k in TRAINING_FIELDS}
+            data = {**data, "model": {**shape, **model}}
         return data
 
     @model_validator(mode="after")
@@ -490,7 +497,7 @@ class Config(Section):
                              "Opacus does not support DeepSpeed ZeRO")
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-        if self.tokenizer.vocab_size > m.vocab_size:
+        if self.tokenizer.vocab_size > m.vocab_size and not m.init:  # an imported model brings its tokenizer
             raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}")
         return self
 

@@ -56,7 +56,8 @@ class ModelArgs(BaseModel):
     route_scale: float = 1.0
     """Multiplier on the routed experts' gate weights."""
     bias_update_rate: float = 1e-3
-    """Auxiliary-loss-free balancing step gamma for the per-expert selection bias."""
+    """Auxiliary-loss-free balancing step gamma for the per-expert selection bias (sigmoid routers;
+    softmax routers keep a zero bias, as DeepSeek-V2)."""
     seq_aux_loss_weight: float = 1e-4
     """Weight of the sequence-wise balance loss."""
     moe_impl: Literal["loop", "grouped", "bmm"] = "grouped"
@@ -86,6 +87,11 @@ class ModelArgs(BaseModel):
     """RMSNorm epsilon."""
     init_std: float = 0.006
     """Std of the normal init of every linear and embedding weight (DeepSeek's; tiny uses 0.02)."""
+    init: str = ""
+    """Start from published weights: a local folder in DeepSeek's layout (config.json + safetensors, e.g. a
+    downloaded DeepSeek-V2-Lite, or one `pipelines.export --format hf` wrote). The model's shape is then
+    its config.json's (the shape keys set here are replaced; moe_impl and the training keys stay);
+    training starts from its weights, and its tokenizer replaces the tokenizer stage's training."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelArgs:
@@ -116,8 +122,12 @@ class ModelArgs(BaseModel):
         return self
 
 
-# Fields that change how the model computes, not what it is: checkpoints load across them.
-RUNTIME_FIELDS = frozenset({"moe_impl"})
+# Fields that are not the model's shape (how it computes, where its first weights came from):
+# checkpoints load across them.
+RUNTIME_FIELDS = frozenset({"moe_impl", "init"})
+# Fields an imported model (model.init) keeps from the config: the rest is its config.json's shape.
+TRAINING_FIELDS = frozenset({"moe_impl", "init", "bias_update_rate", "seq_aux_loss_weight", "mtp_loss_weight",
+                             "init_std"})
 
 PRESETS: dict[str, ModelArgs] = {
     # Trains on a CPU in seconds; every feature on (q compression, groups, sigmoid, MTP). Tests use it.

@@ -29,6 +29,12 @@ _ROLE_IDS = {"system": SPECIAL_TOKENS["<|system|>"], "user": SPECIAL_TOKENS["<|u
 _END_ID = SPECIAL_TOKENS["<|end|>"]
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
 
+# The chat template as Jinja, for exported folders (transformers' apply_chat_template, vLLM): the same
+# ids as Tokenizer.apply_chat_template, except that a role token typed inside a message's content is
+# read there as the role token itself (deepkiln's encode spells it out as bytes).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] "
+                 "+ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
 # Substrings `encode` spells out as byte pieces: SentencePiece would match a role token's text as the
 # token itself (prompt injection), and decodes its space marker U+2581 back as " ".
 _ESCAPE = re.compile("(" + "|".join(re.escape(s) for s in [*_ROLE_TOKENS, "\u2581"]) + ")")
@@ -103,6 +109,24 @@ class Tokenizer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def save_hf(self, folder: str | Path, max_length: int) -> list[str]:
+        """Write the files transformers' AutoTokenizer loads as this tokenizer into `folder`: the
+        SentencePiece model and a tokenizer_config.json under which a LlamaTokenizer gives the same
+        ids (no prefix space, not legacy), adds [BOS] as `encode_prompt` does, knows the role tokens
+        as special tokens and carries the chat template. Returns the file names."""
+        import json
+
+        folder = Path(folder)
+        (folder / "tokenizer.model").write_bytes(self.model_proto)
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                   "additional_special_tokens": _ROLE_TOKENS}
+        config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
+                  "add_prefix_space": False, "legacy": False, "clean_up_tokenization_spaces": False,
+                  "model_max_length": max_length, "chat_template": CHAT_TEMPLATE}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        return ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,252 @@
+"""deepkiln and the DeepSeek ecosystem: exported folders load in transformers with deepkiln's logits,
+generations and token ids; the mapping is exact for every router and rope variant; MTP matches
+transformers' MtpModel; the published presets keep the published names and shapes; ONNX and
+torch.export graphs match PyTorch at other shapes.
+
+Weights for the sharp comparisons have O(1) activations (norm weights 1+0.2N, linears N(0, 1/fan_in),
+embeddings N(0, 1), balancing bias 0.3N): at init scale a wrong mapping still looks right.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepkiln.engine import Engine, SamplingParams
+from deepkiln.hf import hf_shapes, load_hf_model, write_hf_weights
+from deepkiln.hf_config import hf_config
+from deepkiln.model import PRESETS, Gate, Transformer
+from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS
+from pipelines import export
+
+transformers = pytest.importorskip("transformers")
+
+TINY = PRESETS["tiny"]
+END = [EOS_ID, SPECIAL_TOKENS["<|end|>"]]
+PROBES = ["The river runs east.", "中文文本，测试一下。北京欢迎你！", "def f(x):\n    return x + 1  # code\n",
+          "tabs\tand  double  spaces", "emoji 🎉 and 数字 12345, 3.14", "mixed中英文text", " ", "\n\n", ""]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好 there"},
+        {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "code: x = 1"}]
+
+
+def o1(model: Transformer) -> Transformer:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.startswith("embed"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[1] ** -0.5)
+        for gate in (m for m in model.modules() if isinstance(m, Gate)):
+            if model.args.score_func == "sigmoid":
+                gate.bias.copy_(0.3 * torch.randn(gate.bias.shape, generator=gen))
+    return model.eval()
+
+
+def hf_folder(model: Transformer, out) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    write_hf_weights(model, out)
+    (out / "config.json").write_text(json.dumps(hf_config(model.args, bos_id=2, eos_id=END, dtype="float32")))
+    return str(out)
+
+
+def load_hf(folder):
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                     output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+VARIANTS = {
+    "v3-tiny": {},
+    "v3-yarn": {"max_seq_len": 640, "original_seq_len": 16, "rope_factor": 40.0, "mscale": 0.707, "route_scale": 2.5},
+    "v2-groups": {"score_func": "softmax", "q_lora_rank": 0, "n_mtp_layers": 0, "route_scale": 1.5},
+    "v2-greedy": {"score_func": "softmax", "n_expert_groups": 1, "n_limited_groups": 1, "n_mtp_layers": 0,
+                  "n_dense_layers": 0},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_mapping_is_exact_for_every_router_and_rope_variant(variant, tmp_path):
+    ours = o1(Transformer(TINY.model_copy(update=VARIANTS[variant])))
+    folder = hf_folder(ours, tmp_path / variant)
+    theirs = load_hf(folder)
+    assert type(theirs).__name__ == ("DeepseekV3ForCausalLM" if variant.startswith("v3") else "DeepseekV2ForCausalLM")
+    x = torch.randint(0, TINY.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = ours(x).logits, theirs(x).logits
+        assert a.abs().mean() > 0.3  # O(1) logits: a wrong rope, router or norm would show here
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        back = load_hf_model(folder).eval()  # and back: the same tensors, bit for bit
+        assert torch.equal(back(x).logits, a)
+    if ours.args.n_mtp_layers:
+        mtp_equals_transformers_mtp(ours, theirs, x)
+
+
+def mtp_equals_transformers_mtp(ours: Transformer, theirs, x):
+    """transformers' MtpModel (the generic MTP layer its MTP speculative decoding uses), loaded from the
+    exported folder, on the main model's last hidden state (after its final norm, as vLLM's drafter
+    feeds it), gives deepkiln's MTP logits."""
+    from transformers.modeling_layers import MtpModel
+
+    # transformers looks for V3's MTP weights at layer 61 only; this folder's are at n_layers.
+    theirs._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{ours.args.n_layers}\..*"]
+    mtp = MtpModel.from_pretrained(theirs).eval()
+    with torch.no_grad():
+        hidden = theirs.model(x).last_hidden_state
+        positions = torch.arange(x.shape[1] - 1).expand(x.shape[0], -1)
+        drafted = mtp._project_to_logits(mtp.forward_layer(0, hidden[:, :-1], positions, None, input_ids=x[:, 1:]))
+        expected = ours(x, mtp=True).mtp_logits
+    assert expected.abs().mean() > 0.3
+    torch.testing.assert_close(drafted, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_export_hf_of_a_trained_run_loads_in_transformers_with_its_logits_generations_and_ids(served_run, tmp_path):
+    out = tmp_path / "exported"
+    report = export.main([*served_run["argv"], "--format", "hf", "--out", str(out)])
+    assert report["architecture"] == "DeepseekV3ForCausalLM" and report["step"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in ("scoring_func", "topk_method", "rope_interleave", "first_k_dense_replace",
+                                   "num_nextn_predict_layers", "tie_word_embeddings", "norm_topk_prob")} == {
+        "scoring_func": "sigmoid", "topk_method": "noaux_tc", "rope_interleave": True, "first_k_dense_replace": 1,
+        "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "norm_topk_prob": True}
+    assert "rope_scaling" not in config  # YaRN is off at the tiny preset's 256 tokens
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == END
+    card = (out / "README.md").read_text()
+    assert f"{report['step']} steps" in card and "DeepseekV3ForCausalLM" in card
+
+    ours = export.source_model(export.load_config(served_run["argv"]))[0].eval()
+    theirs = load_hf(str(out))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for shape in ((2, 17), (1, 64)):
+            x = torch.randint(0, ours.args.vocab_size, shape, generator=gen)
+            torch.testing.assert_close(theirs(x).logits, ours(x).logits, rtol=0, atol=1e-4)
+
+    tok, hf_tok = served_run["tokenizer"], transformers.AutoTokenizer.from_pretrained(out)
+    for text in PROBES:
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
+        assert hf_tok(text)["input_ids"] == tok.encode_prompt(text), text
+        assert hf_tok.decode(tok.encode(text)) == text
+    rendered = hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert rendered["input_ids"] == tok.apply_chat_template(CHAT)
+    assert [hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id] == [2, EOS_ID, 0]
+
+    # Greedy generation: transformers' generate and deepkiln's engine pick the same tokens.
+    prompts = [tok.encode_prompt(p) for p in ("The river", "People of the", "中文")] + [tok.apply_chat_template(CHAT)]
+    engine = Engine(ours, max_batch=4, max_len=128)
+    done = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=tuple(END)))
+    for prompt, req in zip(prompts, done):
+        with torch.no_grad():
+            out_ids = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
+        assert req.output and out_ids.tolist()[:len(req.output)] == req.output, (prompt, out_ids.tolist(), req.output)
+
+
+def published(name: str) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a published checkpoint, from transformers' own model of its
+    config on the meta device (experts, fused in memory there, one per expert as published), plus the
+    MTP layer, which transformers' main model does not build."""
+    args = PRESETS[name]
+    config = transformers.AutoConfig.for_model(**hf_config(args, bos_id=0, eos_id=1))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    shapes = {}
+    for key, t in model.state_dict().items():
+        if ".mlp.experts.gate_up_proj" in key:
+            base = key.removesuffix("gate_up_proj")
+            for e in range(t.shape[0]):
+                shapes[f"{base}{e}.gate_proj.weight"] = shapes[f"{base}{e}.up_proj.weight"] = (t.shape[1] // 2, t.shape[2])
+        elif ".mlp.experts.down_proj" in key:
+            base = key.removesuffix("down_proj")
+            shapes.update({f"{base}{e}.down_proj.weight": tuple(t.shape[1:]) for e in range(t.shape[0])})
+        else:
+            shapes[key] = tuple(t.shape)
+    if args.n_mtp_layers:
+        n, d, v = args.n_layers, args.dim, args.vocab_size
+        block = {k.replace(f"model.layers.{n - 1}.", f"model.layers.{n}."): s for k, s in shapes.items()
+                 if k.startswith(f"model.layers.{n - 1}.")}  # the MTP block has the last layer's shape (MoE)
+        shapes.update(block)
+        shapes.update({f"model.layers.{n}.enorm.weight": (d,), f"model.layers.{n}.hnorm.weight": (d,),
+                       f"model.layers.{n}.eh_proj.weight": (d, 2 * d), f"model.layers.{n}.embed_tokens.weight": (v, d),
+                       f"model.layers.{n}.shared_head.norm.weight": (d,),
+                       f"model.layers.{n}.shared_head.head.weight": (v, d)})
+    return shapes
+
+
+@pytest.mark.slow  # V3 on the meta device: ~9 s of module construction
+@pytest.mark.parametrize("preset, tensors, spot", [
+    # 1 dense layer of 10 tensors, 26 MoE layers of 203 (64 experts x 3, shared 3, gate, attention 5,
+    # norms 2), embedding, norm and head.
+    ("v2-lite", 10 + 26 * 203 + 3, {"model.layers.0.mlp.gate_proj.weight": (10944, 2048),
+                       "model.layers.26.mlp.experts.63.down_proj.weight": (2048, 1408),
+                       "model.layers.1.self_attn.q_proj.weight": (3072, 2048),
+                       "model.layers.1.self_attn.kv_a_proj_with_mqa.weight": (576, 2048),
+                       "model.layers.1.self_attn.kv_b_proj.weight": (4096, 512),
+                       "model.layers.1.mlp.shared_experts.gate_proj.weight": (2816, 2048)}),
+    # 3 dense layers of 12 tensors, 58 MoE layers of 782, embedding, norm and head, the MTP layer's 788.
+    ("v3", 3 * 12 + 58 * 782 + 3 + 788, {"model.layers.61.eh_proj.weight": (7168, 14336),
+                               "model.layers.3.mlp.gate.e_score_correction_bias": (256,),
+                               "model.layers.0.self_attn.q_a_proj.weight": (1536, 7168),
+                               "model.layers.60.mlp.experts.255.gate_proj.weight": (2048, 7168)}),
+])
+def test_presets_export_on_meta_with_the_published_names_and_shapes(preset, tensors, spot):
+    with torch.device("meta"):
+        ours = hf_shapes(Transformer(PRESETS[preset]))
+    assert ours == published(preset)
+    assert len(ours) == tensors and all(ours[k] == s for k, s in spot.items())
+    config = hf_config(PRESETS[preset], bos_id=0, eos_id=1)
+    if preset == "v2-lite":  # DeepSeek-V2-Lite's config.json, key by key
+        assert {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                                       "num_hidden_layers", "n_routed_experts", "n_shared_experts",
+                                       "num_experts_per_tok", "q_lora_rank", "kv_lora_rank", "topk_method",
+                                       "first_k_dense_replace", "max_position_embeddings")} == {
+            "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+            "num_hidden_layers": 27, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+            "q_lora_rank": None, "kv_lora_rank": 512, "topk_method": "greedy", "first_k_dense_replace": 1,
+            "max_position_embeddings": 163840}
+        assert config["rope_scaling"] == {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                                          "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+    else:
+        assert config["n_group"] == 8 and config["topk_group"] == 4 and config["routed_scaling_factor"] == 2.5
+
+
+@pytest.mark.slow
+def test_onnx_and_pt2_graphs_match_pytorch_at_other_shapes(served_run, tmp_path):
+    import onnxruntime
+
+    ours = export.source_model(export.load_config(served_run["argv"]))[0].eval()
+    report = export.main([*served_run["argv"], "--format", "onnx", "--out", str(tmp_path / "onnx")])
+    assert report["max_abs_error"] < 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["input_ids"] and [o.name for o in session.get_outputs()] == ["logits"]
+    gen = torch.Generator().manual_seed(4)
+    for shape in ((1, 1), (4, 9), (2, 50)):  # the export traced (2, 16)
+        ids = torch.randint(0, ours.args.vocab_size, shape, generator=gen)
+        with torch.no_grad():
+            expected = ours(ids).logits.numpy()
+        got = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+        assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-4, shape
+
+    export.main([*served_run["argv"], "--format", "pt2", "--out", str(tmp_path / "pt2")])
+    program = torch.export.load(str(tmp_path / "pt2" / "model.pt2"))
+    ids = torch.randint(0, ours.args.vocab_size, (3, 11), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(ids), ours(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_export_refuses_what_the_format_cannot_express(served_copy, tmp_path):
+    root, argv = served_copy
+    with pytest.raises(SystemExit):
+        export.main([*argv, "--format", "gguf", "--out", str(tmp_path / "x")])
+    ours = Transformer(TINY.model_copy(update={"score_func": "softmax"}))
+    with torch.no_grad():
+        next(m for m in ours.modules() if isinstance(m, Gate)).bias.fill_(0.5)
+    with pytest.raises(ValueError, match="gate.bias is not zero: DeepSeek-V2's format has no balancing bias"):
+        write_hf_weights(ours, tmp_path)
