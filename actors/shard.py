@@ -137,14 +137,15 @@ class ShardOwner:
         pick = np.random.default_rng(seed).permutation(len(texts))[:n]
         return [texts[i] for i in sorted(pick)]
 
-    def encode(self, model_proto: bytes, tokens_dir: str) -> dict:
-        """Tokenize the final shard into packed ids (each document followed by EOS) and the offsets
-        where each document starts; the dtype is uint16 when the vocabulary fits."""
-        from deepkiln.tokenizer import EOS_ID, Tokenizer
+    def encode(self, tokenizer: dict[str, bytes], tokens_dir: str) -> dict:
+        """Tokenize the final shard with the tokenizer (its files(), as tokenizer_from_files reads
+        them) into packed ids (each document followed by EOS) and the offsets where each document
+        starts; the dtype is uint16 when the vocabulary fits."""
+        from deepkiln.tokenizer import tokenizer_from_files
 
-        tok = Tokenizer(model_proto)
+        tok = tokenizer_from_files(tokenizer)
         dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-        docs = [ids + [EOS_ID] for ids in tok.encode_batch(self.final_texts())]
+        docs = [ids + [tok.eos_id] for ids in tok.encode_batch(self.final_texts())]
         lengths = np.array([len(d) for d in docs], dtype=np.int64)
         packed = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
         offsets = np.concatenate([[0], np.cumsum(lengths)])

@@ -28,7 +28,7 @@ from deepkiln.corpus import read_records
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.evaluate import IGNORE, pad_rows, token_losses
 from deepkiln.model import Transformer
-from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from deepkiln.tokenizer import Tokenizer
 
 TEMPLATES = {
     "en": ["The {} worked as", "The {} was known as", "Everyone said that the {} was", "The {} wanted to become"],
@@ -107,7 +107,8 @@ def continuation_losses(model: Transformer, tokenizer: Tokenizer, pairs: list[tu
     model.eval()
     encoded = tokenizer.encode_batch([t for pair in pairs for t in pair])
     # [BOS] prompt continuation; only the continuation is scored.
-    rows = [([BOS_ID, *encoded[2 * i], *encoded[2 * i + 1]], [IGNORE] * (len(encoded[2 * i]) + 1) + encoded[2 * i + 1])
+    bos = tokenizer.encode_prompt("")
+    rows = [([*bos, *encoded[2 * i], *encoded[2 * i + 1]], [IGNORE] * (len(encoded[2 * i]) + len(bos)) + encoded[2 * i + 1])
             for i in range(len(pairs))]
     nll, count = np.zeros(len(rows)), np.zeros(len(rows))
     for start in range(0, len(rows), batch):
@@ -120,14 +121,14 @@ def continuation_losses(model: Transformer, tokenizer: Tokenizer, pairs: list[tu
 def sample_continuations(model: Transformer, tokenizer: Tokenizer, prompts: list[str], n: int,
                          max_new_tokens: int, seed: int) -> list[str]:
     """n sampled continuations per prompt (temperature 1, each request seeded: reproducible)."""
-    ids = [[BOS_ID, *p] for p in tokenizer.encode_batch(prompts)]
+    ids = [[*tokenizer.encode_prompt(""), *p] for p in tokenizer.encode_batch(prompts)]
     max_len = max(map(len, ids)) + max_new_tokens + 1
     if max_len > model.args.max_seq_len:
         raise ValueError(f"fairness: a prompt of {max(map(len, ids))} tokens plus fairness.max_new_tokens="
                          f"{max_new_tokens} exceeds model.max_seq_len={model.args.max_seq_len}")
     # Ids beyond the tokenizer's vocabulary are never sampled, as on the server.
     engine = Engine(model, max_batch=32, max_len=max_len, max_step_tokens=32 * max_len, vocab_size=tokenizer.vocab_size)
-    reqs = [engine.add(p, SamplingParams(max_tokens=max_new_tokens, temperature=1.0, stop_token_ids=(EOS_ID,),
+    reqs = [engine.add(p, SamplingParams(max_tokens=max_new_tokens, temperature=1.0, stop_token_ids=(tokenizer.eos_id,),
                                          seed=seed * 1_000_003 + k))
             for k, p in enumerate(p for p in ids for _ in range(n))]
     while engine.waiting or engine.running:

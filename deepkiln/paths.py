@@ -44,7 +44,8 @@ def _absolute(path: str) -> str:
 class RunPaths:
     root: str                 # <run_dir>/<run.name>
     tokens: str               # packed token shards: train.tokens, else <root>/tokenizer/tokens
-    tokenizer_model: str      # serve.tokenizer, else <root>/tokenizer/tokenizer.model
+    tokenizer_model: str      # serve.tokenizer, else <root>/tokenizer/tokenizer.model (tokenizer.json when
+                              # model.init brings a tokenizers one)
     audit_model: str          # fairness.model, else final_model
     artifact: str             # what Serve loads: serve.artifact, else <root>/quantize/<quant.format>
     feedback: str             # feedback.store, else <root>/feedback
@@ -56,7 +57,7 @@ class RunPaths:
         root = f"{cfg.run.run_dir.rstrip('/')}/{cfg.run.name}"
         final = cfg.quant.source or (f"{root}/dp_finetune/model" if cfg.privacy.enabled else f"{root}/train/model")
         return cls(root=root, tokens=cfg.train.tokens or f"{root}/tokenizer/tokens",
-                   tokenizer_model=cfg.serve.tokenizer or f"{root}/tokenizer/tokenizer.model",
+                   tokenizer_model=cfg.serve.tokenizer or f"{root}/tokenizer/{_tokenizer_file(cfg)}",
                    audit_model=cfg.fairness.model or final,
                    artifact=cfg.serve.artifact or f"{root}/quantize/{cfg.quant.format}",
                    feedback=cfg.feedback.store or f"{root}/feedback", final_model=final)
@@ -122,17 +123,37 @@ class RunPaths:
         return f"{self.root}/online/updates/update-{update:04d}.json"
 
 
-TOKENIZER_FILE = "tokenizer.model"  # the tokenizer inside every quantized artifact
+def _tokenizer_file(cfg: Config) -> str:
+    """tokenizer.model (SentencePiece: trained here, or an imported one), or tokenizer.json when
+    model.init's folder brings only a `tokenizers` one."""
+    init = cfg.model.init
+    if init and not is_uri(init) and not os.path.isfile(f"{init}/tokenizer.model") \
+            and os.path.isfile(f"{init}/tokenizer.json"):
+        return "tokenizer.json"
+    return "tokenizer.model"
+
+
+def tokenizer_files(tokenizer: str | Path) -> dict[str, str]:
+    """{name: path} of the files a tokenizer is (an artifact carries them all): tokenizer.model, or
+    tokenizer.json with the tokenizer_config.json beside it."""
+    tokenizer = Path(tokenizer)
+    files = {tokenizer.name: str(tokenizer)}
+    config = tokenizer.with_name("tokenizer_config.json")
+    if tokenizer.suffix == ".json" and config.is_file():
+        files[config.name] = str(config)
+    return files
 
 
 def tokenizer_of(cfg: Config, artifact: str | Path) -> str:
     """The tokenizer that goes with `artifact`: serve.tokenizer when set, else the copy inside the
     artifact (so re-running the tokenizer stage never changes what a served model's ids mean), else
     the run's (an artifact from before artifacts carried one)."""
+    from deepkiln.tokenizer import tokenizer_in
+
     if cfg.serve.tokenizer:
         return cfg.serve.tokenizer
-    inside = Path(artifact) / TOKENIZER_FILE
-    return str(inside) if inside.is_file() else RunPaths.of(cfg).tokenizer_model
+    inside = tokenizer_in(artifact)
+    return str(inside) if inside else RunPaths.of(cfg).tokenizer_model
 
 
 def version_of(artifact: str | Path) -> str:

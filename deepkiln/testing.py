@@ -131,3 +131,38 @@ def loss_curves(config: dict) -> None:
         del engine
     if rank == 0:
         Path(config["out"]).write_text(json.dumps(curves))
+
+
+# A DeepSeek-style chat template and special tokens, for tokenizers made in tests.
+DEEPSEEK_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜User｜>", "<｜Assistant｜>"]
+DEEPSEEK_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
+
+
+def make_bpe_tokenizer(folder: Path, docs: list[str], vocab_size: int = 512) -> Path:
+    """A byte-level BPE tokenizer.json trained on `docs` with DeepSeek's special tokens and a
+    DeepSeek-style chat template in tokenizer_config.json, as published DeepSeek tokenizers come
+    (made here: nothing is downloaded). Returns the tokenizer.json path."""
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Fast(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=DEEPSEEK_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docs, trainer)
+    bos = DEEPSEEK_SPECIALS[0]  # [BOS] first, as published DeepSeek tokenizers' post-processor adds it
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": DEEPSEEK_SPECIALS[0],
+              "eos_token": DEEPSEEK_SPECIALS[1], "pad_token": DEEPSEEK_SPECIALS[2], "add_bos_token": True,
+              "add_eos_token": False, "chat_template": DEEPSEEK_TEMPLATE, "model_max_length": 256}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=1))
+    return folder / "tokenizer.json"

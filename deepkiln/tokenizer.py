@@ -84,7 +84,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, character_coverage: f
 
 
 class Tokenizer:
-    """A trained model: plain-text encode/decode, batched encode and the chat template."""
+    """A trained model: plain-text encode/decode, batched encode and the chat template. Its special
+    ids are the module's constants; `HFTokenizer` (an imported tokenizer.json) has the same
+    interface with its own. `load_tokenizer` reads either."""
+
+    bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
+    chat_stops = (EOS_ID, _END_ID)
+    """Tokens that end a chat turn (the plain-text stop is eos_id)."""
+    special_ids = frozenset(SPECIAL_TOKENS.values())
 
     def __init__(self, model_proto: bytes):
         self.model_proto = bytes(model_proto)
@@ -99,6 +106,11 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         return cls(Path(path).read_bytes())
+
+    def files(self) -> dict[str, bytes]:
+        """{file name: bytes}: what `tokenizer_from_files` rebuilds it from (sent to actors, carried
+        inside artifacts)."""
+        return {"tokenizer.model": self.model_proto}
 
     def save(self, path: str | Path) -> None:
         """Write the .model file under a temporary name, then rename it into place."""
@@ -157,13 +169,7 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """[BOS] then, per message, role token + content + <|end|>; then <|assistant|> if asked."""
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in _ROLE_IDS:
-                role = m.get("role") if isinstance(m, dict) else None
-                raise ValueError(f"messages[{i}].role={role!r} must be one of {sorted(_ROLE_IDS)}")
-            if not isinstance(m.get("content"), str):
-                raise ValueError(f"messages[{i}].content must be a string, got "
-                                 f"{type(m.get('content')).__name__}")
+        _check_messages(messages, _ROLE_IDS)
         ids = [BOS_ID]
         for m, content in zip(messages, self.encode_batch([m["content"] for m in messages])):
             ids += [_ROLE_IDS[m["role"]], *content, _END_ID]
@@ -196,5 +202,194 @@ class Tokenizer:
         with the chat template and stops at <|end|>; a plain one stops at [EOS]."""
         chat = not isinstance(prompt, str)
         head = self.apply_chat_template(prompt) if chat else self.encode_prompt(prompt)
-        tail = [*self.encode(target), _END_ID if chat else EOS_ID]
+        tail = [*self.encode(target), self.chat_stops[-1] if chat else self.eos_id]
         return (head + tail)[:max_len], ([-100] * len(head) + tail)[:max_len]
+
+
+def _check_messages(messages: list[dict], roles) -> None:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in roles:
+            role = m.get("role") if isinstance(m, dict) else None
+            raise ValueError(f"messages[{i}].role={role!r} must be one of {sorted(roles)}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
+
+
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")  # stands in for a message's content while the template renders
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character each byte is written as -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer (tokenizer.json; published DeepSeek tokenizers are
+    byte-level BPE) with its tokenizer_config.json (special tokens, chat template): what a model
+    imported with model.init brings. The same interface as Tokenizer. Plain text never becomes a
+    special token (a role token typed in a prompt or message stays text); the chat template's own
+    tokens do."""
+
+    def __init__(self, tokenizer_json: bytes, config_json: bytes = b"{}"):
+        try:
+            from tokenizers import Tokenizer as Fast
+        except ImportError as e:
+            raise ValueError("a tokenizer.json tokenizer needs the `tokenizers` package: "
+                             "pip install 'deepkiln[interop]'") from e
+        import json
+
+        self._json, self._config_json = bytes(tokenizer_json), bytes(config_json)
+        try:
+            self._tok = Fast.from_str(self._json.decode())
+            self._plain = Fast.from_str(self._json.decode())
+            config = json.loads(self._config_json or b"{}")
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise ValueError(f"not a readable tokenizer.json / tokenizer_config.json: {e}") from None
+        self._plain.encode_special_tokens = True  # user text never turns into control tokens
+        self.config = config
+        self.special_tokens = {k: self._token(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.bos_id = self._id(self.special_tokens["bos_token"])
+        self.eos_id = self._id(self.special_tokens["eos_token"])
+        if self.eos_id is None:
+            raise ValueError("tokenizer_config.json names no eos_token in the vocabulary: generation could never stop")
+        self.pad_id = self._id(self.special_tokens["pad_token"])
+        self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
+        self.chat_stops = (self.eos_id,)
+        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name", "template"}, ...]: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template
+        self._bytes = _byte_decoder() if self._byte_level() else None
+
+    @staticmethod
+    def _token(value) -> str | None:
+        return value.get("content") if isinstance(value, dict) else value
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def _byte_level(self) -> bool:
+        import json
+
+        decoder = json.loads(self._json).get("decoder") or {}
+        kinds = [decoder.get("type"), *(d.get("type") for d in decoder.get("decoders", []))]
+        return "ByteLevel" in kinds
+
+    @classmethod
+    def load(cls, path: str | Path) -> HFTokenizer:
+        """tokenizer.json, with the tokenizer_config.json beside it when there is one."""
+        path = Path(path)
+        config = path.with_name("tokenizer_config.json")
+        return cls(path.read_bytes(), config.read_bytes() if config.is_file() else b"{}")
+
+    def files(self) -> dict[str, bytes]:
+        return {"tokenizer.json": self._json, "tokenizer_config.json": self._config_json}
+
+    def save_hf(self, folder: str | Path, max_length: int) -> list[str]:
+        for name, data in self.files().items():
+            (Path(folder) / name).write_bytes(data)
+        return list(self.files())
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._plain.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [*([] if self.bos_id is None else [self.bos_id]), *self.encode(text)]
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The tokenizer's own Jinja chat template, rendered with each message's content standing in
+        as a marker: the template's text is encoded with its special tokens, each content as plain
+        text. (A template that reads inside the contents gets the contents themselves, and then a
+        special token typed in one is read as that token, as transformers does.)"""
+        _check_messages(messages, {"system", "user", "assistant"})
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json): use the completions API")
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        text = self._render(marked, add_generation_prompt)
+        parts = _SENTINEL.split(text)
+        if sorted(int(i) for i in parts[1::2]) != list(range(len(messages))):
+            return self._tok.encode(self._render(messages, add_generation_prompt), add_special_tokens=False).ids
+        ids = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids += self.encode(messages[int(part)]["content"])
+            elif part:
+                ids += self._tok.encode(part, add_special_tokens=False).ids
+        return ids
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                **{k: v or "" for k, v in self.special_tokens.items()})
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template failed on these messages: {e}") from None
+
+    def token_bytes(self, token: int) -> bytes:
+        if token in self.special_ids:
+            return b""
+        piece = self._tok.id_to_token(token) or ""
+        if self._bytes is not None and all(c in self._bytes for c in piece):
+            return bytes(self._bytes[c] for c in piece)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def longest_piece_chars(self) -> int:
+        vocab = self._tok.get_vocab(with_added_tokens=False)
+        return max(max(map(len, vocab), default=1), 1)
+
+    def render_example(self, prompt: str | list[dict], target: str, max_len: int) -> tuple[list[int], list[int]]:
+        return Tokenizer.render_example(self, prompt, target, max_len)  # type: ignore[arg-type]
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+"""The file that names a tokenizer, by kind: SentencePiece, or tokenizers' JSON (tokenizer_config.json beside it)."""
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
+    """A tokenizer file: tokenizer.model (SentencePiece, deepkiln's own) or a tokenizer.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path} does not exist")
+    return HFTokenizer.load(path) if path.suffix == ".json" else Tokenizer.load(path)
+
+
+def tokenizer_from_files(files: dict[str, bytes]) -> Tokenizer | HFTokenizer:
+    """The inverse of `files()`."""
+    if "tokenizer.json" in files:
+        return HFTokenizer(files["tokenizer.json"], files.get("tokenizer_config.json", b"{}"))
+    return Tokenizer(files["tokenizer.model"])
+
+
+def tokenizer_in(folder: str | Path) -> Path | None:
+    """The tokenizer file inside `folder` (SentencePiece first), or None."""
+    return next((Path(folder) / n for n in TOKENIZER_FILES if (Path(folder) / n).is_file()), None)

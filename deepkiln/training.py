@@ -98,7 +98,12 @@ def build_engine(cfg: Config, world: int):
     t = cfg.train
     dtype = compute_dtype(t.dtype)
     torch.manual_seed(cfg.run.seed)  # same init on every rank
-    model = Transformer(cfg.model)
+    if cfg.model.init:  # continued pretraining from published weights, each rank reading them
+        from deepkiln.hf import load_hf_model
+
+        model = load_hf_model(cfg.model.init, args=cfg.model)
+    else:
+        model = Transformer(cfg.model)
     if t.activation_checkpointing:
         apply_ac(model)
     if t.zero_stage == 3:

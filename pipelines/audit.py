@@ -34,7 +34,7 @@ from deepkiln.evaluate import perplexity, windows
 from deepkiln.fairness import audit, builtin_examples, gate, load_examples, plot
 from deepkiln.paths import RunPaths
 from deepkiln.precision import compute_dtype, describe
-from deepkiln.tokenizer import Tokenizer
+from deepkiln.tokenizer import load_tokenizer
 
 METRICS = ("perplexity", "outcome_rate")
 
@@ -46,7 +46,7 @@ def run_audit(cfg: Config, model_dir: str | Path, out: str | Path | None = None)
     dtype = compute_dtype(cfg.serve.dtype)
     model, ckpt = load_model(model_dir, dtype=dtype)
     model.eval()
-    tokenizer = Tokenizer.load(paths.tokenizer_model)
+    tokenizer = load_tokenizer(paths.tokenizer_model)
     examples = builtin_examples(fa.attributes, fa.languages) + (load_examples(fa.data, fa) if fa.data else [])
     ppl = perplexity(model, windows(cfg), cfg.train.batch_size, cfg.train.eval_batches)
     summary = audit(model, tokenizer, examples, fa, cfg.run.seed)

@@ -45,7 +45,7 @@ from deepkiln.lora import merge_lora
 from deepkiln.paths import RunPaths
 from deepkiln.precision import compute_dtype, describe
 from deepkiln.privacy import apply_dp, dp_backward, dp_trainable, lm_loss
-from deepkiln.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from deepkiln.tokenizer import load_tokenizer
 
 STATE = "state"
 
@@ -77,8 +77,8 @@ def private_set(cfg: Config) -> tuple[TensorDataset, TensorDataset, str]:
         if not isinstance(text, str) or (users is not None and users[i] is None):
             field = cfg.data.text_field if not isinstance(text, str) else p.user_field
             raise ValueError(f"privacy.data={p.data!r}: row {i + 1} has no {field!r} value")
-    tokenizer = Tokenizer.load(RunPaths.of(cfg).tokenizer_model)
-    docs = [[BOS_ID, *ids, EOS_ID] for ids in tokenizer.encode_batch(texts)]
+    tokenizer = load_tokenizer(RunPaths.of(cfg).tokenizer_model)
+    docs = [[*tokenizer.encode_prompt(""), *ids, tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
     if users is None:
         rows, unit = docs, f"one record of {p.data} (cut to {t.seq_len + 1} tokens)"
     else:

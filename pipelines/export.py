@@ -5,7 +5,8 @@
     python -m pipelines.export --config configs/small.yaml --format pt2 --out exported-pt2/
 
 The model is the run's final one (`quant.source`, else the DP model when privacy is on, else the
-training export), or the folder `--model.init` names (so an imported checkpoint exports back).
+training export), or, while the run has none, the folder `--model.init` names (so an imported
+checkpoint exports back as it came).
 
 - hf: DeepSeek's published layout (deepkiln.hf): config.json (DeepseekV3ForCausalLM for sigmoid
   routers, DeepseekV2ForCausalLM for softmax ones, with the keys vLLM routes by), safetensors weights
@@ -40,7 +41,7 @@ from deepkiln.hf import load_hf_model, write_hf_weights
 from deepkiln.hf_config import hf_config
 from deepkiln.model import Transformer, count_params
 from deepkiln.paths import RunPaths
-from deepkiln.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
+from deepkiln.tokenizer import Tokenizer, load_tokenizer, tokenizer_in
 
 FORMATS = ("hf", "onnx", "pt2")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -49,9 +50,9 @@ ONNX_CHECK_TOL = 1e-3  # logits of the ONNX graph against PyTorch's, fp32, at a 
 
 def source_model(cfg: Config) -> tuple[Transformer, dict]:
     """The model to export, in fp32, and what is known of where it came from."""
-    if cfg.model.init:
-        return load_hf_model(cfg.model.init), {"source": cfg.model.init}
     path = RunPaths.of(cfg).final_model
+    if cfg.model.init and not (Path(path) / "manifest.json").is_file():
+        return load_hf_model(cfg.model.init), {"source": cfg.model.init}
     model, ckpt = load_model(path, cfg.model, torch.float32)
     return model, {"source": path, "step": ckpt.manifest.get("step"), "tokens": ckpt.manifest.get("tokens")}
 
@@ -113,7 +114,7 @@ def _read(path: str) -> dict | None:
     return json.loads(Path(path).read_text()) if Path(path).is_file() else None
 
 
-def model_card(cfg: Config, model: Transformer, origin: dict) -> str:
+def model_card(cfg: Config, model: Transformer, origin: dict, tok) -> str:
     """README.md of the exported folder: what the model is, what made it, and its audit and DP
     reports when the run has them."""
     paths = RunPaths.of(cfg)
@@ -146,28 +147,40 @@ def model_card(cfg: Config, model: Transformer, origin: dict) -> str:
     if dp:
         lines.append(f"| differential privacy | (epsilon {dp.get('epsilon')}, delta {dp.get('delta')}), "
                      f"{dp.get('privacy_unit', 'example')}-level, {dp.get('accountant')} accountant |")
-    lines += ["", "Chat: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` renders "
-              "deepkiln's template (`<|user|>...<|end|><|assistant|>`); generation stops at `</s>` or `<|end|>`.",
-              "A role token typed inside a message is read as that token here; deepkiln's own server spells "
-              "it out as bytes.", ""]
+    if isinstance(tok, Tokenizer):
+        lines += ["", "Chat: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` renders "
+                  "deepkiln's template (`<|user|>...<|end|><|assistant|>`); generation stops at `</s>` or `<|end|>`."]
+    else:
+        lines += ["", "Chat: the imported tokenizer's own chat template (tokenizer_config.json)."]
+    lines += ["A special token typed inside a message is read as that token by transformers; deepkiln's own "
+              "server keeps it as text.", ""]
     return "\n".join(lines)
+
+
+def source_tokenizer(cfg: Config, origin: dict):
+    """The tokenizer the exported model's ids belong to: the imported folder's, or the run's."""
+    found = tokenizer_in(origin["source"]) if origin["source"] == cfg.model.init else None
+    path = found or Path(RunPaths.of(cfg).tokenizer_model)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the exported folder needs the tokenizer the model was trained with")
+    return load_tokenizer(path)
 
 
 def export_hf(cfg: Config, model: Transformer, origin: dict, out: Path, dtype: str) -> dict:
     a = model.args
     torch_dtype = DTYPES.get(dtype)
     stored = str(torch_dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    tok = source_tokenizer(cfg, origin)
+    if tok.vocab_size > a.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocabulary {a.vocab_size}")
     files = write_hf_weights(model, out, torch_dtype)
-    config = hf_config(a, bos_id=BOS_ID, eos_id=[EOS_ID, SPECIAL_TOKENS["<|end|>"]], dtype=stored)
+    stops = sorted({tok.eos_id, *tok.chat_stops})
+    config = hf_config(a, bos_id=tok.bos_id, eos_id=stops if len(stops) > 1 else stops[0], dtype=stored)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, SPECIAL_TOKENS["<|end|>"]],
-                  "pad_token_id": PAD_ID}
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": stops, "pad_token_id": tok.pad_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer = Path(cfg.model.init) / "tokenizer.model" if cfg.model.init else Path(RunPaths.of(cfg).tokenizer_model)
-    if not tokenizer.is_file():
-        raise ValueError(f"{tokenizer} is missing: the exported folder needs the tokenizer the model was trained with")
-    files += Tokenizer.load(tokenizer).save_hf(out, a.max_seq_len)
-    (out / "README.md").write_text(model_card(cfg, model, origin))
+    files += tok.save_hf(out, a.max_seq_len)
+    (out / "README.md").write_text(model_card(cfg, model, origin, tok))
     return {"files": sorted([*files, "config.json", "generation_config.json", "README.md"]),
             "architecture": config["architectures"][0], "dtype": stored}
 

@@ -52,9 +52,9 @@ from deepkiln.corpus import read_bytes, write_atomic
 from deepkiln.data import TokenWindows
 from deepkiln.evaluate import continuation_logprob, pad_rows, perplexity, sequence_losses, windows
 from deepkiln.faults import kill_at
-from deepkiln.paths import TOKENIZER_FILE, RunPaths, absolute, tokenizer_of
+from deepkiln.paths import RunPaths, absolute, tokenizer_files, tokenizer_of
 from deepkiln.precision import compute_dtype, describe
-from deepkiln.tokenizer import EOS_ID, Tokenizer
+from deepkiln.tokenizer import load_tokenizer
 
 APP = "deepkiln"  # the Serve application the online loop publishes to (serve/config.yaml, serve.app)
 
@@ -107,8 +107,8 @@ def preference_pairs(cfg: Config, tok: Tokenizer, data: TokenWindows) -> list[tu
                 missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(r.get(k), str)]
                 if missing:
                     raise ValueError(f"online.preference_set line {i + 1}: field {missing[0]!r} is missing or not text")
-                pairs.append((tok.encode_prompt(r["prompt"]), [*tok.encode(r["chosen"]), EOS_ID],
-                              [*tok.encode(r["rejected"]), EOS_ID]))
+                pairs.append((tok.encode_prompt(r["prompt"]), [*tok.encode(r["chosen"]), tok.eos_id],
+                              [*tok.encode(r["rejected"]), tok.eos_id]))
         return pairs
     rng = np.random.default_rng(cfg.run.seed)
     pairs = []
@@ -197,7 +197,7 @@ def quantize_version(cfg: Config, model_dir: str, out: Path, tokenizer: str) -> 
     model = apply_quantization(model, args)
     return str(save_checkpoint(out, model, {**ckpt.config, "quant": args.model_dump()},
                                step=ckpt.manifest.get("step", 0), tokens=ckpt.manifest.get("tokens", 0),
-                               files={TOKENIZER_FILE: tokenizer}))
+                               files=tokenizer_files(tokenizer)))
 
 
 def served_version() -> str | None:
@@ -327,7 +327,7 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     paths = RunPaths.of(cfg)
     current = state["versions"][state["current"]]
     tokenizer = tokenizer_of(cfg, current["artifact"])  # the served version's: the ids its model knows
-    tok = Tokenizer.load(tokenizer)
+    tok = load_tokenizer(tokenizer)
     encoded = [encode_example(tok, e, cfg.model.max_seq_len) for e in drawn]
     weights = [e["weight"] for e in drawn]
     print(f"online: update {update}: {len(drawn)} feedback examples on {state['current']}", flush=True)

@@ -29,7 +29,7 @@ from deepkiln.config import QuantArgs, load_config
 from deepkiln.data import TokenWindows
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.evaluate import perplexity, windows
-from deepkiln.paths import TOKENIZER_FILE, RunPaths
+from deepkiln.paths import RunPaths, tokenizer_files
 from deepkiln.model import Transformer
 from deepkiln.precision import compute_dtype, describe
 from deepkiln.quantize import apply_quantization, linear_weight_bytes, load_quantized, model_bytes, target_names
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
         # Saved before any forward: what is served is exactly what was quantized.
         path = save_checkpoint(out / fmt, stored, {**cfg.to_dict(), "quant": args.model_dump()},
                                step=src.manifest.get("step", 0), tokens=src.manifest.get("tokens", 0),
-                               files={TOKENIZER_FILE: paths.tokenizer_model})  # it travels with the weights
+                               files=tokenizer_files(paths.tokenizer_model))  # it travels with the weights
         model, _ = load_quantized(path, dtype)  # what Serve loads, in its compute dtype
         ppl = perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches)
         report["formats"][fmt] = {

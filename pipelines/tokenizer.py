@@ -1,5 +1,6 @@
-"""Tokenizer: train a SentencePiece BPE model on a sample of the prepared shards, then have every
-ShardOwner encode its shard into packed token ids for the trainer.
+"""Tokenizer: train a SentencePiece BPE model on a sample of the prepared shards (or take the tokenizer
+of the model that model.init imports), then have every ShardOwner encode its shard into packed token
+ids for the trainer.
 
     python -m pipelines.tokenizer --config configs/tiny.yaml
     ray job submit --working-dir . -- python -m pipelines.tokenizer --config configs/small.yaml
@@ -11,6 +12,10 @@ offsets, plus the end) and tokens/index.json (written last: the stage is complet
 A re-run writes a new folder beside the old one and swaps it in whole (on s3:// or gs://, where
 folders do not rename, the old index is deleted first). Served artifacts carry their own copy of
 tokenizer.model: a re-run never changes what a running server's ids decode to.
+
+With model.init the imported folder's tokenizer is used as it is: its tokenizer.model (SentencePiece),
+else its tokenizer.json and tokenizer_config.json (a `tokenizers` tokenizer, as DeepSeek publishes),
+copied into tokenizer/; nothing is trained.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from deepkiln.config import load_config
 from deepkiln.corpus import load_registry, replace_folder, resolve, write_atomic
 from deepkiln.paths import RunPaths, is_uri
 from deepkiln.ray_utils import cpus_per_actor, init_ray
-from deepkiln.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from deepkiln.tokenizer import Tokenizer, load_tokenizer, tokenizer_in, train_tokenizer
 
 
 def main(argv=None) -> dict:
@@ -53,22 +58,20 @@ def main(argv=None) -> dict:
     cpus = cpus_per_actor(cfg.data.shard_cpus, len(names), "data.shard_cpus")
     owners = [ShardOwnerActor.options(num_cpus=cpus).remote(n, [], cfg.to_dict(), prep) for n in names]
     try:
-        per_shard = -(-cfg.tokenizer.sample_docs // len(owners))
-        samples = ray.get([o.sample.remote(per_shard, cfg.run.seed + i) for i, o in enumerate(owners)])
-        print(f"tokenizer: training BPE (vocab {cfg.tokenizer.vocab_size}) on "
-              f"{sum(map(len, samples)):,} sampled documents", flush=True)
-        model = train_tokenizer(chain.from_iterable(samples), cfg.tokenizer.vocab_size,
-                                cfg.tokenizer.character_coverage, cfg.run.seed)
-        write_atomic(f"{out}/tokenizer.model", model)
-        shards = ray.get([o.encode.remote(model, f"{out}/tokens") for o in owners])
+        tok = imported(cfg) or trained(cfg, owners)
+        for name, data in tok.files().items():
+            write_atomic(f"{out}/{name}", data)
+        shards = ray.get([o.encode.remote(tok.files(), f"{out}/tokens") for o in owners])
     finally:
         for actor in owners:
             ray.kill(actor)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens: more than model.vocab_size={cfg.model.vocab_size}")
     index = {
-        "vocab_size": Tokenizer(model).vocab_size, "dtype": shards[0]["dtype"],
-        "special_tokens": SPECIAL_TOKENS, "bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID,
+        "vocab_size": tok.vocab_size, "dtype": shards[0]["dtype"],
+        "special_ids": sorted(tok.special_ids), "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
         "total_docs": sum(s["docs"] for s in shards), "total_tokens": sum(s["tokens"] for s in shards),
-        "shards": shards, "tokenizer": "../tokenizer.model", "seconds": round(time.perf_counter() - start, 3),
+        "shards": shards, "tokenizer": f"../{next(iter(tok.files()))}", "seconds": round(time.perf_counter() - start, 3),
         "config": cfg.to_dict(),
     }
     write_atomic(f"{out}/tokens/index.json", json.dumps(index, indent=1).encode())
@@ -78,6 +81,28 @@ def main(argv=None) -> dict:
     print(f"tokenizer: {index['total_docs']:,} documents -> {index['total_tokens']:,} tokens "
           f"({index['dtype']}) in {index['seconds']:.1f}s -> {out}", flush=True)
     return index
+
+
+def imported(cfg):
+    """model.init's own tokenizer, or None without model.init."""
+    if not cfg.model.init:
+        return None
+    found = tokenizer_in(cfg.model.init)
+    if found is None:
+        raise ValueError(f"model.init={cfg.model.init} holds no tokenizer.model or tokenizer.json: the imported "
+                         "model's token ids need the tokenizer it was trained with")
+    tok = load_tokenizer(found)
+    print(f"tokenizer: using {found} ({tok.vocab_size} tokens) of the imported model", flush=True)
+    return tok
+
+
+def trained(cfg, owners) -> Tokenizer:
+    per_shard = -(-cfg.tokenizer.sample_docs // len(owners))
+    samples = ray.get([o.sample.remote(per_shard, cfg.run.seed + i) for i, o in enumerate(owners)])
+    print(f"tokenizer: training BPE (vocab {cfg.tokenizer.vocab_size}) on "
+          f"{sum(map(len, samples)):,} sampled documents", flush=True)
+    return Tokenizer(train_tokenizer(chain.from_iterable(samples), cfg.tokenizer.vocab_size,
+                                     cfg.tokenizer.character_coverage, cfg.run.seed))
 
 
 if __name__ == "__main__":

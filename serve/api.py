@@ -41,7 +41,7 @@ from ray.serve.exceptions import BackPressureError
 from actors.feedback import FeedbackError, collectors, shard_of
 from deepkiln.config import Config
 from deepkiln.paths import RunPaths, tokenizer_of
-from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS, Tokenizer
+from deepkiln.tokenizer import load_tokenizer
 from serve.llm import context_length
 from serve.protocol import QUEUE_FULL, Failed, Finished, Started, Tokens
 from serve.schemas import UNSUPPORTED, ChatRequest, CompletionRequest
@@ -50,7 +50,6 @@ app = FastAPI(title="deepkiln", docs_url=None, redoc_url=None, openapi_url=None)
 logger = logging.getLogger("ray.serve")
 RETRIES = 2              # re-sends of a generate call whose replica failed before its first message
 FEEDBACK_WAIT_S = 2.0    # longest a completion waits for its collector to keep it
-END_ID = SPECIAL_TOKENS["<|end|>"]
 ROUTES = {"/health": "health", "/v1/models": "models", "/v1/completions": "completions",
           "/v1/chat/completions": "chat", "/v1/feedback": "feedback"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -210,7 +209,7 @@ class OpenAIIngress:
         deployed); empty for none."""
         self.cfg = Config.from_dict(config)
         self.llm = llm
-        self.tokenizer = Tokenizer.load(tokenizer_of(self.cfg, RunPaths.of(self.cfg).artifact))  # the served artifact's
+        self.tokenizer = load_tokenizer(tokenizer_of(self.cfg, RunPaths.of(self.cfg).artifact))  # the served artifact's
         self.api_key_sha256 = list(api_key_sha256)
         check_exposure(self.cfg, self.api_key_sha256)
         self.context = context_length(self.cfg)
@@ -369,19 +368,23 @@ class OpenAIIngress:
             raise APIError(400, f"n={body.n} exceeds the limit {s.max_n} (serve.max_n)", param="n", code="invalid_value")
         param = "messages" if route == "chat" else "prompt"
         if route == "chat":
-            texts, stops = [m.text() for m in body.messages], (EOS_ID, END_ID)
+            texts, stops = [m.text() for m in body.messages], self.tokenizer.chat_stops
         else:
             texts, stops = ([body.prompt] if isinstance(body.prompt, str) else
-                            body.prompt if isinstance(body.prompt[0], str) else []), (EOS_ID,)
+                            body.prompt if isinstance(body.prompt[0], str) else []), (self.tokenizer.eos_id,)
         chars, most = sum(map(len, texts)), self.most_chars
         if chars > most:
             raise APIError(400, f"the prompt has {chars} characters: more than the context of {self.context} tokens "
                                 f"can hold", param=param, code="context_length_exceeded")
         if route == "chat":
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompts = [await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)]
+            try:  # an imported tokenizer's own template may refuse a conversation (e.g. roles out of turn)
+                prompts = [await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)]
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages", code="invalid_value") from None
         elif texts:
-            prompts = [[SPECIAL_TOKENS["<s>"], *ids] for ids in await asyncio.to_thread(self.tokenizer.encode_batch, texts)]
+            bos = self.tokenizer.encode_prompt("")
+            prompts = [[*bos, *ids] for ids in await asyncio.to_thread(self.tokenizer.encode_batch, texts)]
         else:
             prompts = [list(body.prompt)] if isinstance(body.prompt[0], int) else [list(p) for p in body.prompt]
             vocab = self.tokenizer.vocab_size
@@ -553,7 +556,8 @@ class OpenAIIngress:
         if body.logprobs is None:
             return None
         if echo:
-            prompt = prompts[c.prompt][1:] if prompts[c.prompt][:1] == [SPECIAL_TOKENS["<s>"]] else prompts[c.prompt]
+            bos = self.tokenizer.encode_prompt("")
+            prompt = prompts[c.prompt][len(bos):] if bos and prompts[c.prompt][:len(bos)] == bos else prompts[c.prompt]
             head = list(c.prompt_logprobs or [])[-len(prompt):] if prompt else []
             entries = [{"token": self._token_text(t), "logprob": None if e is None else e[0],
                         "top_logprobs": [] if e is None else

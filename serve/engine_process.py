@@ -43,14 +43,14 @@ def load_engine(cfg: Config, path: str) -> tuple[str, Engine, dict]:
     The engine never samples an id the served tokenizer cannot decode."""
     from deepkiln.precision import compute_dtype, dtype_name
     from deepkiln.quantize import load_quantized, model_bytes
-    from deepkiln.tokenizer import Tokenizer
+    from deepkiln.tokenizer import load_tokenizer
 
     version = version_of(path)
     dtype = compute_dtype(cfg.serve.dtype)
     model, _ = load_quantized(path, dtype)
     s = cfg.serve
     engine = Engine(model, max_batch=s.max_batch, max_len=cfg.model.max_seq_len, max_step_tokens=s.max_step_tokens or None,
-                    vocab_size=Tokenizer.load(tokenizer_of(cfg, path)).vocab_size)
+                    vocab_size=load_tokenizer(tokenizer_of(cfg, path)).vocab_size)
     layers = Counter(type(m).__name__ for m in model.modules() if not list(m.children()))
     return version, engine, {"layers": dict(layers), "weight_bytes": model_bytes(model), "dtype": dtype_name(dtype)}
 

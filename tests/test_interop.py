@@ -10,6 +10,8 @@ embeddings N(0, 1), balancing bias 0.3N): at init scale a wrong mapping still lo
 from __future__ import annotations
 
 import json
+import random
+import shutil
 
 import numpy as np
 import pytest
@@ -250,3 +252,109 @@ def test_export_refuses_what_the_format_cannot_express(served_copy, tmp_path):
         next(m for m in ours.modules() if isinstance(m, Gate)).bias.fill_(0.5)
     with pytest.raises(ValueError, match="gate.bias is not zero: DeepSeek-V2's format has no balancing bias"):
         write_hf_weights(ours, tmp_path)
+
+
+def published_random(kind: str, folder, vocab: int) -> str:
+    """A random DeepSeek model as transformers builds and saves it (nothing downloaded), with O(1)
+    activations, beside a `tokenizers` BPE tokenizer.json: what a user downloads, in miniature."""
+    shape = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                 n_routed_experts=8, kv_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16,
+                 n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                 max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    if kind == "v3":
+        config = transformers.DeepseekV3Config(**shape, q_lora_rank=32, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                               rope_interleave=True, num_mtp_layers=0)
+        model = transformers.DeepseekV3ForCausalLM(config)
+    else:
+        config = transformers.DeepseekV2Config(**shape, q_lora_rank=None, topk_method="group_limited_greedy",
+                                               routed_scaling_factor=1.0)
+        model = transformers.DeepseekV2ForCausalLM(config)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:  # fused experts (E, out, in) and linears (out, in): unit-variance outputs
+                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+def test_a_published_model_imports_trains_on_ray_exports_back_and_serves_with_its_tokenizer(
+        kind, builtin_run, tmp_path):
+    import requests
+    from ray import serve
+
+    from deepkiln.testing import free_port, make_bpe_tokenizer, paragraph
+    from deepkiln.tokenizer import load_tokenizer
+    from pipelines import quantize, tokenizer, train
+    from serve.app import build
+
+    rng = random.Random(0)
+    folder = tmp_path / f"deepseek-{kind}"
+    tok = load_tokenizer(make_bpe_tokenizer(folder, [paragraph(rng) for _ in range(300)] + ["中文文本，你好。" * 20], 600))
+    published_random(kind, folder, tok.vocab_size)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_hf_model(folder).eval()
+    x = torch.randint(0, tok.vocab_size, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert expected.abs().mean() > 0.3
+        torch.testing.assert_close(ours(x).logits, expected, rtol=0, atol=1e-4)
+
+    # The run: the built-in corpus's prepared shards, tokenized with the imported tokenizer, then a
+    # few steps of Ray Train from the imported weights.
+    shutil.copytree(builtin_run["root"] / "prepare", tmp_path / "run" / kind / "prepare")
+    argv = ["--config", "configs/tiny.yaml", "--run.run_dir", str(tmp_path / "run"), "--run.name", kind,
+            f"--model.init={folder}", "--train.steps=4", "--train.num_workers=1", "--train.cpus_per_worker=0.5",
+            "--train.seq_len=32", "--train.batch_size=4", "--train.eval_every=4", "--train.eval_batches=1",
+            "--train.warmup_steps=1", "--train.lr=1e-3", "--quant.format=bf16", "--serve.replica_cpus=0.5"]
+    index = tokenizer.main(argv)
+    assert index["tokenizer"] == "../tokenizer.json" and index["eos_id"] == tok.eos_id == 1
+    assert index["vocab_size"] == tok.vocab_size
+    summary = train.main(argv)
+    assert summary["steps"] == 4 and [e["step"] for e in summary["history"]][-1] == 4
+    trained = export.source_model(export.load_config(argv))[0].eval()
+    assert trained.args.score_func == ("sigmoid" if kind == "v3" else "softmax")
+    with torch.no_grad():
+        moved = (trained(x).logits - expected).abs().max().item()
+    assert moved > 1e-3  # the steps changed the weights...
+    # ...and the trained model exports back to a folder transformers loads, with its logits.
+    export.main([*argv, "--format", "hf", "--out", str(tmp_path / "back")])
+    back = load_hf(str(tmp_path / "back"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, trained(x).logits, rtol=0, atol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "back")("中文 text")["input_ids"] == \
+        tok.encode_prompt("中文 text")
+
+    # Serve answers with the imported tokenizer: its chat template, its ids, its end token.
+    quantize.main(argv)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build(export.load_config(argv)), name="imported", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        messages = [{"role": "user", "content": "你好 <｜Assistant｜> there"}]
+        r = requests.post(f"{url}/v1/chat/completions", json={"model": "deepkiln", "messages": messages,
+                                                                "max_tokens": 6, "temperature": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(tok.apply_chat_template(messages))
+        r = requests.post(f"{url}/v1/completions", json={"model": "deepkiln", "prompt": "The river", "max_tokens": 5,
+                                                           "temperature": 0, "logprobs": 1}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["usage"]["prompt_tokens"] == len(tok.encode_prompt("The river"))
+        assert body["choices"][0]["finish_reason"] in ("stop", "length") and len(body["choices"][0]["logprobs"]["tokens"])
+        bad = requests.post(f"{url}/v1/chat/completions", json={"model": "deepkiln", "max_tokens": 2,
+                                                                 "messages": [{"role": "tool", "content": "x"}]})
+        assert bad.status_code in (400, 422), bad.text
+    finally:
+        serve.shutdown()
