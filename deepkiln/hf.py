@@ -207,3 +207,24 @@ def _beyond_mtp(key: str, args: ModelArgs) -> bool:
     """A tensor of a second or later MTP layer (V3 ships one; deepkiln trains at most one)."""
     parts = key.split(".")
     return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) > args.n_layers
+
+
+def load_start(cfg, path: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
+    """The model a stage starts from: the checkpoint at `path` (the run's trained or final model), or,
+    while the run has none yet, the published weights model.init names. Returns it with {source, step,
+    tokens, sha256}: sha256 names the weights (a checkpoint's manifest entry; for a published folder,
+    its config.json and weight files' names and sizes), so a resumed stage can tell its base changed."""
+    import hashlib
+
+    from deepkiln.checkpoint import MANIFEST, load_model
+
+    if cfg.model.init and not (Path(path) / MANIFEST).is_file():
+        folder = Path(cfg.model.init)
+        h = hashlib.sha256((folder / "config.json").read_bytes())
+        for f in _weight_files(folder):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        model = load_hf_model(folder, dtype, args=cfg.model)
+        return model, {"source": str(folder), "step": 0, "tokens": 0, "sha256": h.hexdigest()}
+    model, ckpt = load_model(path, cfg.model, dtype)
+    return model, {"source": str(path), "step": ckpt.manifest.get("step"), "tokens": ckpt.manifest.get("tokens"),
+                   "sha256": ckpt.manifest["files"]["model.safetensors"]["sha256"]}

@@ -168,7 +168,8 @@ def absolute(cfg: Config) -> Config:
     """A copy of `cfg` whose run_dir and path fields are absolute (local ones; URIs unchanged)."""
     cfg = cfg.model_copy(deep=True)
     cfg.run.run_dir = _absolute(cfg.run.run_dir)
-    for section, key in (("model", "init"), ("train", "tokens"), ("quant", "source"), ("fairness", "model"), ("serve", "artifact"),
+    for section, key in (("model", "init"), ("train", "tokens"), ("quant", "source"), ("fairness", "model"),
+                         ("serve", "artifact"),
                          ("serve", "tokenizer"), ("feedback", "store")):
         setattr(getattr(cfg, section), key, _absolute(getattr(getattr(cfg, section), key)))
     return cfg

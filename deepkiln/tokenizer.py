@@ -215,7 +215,6 @@ def _check_messages(messages: list[dict], roles) -> None:
             raise ValueError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
 
 
-_SENTINEL = re.compile("\ue000(\\d+)\ue001")  # stands in for a message's content while the template renders
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -255,7 +254,8 @@ class HFTokenizer:
             raise ValueError(f"not a readable tokenizer.json / tokenizer_config.json: {e}") from None
         self._plain.encode_special_tokens = True  # user text never turns into control tokens
         self.config = config
-        self.special_tokens = {k: self._token(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.special_tokens = {k: self._token(config.get(k))
+                               for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.bos_id = self._id(self.special_tokens["bos_token"])
         self.eos_id = self._id(self.special_tokens["eos_token"])
         if self.eos_id is None:
@@ -317,17 +317,21 @@ class HFTokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The tokenizer's own Jinja chat template, rendered with each message's content standing in
-        as a marker: the template's text is encoded with its special tokens, each content as plain
-        text. (A template that reads inside the contents gets the contents themselves, and then a
-        special token typed in one is read as that token, as transformers does.)"""
+        as a marker no client can guess: the template's text is encoded with its special tokens, each
+        content as plain text, so a special token typed in a message stays text. A template that
+        drops, repeats or rewrites a content (so its marker does not come through once, whole) is
+        refused: its contents could not be kept apart from its control tokens."""
+        import secrets
+
         _check_messages(messages, {"system", "user", "assistant"})
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat_template (tokenizer_config.json): use the completions API")
-        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        text = self._render(marked, add_generation_prompt)
-        parts = _SENTINEL.split(text)
+        nonce = secrets.token_hex(8)
+        marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)]
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", self._render(marked, add_generation_prompt))
         if sorted(int(i) for i in parts[1::2]) != list(range(len(messages))):
-            return self._tok.encode(self._render(messages, add_generation_prompt), add_special_tokens=False).ids
+            raise ValueError("the tokenizer's chat template rewrites message contents: they cannot be kept as "
+                             "plain text apart from its special tokens")
         ids = []
         for k, part in enumerate(parts):
             if k % 2:
@@ -343,7 +347,8 @@ class HFTokenizer:
         def raise_exception(message):
             raise ValueError(f"the chat template refused the messages: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = raise_exception
         try:
             return env.from_string(self.chat_template).render(

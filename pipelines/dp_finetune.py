@@ -7,7 +7,8 @@ plain PyTorch in one process (Opacus does not run on the DeepSpeed engine), and 
 (A job runs in a copy of the working folder: give it an absolute run_dir, local or on a shared
 file system, where the earlier stages wrote; privacy.data may also be an s3:// or gs:// URI.)
 
-Reads the train stage's export <run_dir>/<run.name>/train/model, the tokenizer, and the private
+Reads the train stage's export <run_dir>/<run.name>/train/model (before there is one, the published
+weights model.init names), the tokenizer, and the private
 set: privacy.data (jsonl/Parquet, one record per row, or one user per example with
 privacy.user_field), or by default the tokenizer stage's token windows. train.val_fraction of the
 examples is held out. LoRA adapters (or the full weights outside the MoE and MTP layers) train with
@@ -37,10 +38,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from deepkiln.checkpoint import load_model, save_checkpoint
+from deepkiln.checkpoint import save_checkpoint
 from deepkiln.config import Config, load_config
 from deepkiln.corpus import read_records
 from deepkiln.evaluate import pad_rows, windows
+from deepkiln.hf import load_start
 from deepkiln.lora import merge_lora
 from deepkiln.paths import RunPaths
 from deepkiln.precision import compute_dtype, describe
@@ -110,10 +112,10 @@ def fingerprint(data: TensorDataset) -> str:
 
 def build(cfg: Config) -> tuple[torch.nn.Module, dict]:
     """The base model with the trainable part chosen (LoRA adapters seeded by run.seed)."""
-    model, ckpt = load_model(RunPaths.of(cfg).train_model, cfg.model, dtype=compute_dtype(cfg.train.dtype))
+    model, origin = load_start(cfg, RunPaths.of(cfg).train_model, compute_dtype(cfg.train.dtype))
     torch.manual_seed(cfg.run.seed)
     dp_trainable(model, cfg.privacy.params, cfg.lora)
-    return model.train(), ckpt.manifest
+    return model.train(), origin
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -192,8 +194,8 @@ def main(argv=None) -> dict:
     out = Path(RunPaths.of(cfg).stage("dp_finetune"))
     out.mkdir(parents=True, exist_ok=True)
     train, val, unit = private_set(cfg)
-    model, base_manifest = build(cfg)
-    expected = {"base": base_manifest["files"]["model.safetensors"]["sha256"], "data": fingerprint(train),
+    model, base = build(cfg)
+    expected = {"base": base["sha256"], "data": fingerprint(train),
                 "params": p.params, "lora": cfg.lora.model_dump() if p.params == "lora" else None}
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p.lr, weight_decay=0.0)
     saved = load_state(out / STATE, model, expected)
@@ -243,7 +245,7 @@ def main(argv=None) -> dict:
     merge_lora(export)
     report_cfg = cfg.to_dict()
     save_checkpoint(out / "model", export, report_cfg, step=dp.steps)
-    base, _ = load_model(RunPaths.of(cfg).train_model, cfg.model, dtype=compute_dtype(cfg.train.dtype))
+    base, _ = load_start(cfg, RunPaths.of(cfg).train_model, compute_dtype(cfg.train.dtype))
     batch = p.batch_size
     val_loss = {"base": evaluate(base, val, batch), "dp": evaluate(export, val, batch),
                 "non_dp": evaluate(non_private(cfg, train, dp.steps), val, batch)}

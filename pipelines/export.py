@@ -34,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-from deepkiln.checkpoint import load_model
 from deepkiln.config import Config, load_config
 from deepkiln.corpus import replace_folder
-from deepkiln.hf import load_hf_model, write_hf_weights
+from deepkiln.hf import load_start, write_hf_weights
 from deepkiln.hf_config import hf_config
 from deepkiln.model import Transformer, count_params
 from deepkiln.paths import RunPaths
@@ -50,11 +49,7 @@ ONNX_CHECK_TOL = 1e-3  # logits of the ONNX graph against PyTorch's, fp32, at a 
 
 def source_model(cfg: Config) -> tuple[Transformer, dict]:
     """The model to export, in fp32, and what is known of where it came from."""
-    path = RunPaths.of(cfg).final_model
-    if cfg.model.init and not (Path(path) / "manifest.json").is_file():
-        return load_hf_model(cfg.model.init), {"source": cfg.model.init}
-    model, ckpt = load_model(path, cfg.model, torch.float32)
-    return model, {"source": path, "step": ckpt.manifest.get("step"), "tokens": ckpt.manifest.get("tokens")}
+    return load_start(cfg, RunPaths.of(cfg).final_model, torch.float32)
 
 
 class Logits(torch.nn.Module):
@@ -133,7 +128,7 @@ def model_card(cfg: Config, model: Transformer, origin: dict, tok) -> str:
              f"| multi-token prediction | {a.n_mtp_layers} module(s), at layer {a.n_layers} |",
              f"| context | {a.max_seq_len} tokens |",
              f"| source | `{origin['source']}` |"]
-    if origin.get("step") is not None:
+    if origin.get("step"):
         lines.append(f"| training | {origin['step']} steps, {origin.get('tokens') or 0:,} tokens |")
     prepared = _read(f"{paths.stage('prepare')}/prepare_report.json")
     if prepared:

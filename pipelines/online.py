@@ -54,7 +54,7 @@ from deepkiln.evaluate import continuation_logprob, pad_rows, perplexity, sequen
 from deepkiln.faults import kill_at
 from deepkiln.paths import RunPaths, absolute, tokenizer_files, tokenizer_of
 from deepkiln.precision import compute_dtype, describe
-from deepkiln.tokenizer import load_tokenizer
+from deepkiln.tokenizer import Tokenizer, load_tokenizer
 
 APP = "deepkiln"  # the Serve application the online loop publishes to (serve/config.yaml, serve.app)
 
@@ -216,8 +216,8 @@ def publish(artifact: str) -> bool:
     running."""
     from ray import serve
 
-    from serve.app import build
     from deepkiln.paths import version_of
+    from serve.app import build
 
     if APP not in serve.status().applications:
         print(f"online: the Serve app {APP!r} is not running; {artifact} is ready but not published", flush=True)

@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m pipelines.quantize --config configs/small.yaml
 
 Reads the run's final model (`quant.source`, else the DP fine-tune's model when privacy.enabled, else
-the training export <run_dir>/<run.name>/train/model) and the held-out
+the training export <run_dir>/<run.name>/train/model; before there is one, the published weights
+model.init names, so an imported model serves as it came) and the held-out
 windows of the tokenizer stage's token shards, and writes <run_dir>/<run.name>/quantize/:
 {bf16,int8,nf4}/ (checkpoint folders that `deepkiln.quantize.load_quantized` reads, each carrying the
 tokenizer.model it was trained with; Serve loads the one `quant.format` names, and its tokenizer) and report.json with, per format, bytes on disk and in memory, the bytes
@@ -24,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from deepkiln.checkpoint import load_checkpoint, save_checkpoint
+from deepkiln.checkpoint import save_checkpoint
 from deepkiln.config import QuantArgs, load_config
 from deepkiln.data import TokenWindows
 from deepkiln.engine import Engine, SamplingParams
 from deepkiln.evaluate import perplexity, windows
-from deepkiln.paths import RunPaths, tokenizer_files
+from deepkiln.hf import load_start
 from deepkiln.model import Transformer
+from deepkiln.paths import RunPaths, tokenizer_files
 from deepkiln.precision import compute_dtype, describe
 from deepkiln.quantize import apply_quantization, linear_weight_bytes, load_quantized, model_bytes, target_names
 
@@ -57,24 +59,25 @@ def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(os.cpu_count() or 1)
     paths = RunPaths.of(cfg)
-    src = load_checkpoint(paths.final_model, cfg.model)
+    source, origin = load_start(cfg, paths.final_model)  # model.init's weights while the run has none
+    state = source.state_dict()
     data = windows(cfg)
     if data.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"token shards hold ids up to {data.vocab_size - 1}: model.vocab_size={cfg.model.vocab_size} is too small")
     out = Path(paths.stage("quantize"))
     out.mkdir(parents=True, exist_ok=True)
     dtype = compute_dtype(cfg.serve.dtype)
-    report = {"source": paths.final_model, "step": src.manifest.get("step"), "precision": describe(dtype), "formats": {}}
+    report = {"source": origin["source"], "step": origin["step"], "precision": describe(dtype), "formats": {}}
     with torch.device("meta"):
         names = target_names(Transformer(cfg.model), cfg.quant.keep)
     for fmt in FORMATS:
         args = QuantArgs(**{**cfg.quant.model_dump(), "format": fmt})
         model = Transformer(cfg.model)
-        model.load_state_dict(src.state_dict, strict=True)
+        model.load_state_dict(state, strict=True)
         stored = apply_quantization(model, args)
         # Saved before any forward: what is served is exactly what was quantized.
         path = save_checkpoint(out / fmt, stored, {**cfg.to_dict(), "quant": args.model_dump()},
-                               step=src.manifest.get("step", 0), tokens=src.manifest.get("tokens", 0),
+                               step=origin["step"] or 0, tokens=origin["tokens"] or 0,
                                files=tokenizer_files(paths.tokenizer_model))  # it travels with the weights
         model, _ = load_quantized(path, dtype)  # what Serve loads, in its compute dtype
         ppl = perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches)

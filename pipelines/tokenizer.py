@@ -66,12 +66,14 @@ def main(argv=None) -> dict:
         for actor in owners:
             ray.kill(actor)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens: more than model.vocab_size={cfg.model.vocab_size}")
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens: more than "
+                         f"model.vocab_size={cfg.model.vocab_size}")
     index = {
         "vocab_size": tok.vocab_size, "dtype": shards[0]["dtype"],
         "special_ids": sorted(tok.special_ids), "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
         "total_docs": sum(s["docs"] for s in shards), "total_tokens": sum(s["tokens"] for s in shards),
-        "shards": shards, "tokenizer": f"../{next(iter(tok.files()))}", "seconds": round(time.perf_counter() - start, 3),
+        "shards": shards, "tokenizer": f"../{next(iter(tok.files()))}",
+        "seconds": round(time.perf_counter() - start, 3),
         "config": cfg.to_dict(),
     }
     write_atomic(f"{out}/tokens/index.json", json.dumps(index, indent=1).encode())

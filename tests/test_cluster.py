@@ -2,6 +2,7 @@
 every node with the token from outside the repository, the dashboard bound to 127.0.0.1, the project
 installed on every node type, autoscaling bounds, a pinned image, and a shared run_dir for the stages."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -52,8 +53,29 @@ def test_node_types_bounds_image_install_and_storage():
     import ray
     assert all(img.startswith(f"rayproject/ray:{ray.__version__}-py311") for img in images)  # pinned, current
     installs = c["head_setup_commands"] + c["worker_setup_commands"] + types["gpu_worker"]["worker_setup_commands"]
-    assert all("pip install -q -e /home/ray/deepkiln" in cmd for cmd in installs)
+    assert all(re.search(r"pip install -q -e '?/home/ray/deepkiln", cmd) for cmd in installs)
+    assert "deepkiln[vllm]" in types["gpu_worker"]["worker_setup_commands"][0]  # serve/vllm.yaml's engine
     assert c["file_mounts"]["/home/ray/deepkiln"] == "."
     small = load_config(["--config", str(REPO / "configs/small.yaml")])
     mount = small.run.run_dir.split("/runs")[0]
     assert mount in " ".join(c["initialization_commands"]) and f"-v {mount}:{mount}" in c["docker"]["run_options"]
+
+
+def test_the_vllm_serve_config_serves_an_exported_folder_on_the_gpu_workers():
+    """serve/vllm.yaml: Ray Serve LLM's OpenAI app over a folder `pipelines.export --format hf` writes,
+    on the shared file system, scheduled on cluster.yaml's GPU worker type, installed by its extra.
+    (vLLM needs a GPU: the config is checked here, the serving itself only on a GPU cluster.)"""
+    import tomllib
+
+    app = yaml.safe_load((REPO / "serve/vllm.yaml").read_text())["applications"][0]
+    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    llm = app["args"]["llm_configs"][0]
+    small = load_config(["--config", str(REPO / "configs/small.yaml")])
+    mount = small.run.run_dir.split("/runs")[0]
+    assert llm["model_loading_config"]["model_source"].startswith(mount + "/")
+    assert llm["engine_kwargs"]["max_model_len"] == small.model.max_seq_len
+    gpu = cluster()["available_node_types"]["gpu_worker"]
+    assert gpu["node_config"]["InstanceType"].startswith("g5.") and llm["accelerator_type"] == "A10G"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    import ray
+    assert extras["vllm"] == [f"ray[llm]=={ray.__version__}"]
