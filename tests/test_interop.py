@@ -21,6 +21,7 @@ from deepkiln.engine import Engine, SamplingParams
 from deepkiln.hf import hf_shapes, load_hf_model, write_hf_weights
 from deepkiln.hf_config import hf_config
 from deepkiln.model import PRESETS, Gate, Transformer
+from deepkiln.testing import meta_model
 from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS
 from pipelines import export
 
@@ -89,6 +90,23 @@ def test_the_mapping_is_exact_for_every_router_and_rope_variant(variant, tmp_pat
         assert torch.equal(back(x).logits, a)
     if ours.args.n_mtp_layers:
         mtp_equals_transformers_mtp(ours, theirs, x)
+
+
+def test_sharded_bf16_folders_load_shard_by_shard(tmp_path):
+    """Weights split over numbered files with an index, in bf16 (routers fp32, as transformers keeps
+    them), read back tensor by tensor into an fp32 model (routers exact, the rest the bf16-rounded
+    values) or a bf16 one (the balancing bias stays fp32 and exact)."""
+    ours = o1(Transformer(TINY))
+    files = write_hf_weights(ours, tmp_path, torch.bfloat16, shard_bytes=60_000)
+    assert len(files) > 3 and files[-1] == "model.safetensors.index.json"
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(TINY, bos_id=2, eos_id=END)))
+    for dtype in (torch.bfloat16, None):
+        back = load_hf_model(tmp_path, dtype)
+        for name, t in ours.state_dict().items():
+            got = back.state_dict()[name]
+            exact = name.endswith("gate.bias") or (dtype is None and ".gate." in name)
+            assert got.dtype == (torch.float32 if dtype is None or name.endswith("gate.bias") else dtype), name
+            assert torch.equal(got.float(), t if exact else t.bfloat16().float()), name
 
 
 def mtp_equals_transformers_mtp(ours: Transformer, theirs, x):
@@ -200,8 +218,7 @@ def published(name: str) -> dict[str, tuple[int, ...]]:
                                "model.layers.60.mlp.experts.255.gate_proj.weight": (2048, 7168)}),
 ])
 def test_presets_export_on_meta_with_the_published_names_and_shapes(preset, tensors, spot):
-    with torch.device("meta"):
-        ours = hf_shapes(Transformer(PRESETS[preset]))
+    ours = hf_shapes(meta_model(preset))  # the model test_model.py counts, built once
     assert ours == published(preset)
     assert len(ours) == tensors and all(ours[k] == s for k, s in spot.items())
     config = hf_config(PRESETS[preset], bos_id=0, eos_id=1)
@@ -347,7 +364,7 @@ def test_a_published_model_imports_trains_on_ray_exports_back_and_serves_with_it
 
     from deepkiln.testing import free_port, make_bpe_tokenizer, paragraph
     from deepkiln.tokenizer import load_tokenizer
-    from pipelines import online, quantize, tokenizer, train
+    from pipelines import dp_finetune, online, quantize, tokenizer, train
     from serve.app import build
 
     rng = random.Random(0)
@@ -404,6 +421,11 @@ def test_a_published_model_imports_trains_on_ray_exports_back_and_serves_with_it
         assert bad.status_code in (400, 422), bad.text
     finally:
         serve.shutdown()
+
+    if kind == "v2":  # the DP fine-tune starts from the imported weights too while there is no trained model
+        report = dp_finetune.main([*argv, "--privacy.accountant=rdp", "--privacy.noise_seed=0", "--privacy.delta=1e-3",
+                                   "--privacy.batch_size=8", "--privacy.max_examples=32", "--privacy.epochs=1"])
+        assert report["steps"] >= 1 and 0 < report["val_loss"]["base"] < 100
 
     # A few steps of Ray Train from the imported weights.
     summary = train.main(argv)

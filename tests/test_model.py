@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from deepkiln.model import PRESETS, Gate, ModelArgs, MoE, Transformer, count_params, lm_losses, rope_angles
+from deepkiln.testing import meta_model
 from deepkiln.training import apply_ac, update_expert_bias
 
 TINY = PRESETS["tiny"]
@@ -54,9 +55,7 @@ def test_tiny_overfits_one_batch():
 
 @pytest.mark.parametrize("preset, total, active", [("v2-lite", 15.7e9, 2.4e9), ("v3", 671e9, 37e9)])
 def test_published_parameter_counts_on_meta(preset, total, active):
-    with torch.device("meta"):
-        model = Transformer(PRESETS[preset])
-    n_total, n_active = count_params(model)
+    n_total, n_active = count_params(meta_model(preset))
     assert abs(n_total / total - 1) < 0.02, n_total
     assert abs(n_active / active - 1) < 0.03, n_active
 
