@@ -72,6 +72,13 @@ def model_args_from_hf(config: dict, where: str = CONFIG) -> ModelArgs:
         if not ok:
             raise ValueError(f"{where}: {msg}")
 
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                "n_routed_experts", "num_experts_per_tok")
+    missing = [k for k in required if k not in config]
+    need(not missing, "missing " + ", ".join(missing))
     kind = config.get("model_type")
     need(kind in ("deepseek_v2", "deepseek_v3"), f"model_type={kind!r}: only deepseek_v2 and deepseek_v3 import")
     v3 = kind == "deepseek_v3"

@@ -198,6 +198,8 @@ def main(argv=None) -> dict:
     model, origin = source_model(cfg)
     model.eval()
     out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder (it is replaced when the export is complete)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -262,10 +262,40 @@ def test_onnx_and_pt2_graphs_match_pytorch_at_other_shapes(served_run, tmp_path)
         torch.testing.assert_close(program.module()(ids), ours(ids).logits, rtol=0, atol=1e-4)
 
 
+def test_import_refuses_what_deepkiln_cannot_compute_naming_the_key(tmp_path):
+    from deepkiln.config import load_config
+
+    good = hf_config(TINY, bos_id=2, eos_id=END)
+    cases = [({"model_type": "llama"}, "model_type='llama': only deepseek_v2 and deepseek_v3 import"),
+             ({"hidden_size": None}, "missing hidden_size"),
+             ({"quantization_config": {"quant_method": "fp8"}}, "quantized \\(e.g. FP8\\) weights do not import"),
+             ({"norm_topk_prob": False}, "norm_topk_prob=False"),
+             ({"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported"),
+             ({"scoring_func": "softmax"}, "deepkiln routes V3 with sigmoid")]
+    for change, message in cases:
+        config = {k: v for k, v in {**good, **change}.items() if v is not None}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message):
+            load_config(["--model.preset=tiny", f"--model.init={tmp_path}"])
+    with pytest.raises(ValueError, match="config.json is missing"):
+        load_config(["--model.preset=tiny", f"--model.init={tmp_path / 'nowhere'}"])
+    (tmp_path / "config.json").write_text(json.dumps(good))  # the shape is right, the weights are not there
+    with pytest.raises(ValueError, match="holds no \\*.safetensors weights"):
+        load_hf_model(tmp_path)
+    bigger = o1(Transformer(TINY.model_copy(update={"moe_inter_dim": 48})))
+    write_hf_weights(bigger, tmp_path)
+    with pytest.raises(ValueError, match=r"experts\.0\.\w+_proj\.weight has shape \(\d+, \d+\), the config implies"):
+        load_hf_model(tmp_path)
+
+
 def test_export_refuses_what_the_format_cannot_express(served_copy, tmp_path):
     root, argv = served_copy
     with pytest.raises(SystemExit):
         export.main([*argv, "--format", "gguf", "--out", str(tmp_path / "x")])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="is a file: give a folder"):
+        export.main([*argv, "--format", "hf", "--out", str(tmp_path / "a-file")])
+    assert (tmp_path / "a-file").read_text() == "x"
     ours = Transformer(TINY.model_copy(update={"score_func": "softmax"}))
     with torch.no_grad():
         next(m for m in ours.modules() if isinstance(m, Gate)).bias.fill_(0.5)
