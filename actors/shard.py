@@ -36,6 +36,7 @@ class ShardOwner:
         self.stats_uri = f"{prep_dir}/work/{name}/curated.json"
         self.final_uri = f"{prep_dir}/shards/{name}.parquet"
         self.docs_seen = 0
+        self.flagged = flagged_words(self.cfg.data)
         # Resume: a finished curate stage on storage is loaded, not redone.
         stats = read_bytes(self.stats_uri)
         self.stats = json.loads(stats) if stats is not None else None
@@ -51,8 +52,8 @@ class ShardOwner:
         d = self.cfg.data
         quality = d.quality
         start = time.perf_counter()
-        drops, pii, problems = Counter(), Counter(), []
-        ids, sources, texts, docs_in, urls = [], [], [], 0, 0
+        drops, pii, markup, problems = Counter(), Counter(), Counter(), []
+        ids, sources, texts, langs, shares, docs_in, urls = [], [], [], [], [], 0, 0
         for split in self.splits:
             for rec in read_split(split, d.text_field):
                 if "error" in rec:
@@ -62,11 +63,17 @@ class ShardOwner:
                 self.docs_seen += 1
                 if self.docs_seen == 100:
                     kill_once()  # no-op unless a kill test armed it
-                clean = text.normalize(rec["text"])
+                raw = rec["text"]
+                if d.strip_markup:
+                    raw, found = text.strip_markup(raw)
+                    markup.update(found)
+                clean = text.normalize(raw)
                 if d.remove_urls:
                     clean, n = text.remove_urls(clean)
                     urls += n
-                reason = text.quality_reason(clean, quality)
+                lang, share = text.language(clean)
+                reason = ("language" if d.languages and lang not in d.languages else
+                          text.quality_reason(clean, quality) or self._flagged(clean, lang))
                 if reason:
                     drops[reason] += 1
                     continue
@@ -75,6 +82,8 @@ class ShardOwner:
                 ids.append(rec["id"])
                 sources.append(rec["source"])
                 texts.append(clean)
+                langs.append(lang)
+                shares.append(share)
         sig = np.concatenate(
             [dedup.minhash(texts[i:i + MINHASH_BATCH], d.num_perm, d.shingle_size, self.cfg.run.seed)
              for i in range(0, len(texts), MINHASH_BATCH)] or [np.zeros((0, d.num_perm), np.uint32)])
@@ -82,16 +91,27 @@ class ShardOwner:
             "id": pa.array(ids, pa.int64()),
             "source": pa.array(sources, pa.string()),
             "text": pa.array(texts, pa.string()),
+            "lang": pa.array(langs, pa.string()),
+            "lang_share": pa.array(shares, pa.float32()),
             "exact": pa.array(np.array([dedup.exact_hash(t) for t in texts], dtype=np.uint64)),
             "sig": pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), d.num_perm),
         })
         stats = {"shard": self.name, "docs_in": docs_in, "docs_kept": len(ids), "urls_removed": urls,
-                 "dropped": dict(sorted(drops.items())), "pii_masked": dict(sorted(pii.items())),
+                 "markup_removed": dict(sorted(markup.items())), "dropped": dict(sorted(drops.items())),
+                 "pii_masked": dict(sorted(pii.items())),
                  "problems": problems, "seconds": round(time.perf_counter() - start, 3)}
         write_atomic(self.curated_uri, table)
         write_atomic(self.stats_uri, json.dumps(stats, indent=1).encode())  # written last: the stage is done
         self.table, self.stats = table, stats
         return stats
+
+    def _flagged(self, clean: str, lang: str) -> str | None:
+        """"flagged_words" when the lists for `lang` (and for every language) cover too much of it."""
+        lists = self.flagged.get(lang) or self.flagged.get("*")
+        if lists is None:
+            return None
+        too_much = text.flagged_ratio(clean, text.units(clean), lists) > self.cfg.data.max_flagged_ratio
+        return "flagged_words" if too_much else None
 
     def _signatures(self) -> np.ndarray:
         return self.table.column("sig").combine_chunks().flatten().to_numpy().reshape(len(self.table), -1)
@@ -119,11 +139,12 @@ class ShardOwner:
         return self.table.column("id").to_numpy()[mine], self._signatures()[mine]
 
     def finalize(self, drop: np.ndarray) -> dict:
-        """Write the shard without the dropped duplicates (id, source, text); idempotent."""
+        """Write the shard without the dropped duplicates (id, source, text, lang, lang_share); idempotent."""
         keep = ~np.isin(self.table.column("id").to_numpy(), drop)
-        final = self.table.select(["id", "source", "text"]).filter(pa.array(keep))
+        final = self.table.select(["id", "source", "text", "lang", "lang_share"]).filter(pa.array(keep))
         write_atomic(self.final_uri, final)
-        return {"shard": self.name, "docs_out": final.num_rows, "duplicates_removed": int((~keep).sum())}
+        return {"shard": self.name, "docs_out": final.num_rows, "duplicates_removed": int((~keep).sum()),
+                "languages": dict(Counter(final.column("lang").to_pylist()).most_common())}
 
     def final_texts(self) -> list[str]:
         table = read_table(self.final_uri)
@@ -155,6 +176,19 @@ class ShardOwner:
         write_atomic(f"{tokens_dir}/{self.name}.idx.npy", buf.getvalue())
         return {"shard": self.name, "docs": len(docs), "tokens": int(lengths.sum()),
                 "dtype": np.dtype(dtype).name, "bin": f"{self.name}.bin", "idx": f"{self.name}.idx.npy"}
+
+
+def flagged_words(d) -> dict[str, tuple]:
+    """data.flagged_words read and split for matching: {language: (words, CJK entries)}; a language's
+    own list joins the `*` list."""
+    lists = {}
+    for lang, uri in d.flagged_words.items():
+        raw = read_bytes(uri)
+        if raw is None:
+            raise ValueError(f"data.flagged_words[{lang!r}]={uri!r} does not exist")
+        lists[lang] = raw.decode("utf-8", errors="replace").splitlines()
+    shared = lists.get("*", [])
+    return {lang: text.flagged_lists(words + (shared if lang != "*" else [])) for lang, words in lists.items()}
 
 
 ShardOwnerActor = ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=2)(ShardOwner)

@@ -95,6 +95,20 @@ class DataArgs(Section):
     """CPUs reserved by each ShardOwner actor (fractional is fine)."""
     remove_urls: bool = True
     """Strip http(s):// and www. URLs from the text."""
+    strip_markup: bool = True
+    """Remove terminal escape sequences (colour codes) whole and HTML remnants (tags by name, comments,
+    script and style blocks), and decode HTML entities, before the other rules."""
+    languages: list[str] = []
+    """Keep only documents whose language (CLD2's ISO 639-1 code, Chinese in either script is `zh`;
+    `und` where none is found) is listed; empty: keep every language. Each kept document records its
+    `lang` and the share of its text in it, and the report counts them."""
+    flagged_words: dict[str, str] = {}
+    """Toxicity filter: {language: file of flagged words, one per line} (a local path or URI; `*`: a
+    list applied to every language). Words of alphabetic scripts match whole words, case-insensitive;
+    CJK entries match inside the text and count per character."""
+    max_flagged_ratio: float = Field(0.02, ge=0, le=1)
+    """Drop a document when flagged words cover more than this share of its units (words; CJK:
+    characters)."""
     shingle_size: int = Field(5, ge=1)
     """MinHash shingle: this many consecutive words (CJK: characters)."""
     num_perm: int = Field(128, ge=1)

@@ -1,5 +1,5 @@
-"""Text curation rules called once per document: normalisation, URL removal, Gopher quality
-filters (CJK-aware) and PII masking.
+"""Text curation rules called once per document: markup removal, normalisation, URL removal,
+language identification, Gopher quality filters (CJK-aware), flagged words and PII masking.
 
 Everything here is a pure function of its arguments. Regexes are compiled once at import because
 these rules are most of the per-document cost of the curation actors.
@@ -8,11 +8,13 @@ these rules are most of the per-document cost of the curation actors.
 from __future__ import annotations
 
 import datetime
+import html
 import ipaddress
 import re
 import sys
 import unicodedata
 from collections import Counter
+
 import numpy as np
 
 from deepkiln.config import QualityArgs
@@ -28,6 +30,62 @@ _UNIT_RE = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+")
 def units(text: str) -> list[str]:
     """CJK-aware words: each CJK character, or a maximal run of other word characters."""
     return _UNIT_RE.findall(text)
+
+
+# ------------------------------------------------------------------------------------ markup
+
+# Terminal escape sequences, whole: CSI (colours, cursor moves: ESC [ parameters, final byte), OSC
+# (titles, hyperlinks: ESC ] ... BEL or ESC \), and the two-character ones (ESC and one of @-Z \ ^ _);
+# the same with ESC written in caret notation (^[), as copied logs carry it.
+_ANSI_RE = re.compile(r"(?:\x1b|\^\[)(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\^_])")
+# HTML that leaks into scraped text, tags matched by name so that code's "<stdin>" or "List<int>" stay.
+_HTML_TAGS = ("a abbr address article aside b big blockquote body br caption center cite code col dd del details "
+              "dfn div dl dt em figcaption figure font footer form h1 h2 h3 h4 h5 h6 head header hr html i iframe "
+              "img input ins kbd label li link main mark meta nav noscript ol option p pre q s samp section select "
+              "small span strike strong sub summary sup table tbody td textarea tfoot th thead time title tr tt u "
+              "ul var wbr").split()
+_HTML_BREAK_RE = re.compile(r"<(?:br|p|div|li|tr|h[1-6])\b[^<>]*/?>", re.IGNORECASE)  # leave a line break
+_HTML_TAG_RE = re.compile(r"</?(?:" + "|".join(_HTML_TAGS) + r")\b[^<>]*/?>", re.IGNORECASE)
+_HTML_BLOCK_RE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+_HTML_ENTITY_RE = re.compile(r"&(?:#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+
+
+def strip_markup(text: str) -> tuple[str, Counter]:
+    """Remove terminal escape sequences whole, HTML comments, script and style blocks and HTML tags (a
+    line-breaking tag leaves a line break), and decode HTML entities (&amp;, &nbsp;, &#x4e2d;).
+    Returns the text and what was removed, by kind. Text with no ESC, "^[", "<" or "&" is returned
+    untouched after four `in` tests."""
+    found = Counter()
+    if "\x1b" in text or "^[" in text:
+        text, found["ansi"] = _ANSI_RE.subn("", text)
+    if "<" in text:
+        text, found["html_blocks"] = _HTML_BLOCK_RE.subn("", text)
+        text, breaks = _HTML_BREAK_RE.subn("\n", text)
+        text, tags = _HTML_TAG_RE.subn("", text)
+        found["html_tags"] = breaks + tags
+    if "&" in text:
+        found["html_entities"] = len(_HTML_ENTITY_RE.findall(text))
+        if found["html_entities"]:
+            text = html.unescape(text)
+    return text, +found
+
+
+# ------------------------------------------------------------------------------------ language
+
+_LANG_ALIASES = {"zh-Hant": "zh", "zh-Hans": "zh"}  # CLD2 names the two Chinese scripts apart
+
+
+def language(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, share of the text's bytes in that language) by CLD2, offline, tens of MB/s;
+    ("und", 0.0) when it finds none. Chinese in either script is "zh"."""
+    import pycld2
+
+    try:
+        _, _, details = pycld2.detect(text, bestEffort=True)
+    except pycld2.error:  # text CLD2 cannot read (it wants valid UTF-8)
+        return "und", 0.0
+    _, code, percent, _ = details[0]
+    return ("und", 0.0) if code in ("un", "xxx") else (_LANG_ALIASES.get(code, code), percent / 100)
 
 
 # ------------------------------------------------------------------------------------ normalize
@@ -211,6 +269,30 @@ def quality_reason(text: str, args: QualityArgs) -> str | None:
     """Name of the first rule in QUALITY_RULES that drops `text`, or None to keep it."""
     words = units(text)
     return next((name for name, rule in QUALITY_RULES if rule(text, words, args)), None)
+
+
+# ------------------------------------------------------------------------------------ flagged words
+
+def flagged_lists(words: list[str]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """A flagged-word list split as `flagged_ratio` matches it: alphabetic words (lowercased, whole
+    units) and CJK entries (substrings, longest first). Blank lines and '#' comments are skipped."""
+    entries = {w.strip() for w in words if w.strip() and not w.strip().startswith("#")}
+    cjk = tuple(sorted((w for w in entries if CJK_RE.search(w)), key=len, reverse=True))
+    return frozenset(w.lower() for w in entries if not CJK_RE.search(w)), cjk
+
+
+def flagged_ratio(text: str, words: list[str], flagged: tuple[frozenset[str], tuple[str, ...]]) -> float:
+    """Share of the text's units (`units(text)`: words; CJK: characters) that flagged words cover:
+    an alphabetic entry covers each word equal to it, a CJK entry each character of each occurrence."""
+    if not words:
+        return 0.0
+    alphabetic, cjk = flagged
+    covered = sum(w.lower() in alphabetic for w in words) if alphabetic else 0
+    for entry in cjk:
+        if entry in text:
+            covered += text.count(entry) * len(entry)
+            text = text.replace(entry, "")  # a shorter entry inside a longer one is not counted twice
+    return min(1.0, covered / len(words))
 
 
 # ------------------------------------------------------------------------------------------ PII

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import ray
 
 from actors.dedup_index import LshBucketOwnerActor
-from actors.shard import ShardOwnerActor
+from actors.shard import ShardOwnerActor, flagged_words
 from deepkiln.config import load_config
 from deepkiln.corpus import list_inputs, load_registry, plan_shards, read_bytes, write_atomic
 from deepkiln.dedup import duplicates_to_drop, estimated_jaccard, jaccard_threshold
@@ -59,6 +60,11 @@ def _near_duplicates(cand: np.ndarray, owners: list, threshold: float) -> np.nda
     return cand[estimated_jaccard(a, b) >= threshold]
 
 
+def _summed(items: list[dict], key: str) -> Counter:
+    """The counts under `key` of every shard's stats, added up (stats saved before the key existed: none)."""
+    return sum((Counter(item.get(key, {})) for item in items), Counter())
+
+
 def main(argv=None) -> dict:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     d = cfg.data
@@ -69,6 +75,7 @@ def main(argv=None) -> dict:
     if not new:
         print(f"prepare: nothing new in {d.input}; {prep} is up to date")
         return json.loads(read_bytes(f"{prep}/prepare_report.json"))
+    flagged_words(d)  # a missing word list is refused before any actor starts
     init_ray()
     start = time.perf_counter()
     gen, first_idx = len(registry["generations"]), len(registry["files"])
@@ -112,6 +119,9 @@ def main(argv=None) -> dict:
     report = {
         "generation": gen, "input": d.input, "files": len(new), "skipped_files": skipped,
         "docs_in": docs_in, "docs_out": sum(f["docs_out"] for f in final),
+        "languages": dict(_summed(final, "languages").most_common()),  # of the documents kept
+        "dropped": dict(sorted(_summed(curated, "dropped").items())),  # by rule: quality, language, flagged_words
+        "markup_removed": dict(sorted(_summed(curated, "markup_removed").items())),
         "exact_duplicates_removed": len(exact_drop), "near_duplicates_removed": len(drop) - len(exact_drop),
         "duplicate_clusters": clusters, "near_duplicate_candidates": len(cand),
         "dedup": {"shingle_size": d.shingle_size, "num_perm": d.num_perm, "bands": d.bands, "rows": d.rows,
@@ -131,6 +141,9 @@ def main(argv=None) -> dict:
           f"({report['exact_duplicates_removed']} exact and {report['near_duplicates_removed']} near "
           f"duplicates removed, {sum(len(s['problems']) for s in curated)} problems) in {seconds:.1f}s "
           f"-> {prep}/shards", flush=True)
+    total = max(1, report["docs_out"])
+    mix = ", ".join(f"{lang} {n:,} ({n / total:.0%})" for lang, n in report["languages"].items())
+    print(f"prepare: languages {mix}", flush=True)
     return report
 
 

@@ -136,3 +136,6 @@ def test_builtin_corpus_needs_nothing_but_the_preset(builtin_run):
     report = builtin_run["prepare"]  # prepare.main with configs/tiny.yaml and no input, this session
     assert report["input"] == "builtin" and report["docs_out"] > 1000
     assert report["docs_out"] < report["docs_in"]
+    # Every kept document's language is counted (Python's documentation: English, with code in it).
+    assert sum(report["languages"].values()) == report["docs_out"] and next(iter(report["languages"])) == "en"
+    assert report["dropped"] and sum(report["dropped"].values()) <= report["docs_in"] - report["docs_out"]

@@ -52,3 +52,52 @@ def test_bucket_owner_refuses_to_answer_with_a_shard_missing():
     bucket.add("a", (np.zeros(1, np.int32), np.zeros(1, np.uint64), np.zeros(1, np.int64)))
     with pytest.raises(RuntimeError, match=r"missing shards \['b'\]"):
         bucket.pairs(["a", "b"])
+
+
+LINES_ZH = ["床前明月光疑是地上霜", "举头望明月低头思故乡", "白日依山尽黄河入海流", "欲穷千里目更上一层楼",
+            "春眠不觉晓处处闻啼鸟", "夜来风雨声花落知多少", "千山鸟飞绝万径人踪灭", "孤舟蓑笠翁独钓寒江雪",
+            "红豆生南国春来发几枝", "愿君多采撷此物最相思", "空山不见人但闻人语响", "返景入深林复照青苔上"]
+
+
+def test_curation_records_each_documents_language_drops_flagged_words_and_filters_languages(tmp_path):
+    import json
+    import random
+
+    from deepkiln.testing import paragraph
+
+    rng = random.Random(0)
+    zh = ["，".join(rng.sample(LINES_ZH, 8)) + "。" for _ in range(20)]
+    en = [paragraph(rng, 60) for _ in range(20)]
+    rude_en = [paragraph(rng, 50) + " damn" * 5 for _ in range(4)]
+    rude_zh = ["，".join(rng.sample(LINES_ZH, 8)) + "他妈的" * 3 + "。" for _ in range(3)]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "docs.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                                         for t in zh + en + rude_en + rude_zh))
+    (tmp_path / "en.txt").write_text("damn\n")
+    (tmp_path / "zh.txt").write_text("他妈的\n")
+    files, _ = list_inputs(str(tmp_path / "raw"))
+    splits = [s.to_dict() for s in plan_shards(files, 0, 1)[0]]
+
+    def curate(name, **data):
+        config = Config().to_dict()
+        config["data"].update(flagged_words={"en": str(tmp_path / "en.txt"), "zh": str(tmp_path / "zh.txt")}, **data)
+        owner = ShardOwner(name, splits, config, str(tmp_path / "prep"))
+        return owner.curate(), owner.table
+
+    stats, table = curate("all")
+    assert stats["dropped"] == {"flagged_words": 7} and stats["docs_kept"] == 40, stats
+    langs = table.column("lang").to_pylist()
+    assert sorted(set(langs)) == ["en", "zh"] and langs.count("zh") == 20
+    assert min(table.column("lang_share").to_pylist()) > 0.9
+    stats, table = curate("zh-only", languages=["zh"])
+    assert stats["dropped"] == {"flagged_words": 3, "language": 24} and set(table.column("lang").to_pylist()) == {"zh"}
+
+
+def test_a_missing_flagged_words_file_is_refused_by_name(tmp_path):
+    import pytest
+
+    from actors.shard import flagged_words
+
+    data = Config.from_dict({"data": {"flagged_words": {"zh": str(tmp_path / "none.txt")}}}).data
+    with pytest.raises(ValueError, match=r"data.flagged_words\['zh'\]=.*none.txt' does not exist"):
+        flagged_words(data)

@@ -5,9 +5,9 @@ from collections import Counter
 import pytest
 
 from deepkiln.text import (CJK_RE, CN_ID_CHECK, CN_ID_WEIGHTS, PII_TYPES, QUALITY_RULES,
-                           QualityArgs, cn_id_valid, dup_ngram, luhn_valid, mask_pii,
-                           mean_word_length, normalize, quality_reason, remove_urls, top_ngram,
-                           units)
+                           QualityArgs, cn_id_valid, dup_ngram, flagged_lists, flagged_ratio, language,
+                           luhn_valid, mask_pii, mean_word_length, normalize, quality_reason, remove_urls,
+                           strip_markup, top_ngram, units)
 
 EN = ("The old lighthouse stood at the edge of the cliff for more than a century, guiding fishing "
       "boats safely into the harbor during storms. Every evening the keeper climbed the narrow "
@@ -221,3 +221,48 @@ def test_masking_is_idempotent_and_placeholders_whole():
     assert mask_pii(once) == (once, {})
     rest = PLACEHOLDER_RE.sub("", once)
     assert "<" not in rest and ">" not in rest and not re.search(r"\d", rest)
+
+
+# ------------------------------------------------------------------------------ markup, language, flagged
+
+def test_markup_is_removed_whole_and_every_cjk_character_kept():
+    raw = ("\x1b[33m  -- \x1b[32m《静夜思》\x1b[m 床前明月光，疑是地上霜。^[[1;31m举头望明月^[[0m\n"
+           "<p>低头思故乡&nbsp;&amp; home</p><br/><div class=\"x\">Tom &lt;3 Jerry</div> &#x4e2d;&#25991;"
+           "<!-- hidden --><script>var x = '<b>';</script> \x1b]0;title\x07python <stdin> List<int> a < b")
+    clean, found = strip_markup(raw)
+    out = normalize(clean)
+    assert found == {"ansi": 6, "html_blocks": 2, "html_tags": 5, "html_entities": 5}, found
+    assert not re.search(r"\x1b|\^\[|\[\d*(;\d+)*m|&\w+;|<(p|div|br|script)|hidden|var x", out), out
+    cjk = "".join(CJK_RE.findall(raw))
+    assert "".join(CJK_RE.findall(out)) == cjk + "中文"  # every CJK character kept, entities decoded
+    assert "Tom <3 Jerry" in out and "<stdin> List<int> a < b" in out and "低头思故乡 & home" in out
+    plain = "No markup here: 3 < 4 & 5 > 2, [33m stays without its ESC."
+    assert strip_markup(plain) == (plain, {})
+
+
+@pytest.mark.parametrize("lang, sample", [
+    ("zh", "床前明月光，疑是地上霜。举头望明月，低头思故乡。这是一首关于思念家乡的诗。"),
+    ("zh", "學而時習之，不亦說乎？有朋自遠方來，不亦樂乎？人不知而不慍，不亦君子乎？"),
+    ("en", "The quick brown fox jumps over the lazy dog while the farmer watches from the porch."),
+    ("ja", "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"),
+    ("ru", "Я помню чудное мгновенье: передо мной явилась ты, как мимолётное виденье."),
+    ("de", "Der schnelle braune Fuchs springt über den faulen Hund und läuft in den Wald."),
+    ("fr", "Le renard brun rapide saute par-dessus le chien paresseux et court vers la forêt."),
+])
+def test_language_ids_are_right_on_a_multilingual_sample(lang, sample):
+    found, share = language(sample)
+    assert found == lang and share > 0.9
+
+
+def test_language_of_nothing_is_und():
+    assert language("") == ("und", 0.0) and language("12345 67 ... !!!")[0] in ("und", "en")
+
+
+def test_flagged_words_cover_words_whole_and_cjk_per_character():
+    flagged = flagged_lists(["Damn", "他妈的", "他妈", "# a comment", ""])
+    assert flagged == (frozenset({"damn"}), ("他妈的", "他妈"))
+    doc = "你他妈的真是 damn good, DAMN it; damnation is fine"
+    words = units(doc)
+    # 3 CJK characters of "他妈的" (its shorter entry not counted again) + "damn" twice, of 13 units.
+    assert flagged_ratio(doc, words, flagged) == pytest.approx(5 / len(words))
+    assert flagged_ratio("一切正常 all fine", units("一切正常 all fine"), flagged) == 0
