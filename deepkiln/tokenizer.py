@@ -15,6 +15,7 @@ import functools
 import io
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -41,22 +42,45 @@ _ESCAPE = re.compile("(" + "|".join(re.escape(s) for s in [*_ROLE_TOKENS, "\u258
 BATCH_THREADS_FROM = 16  # pieces; fewer are encoded one by one (see Tokenizer.encode_batch)
 
 
+def character_fit(texts: list[str], vocab_size: int) -> tuple[dict[int, None] | None, dict]:
+    """The characters a vocabulary of `vocab_size` holds as pieces of their own: at most half of the
+    pieces left after the byte and special ones, the most frequent first (Chinese text has thousands
+    of distinct characters: a 2,048 vocabulary keeps the ~900 commonest, which cover most of the text).
+    Returns a str.translate table removing the others from the training text (None: every character
+    fits) and {distinct_chars, kept_chars, kept_share}: kept_share is the share of the sample's
+    characters that are kept. Characters left out are still encoded, as their UTF-8 bytes."""
+    counts = Counter()
+    for text in texts:
+        counts.update(text)
+    budget = (vocab_size - 256 - len(SPECIAL_TOKENS)) // 2
+    ranked = counts.most_common()
+    total = sum(counts.values()) or 1
+    kept = ranked[:budget]
+    info = {"distinct_chars": len(ranked), "kept_chars": len(kept),
+            "kept_share": round(sum(n for _, n in kept) / total, 4)}
+    return ({ord(c): None for c, _ in ranked[budget:]} if len(ranked) > budget else None), info
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, character_coverage: float = 0.9995,
                     seed: int = 0) -> bytes:
     """Train a BPE model on `texts` (whole documents; newlines are kept) and return its bytes.
-    The same texts and arguments give identical bytes. `seed` seeds SentencePiece's global RNG; BPE
-    over the whole input draws no random numbers today, so it changes nothing yet."""
+    The same texts and arguments give identical bytes. Characters beyond what the vocabulary can hold
+    (`character_fit`) are left out of training and fall back to bytes, so any text trains at any
+    vocabulary size. `seed` seeds SentencePiece's global RNG; BPE over the whole input draws no random
+    numbers today, so it changes nothing yet."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size={vocab_size} is below the minimum {MIN_VOCAB_SIZE}: byte fallback "
                          f"needs 256 byte pieces plus {len(SPECIAL_TOKENS)} special tokens and one more")
     if not 0.98 <= character_coverage <= 1.0:
         raise ValueError(f"character_coverage={character_coverage} must be in [0.98, 1.0] (SentencePiece's range)")
+    texts = list(texts)
+    rare, _ = character_fit(texts, vocab_size)
     seen = {"docs": 0, "done": False}
 
     def documents():
         for text in texts:
             seen["docs"] += bool(text)
-            yield text
+            yield text.translate(rare) if rare else text
         seen["done"] = True
 
     spm.set_random_generator_seed(seed)

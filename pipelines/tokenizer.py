@@ -35,7 +35,7 @@ from deepkiln.config import load_config
 from deepkiln.corpus import load_registry, replace_folder, resolve, write_atomic
 from deepkiln.paths import RunPaths, is_uri
 from deepkiln.ray_utils import cpus_per_actor, init_ray
-from deepkiln.tokenizer import Tokenizer, load_tokenizer, tokenizer_in, train_tokenizer
+from deepkiln.tokenizer import Tokenizer, character_fit, load_tokenizer, tokenizer_in, train_tokenizer
 
 
 def main(argv=None) -> dict:
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     cpus = cpus_per_actor(cfg.data.shard_cpus, len(names), "data.shard_cpus")
     owners = [ShardOwnerActor.options(num_cpus=cpus).remote(n, [], cfg.to_dict(), prep) for n in names]
     try:
-        tok = imported(cfg) or trained(cfg, owners)
+        tok, fit = imported(cfg) or trained(cfg, owners)
         for name, data in tok.files().items():
             write_atomic(f"{out}/{name}", data)
         shards = ray.get([o.encode.remote(tok.files(), f"{out}/tokens") for o in owners])
@@ -70,6 +70,7 @@ def main(argv=None) -> dict:
                          f"model.vocab_size={cfg.model.vocab_size}")
     index = {
         "vocab_size": tok.vocab_size, "dtype": shards[0]["dtype"],
+        "characters": fit,  # what training kept as pieces (None: an imported tokenizer)
         "special_ids": sorted(tok.special_ids), "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
         "total_docs": sum(s["docs"] for s in shards), "total_tokens": sum(s["tokens"] for s in shards),
         "shards": shards, "tokenizer": f"../{next(iter(tok.files()))}",
@@ -86,7 +87,7 @@ def main(argv=None) -> dict:
 
 
 def imported(cfg):
-    """model.init's own tokenizer, or None without model.init."""
+    """(model.init's own tokenizer, None), or None without model.init."""
     if not cfg.model.init:
         return None
     found = tokenizer_in(cfg.model.init)
@@ -95,16 +96,21 @@ def imported(cfg):
                          "model's token ids need the tokenizer it was trained with")
     tok = load_tokenizer(found)
     print(f"tokenizer: using {found} ({tok.vocab_size} tokens) of the imported model", flush=True)
-    return tok
+    return tok, None
 
 
-def trained(cfg, owners) -> Tokenizer:
+def trained(cfg, owners) -> tuple[Tokenizer, dict]:
+    """A SentencePiece tokenizer trained on a sample of every shard, and its character_fit."""
     per_shard = -(-cfg.tokenizer.sample_docs // len(owners))
     samples = ray.get([o.sample.remote(per_shard, cfg.run.seed + i) for i, o in enumerate(owners)])
-    print(f"tokenizer: training BPE (vocab {cfg.tokenizer.vocab_size}) on "
-          f"{sum(map(len, samples)):,} sampled documents", flush=True)
-    return Tokenizer(train_tokenizer(chain.from_iterable(samples), cfg.tokenizer.vocab_size,
-                                     cfg.tokenizer.character_coverage, cfg.run.seed))
+    docs = list(chain.from_iterable(samples))
+    _, fit = character_fit(docs, cfg.tokenizer.vocab_size)
+    kept = ("every one" if fit["kept_chars"] == fit["distinct_chars"] else
+            f"the {fit['kept_chars']:,} commonest as pieces, {fit['kept_share']:.1%} of the text; the rest as bytes")
+    print(f"tokenizer: training BPE (vocab {cfg.tokenizer.vocab_size}) on {len(docs):,} sampled documents; "
+          f"{fit['distinct_chars']:,} distinct characters: {kept}", flush=True)
+    return Tokenizer(train_tokenizer(docs, cfg.tokenizer.vocab_size, cfg.tokenizer.character_coverage,
+                                     cfg.run.seed)), fit
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 import inspect
 import io
+import random
 import textwrap
 
 import pytest
@@ -7,7 +8,7 @@ import sentencepiece as spm
 from pydoc_data.topics import topics
 
 from deepkiln.tokenizer import (BATCH_THREADS_FROM, BOS_ID, EOS_ID, MIN_VOCAB_SIZE, PAD_ID, SPECIAL_TOKENS, UNK_ID,
-                                Tokenizer, train_tokenizer)
+                                Tokenizer, character_fit, train_tokenizer)
 
 VOCAB = 800
 CHINESE = [
@@ -128,9 +129,22 @@ def test_vocab_below_byte_fallback_minimum_is_rejected(vocab_size):
         train_tokenizer(CORPUS, vocab_size=vocab_size)
 
 
-def test_vocab_too_small_for_corpus_characters_is_rejected():
-    with pytest.raises(ValueError, match=r"vocab_size=300 .*character_coverage"):
-        train_tokenizer(CORPUS, vocab_size=300)
+def test_text_with_more_characters_than_the_vocabulary_holds_trains_and_round_trips():
+    """Chinese has thousands of distinct characters: a small vocabulary keeps the commonest as pieces
+    and encodes the rest as bytes, instead of refusing (it used to: '2048 vs 5582')."""
+    rng = random.Random(0)
+    chars = [chr(c) for c in range(0x4e00, 0x4e00 + 6000)]
+    weights = [1 / (i + 1) for i in range(len(chars))]  # Zipf, as characters are
+    docs = ["".join(rng.choices(chars, weights, k=300)) + "。" for _ in range(1000)]
+    _, fit = character_fit(docs, 2048)
+    assert fit["distinct_chars"] > 5000 and fit["kept_chars"] == (2048 - 256 - len(SPECIAL_TOKENS)) // 2
+    assert 0.7 < fit["kept_share"] < 1
+    tok = Tokenizer(train_tokenizer(docs, vocab_size=2048))
+    every = "".join(sorted(set("".join(docs))))
+    assert tok.decode(tok.encode(every)) == every  # every character round-trips
+    common, rare = chars[0], chars[-1]
+    assert len(tok.encode(common)) == 1 and len(tok.encode(rare)) == 3  # a piece, and its three UTF-8 bytes
+    assert character_fit(CORPUS, 2048)[0] is None  # an English corpus fits whole: nothing changes for it
 
 
 @pytest.mark.parametrize("kwargs,match", [
