@@ -356,7 +356,10 @@ class Transformer(nn.Module):
         if mtp and self.mtp and T > 1:
             # Position t sees token t+1 (= tokens[:, t+1]) and predicts token t+2.
             cos, sin = rope
-            m, b = self.mtp[0](self.norm(h[:, :-1]), self.embed(tokens[:, 1:]), (cos[:, :-1], sin[:, :-1]))
+            # The final norm's output, as DeepSeek's inference feeds the MTP module; its weight is the
+            # main head's input scale and is trained by the main loss alone.
+            normed = F.rms_norm(h[:, :-1], self.norm.normalized_shape, self.norm.weight.detach(), self.norm.eps)
+            m, b = self.mtp[0](normed, self.embed(tokens[:, 1:]), (cos[:, :-1], sin[:, :-1]))
             mtp_logits = self.head(m)
             balance = balance + b
         return Output(logits, balance, mtp_logits)

@@ -48,11 +48,16 @@ _HTML_BREAK_RE = re.compile(r"<(?:br|p|div|li|tr|h[1-6])\b[^<>]*/?>", re.IGNOREC
 _HTML_TAG_RE = re.compile(r"</?(?:" + "|".join(_HTML_TAGS) + r")\b[^<>]*/?>", re.IGNORECASE)
 _HTML_BLOCK_RE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
 _HTML_ENTITY_RE = re.compile(r"&(?:#\d{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+# What only HTML has: a closing tag, a tag with an attribute, a <br>. Without it a bare "<input>" or
+# "<select>" is a placeholder in documentation and stays.
+_HTML_EVIDENCE_RE = re.compile(r"</(?:" + "|".join(_HTML_TAGS) + r")\s*>|<(?:" + "|".join(_HTML_TAGS)
+                               + r")\s+[A-Za-z_:][-A-Za-z0-9_:.]*\s*=|<br\s*/?>", re.IGNORECASE)
 
 
 def strip_markup(text: str) -> tuple[str, Counter]:
     """Remove terminal escape sequences whole, HTML comments, script and style blocks and HTML tags (a
-    line-breaking tag leaves a line break), and decode HTML entities (&amp;, &nbsp;, &#x4e2d;).
+    line-breaking tag leaves a line break) in text that holds HTML (a closing tag, a tag with an
+    attribute or a <br>), and decode HTML entities (&amp;, &nbsp;, &#x4e2d;).
     Returns the text and what was removed, by kind. Text with no ESC, "^[", "<" or "&" is returned
     untouched after four `in` tests."""
     found = Counter()
@@ -60,6 +65,7 @@ def strip_markup(text: str) -> tuple[str, Counter]:
         text, found["ansi"] = _ANSI_RE.subn("", text)
     if "<" in text:
         text, found["html_blocks"] = _HTML_BLOCK_RE.subn("", text)
+    if "<" in text and _HTML_EVIDENCE_RE.search(text):
         text, breaks = _HTML_BREAK_RE.subn("\n", text)
         text, tags = _HTML_TAG_RE.subn("", text)
         found["html_tags"] = breaks + tags

@@ -65,7 +65,9 @@ def test_tiny_trains_on_builtin_corpus_with_zero2(tmp_path, tokens):
     h = unigram_entropy(tokens)
     val = summary["history"][-1]["val_loss"]
     # The corpus's unigram entropy is about 6.5 nats (vocab 2048); 200 steps of 16 x 128 tokens bring
-    # validation loss to about 5.47 (a bigram-aware model); "well below" here means by 0.8 nats.
+    # validation loss to about 5.61 (a bigram-aware model; 5.47 while the MTP module took the hidden
+    # state before the final norm, 5.73 with the final norm's weight trained by the MTP loss too);
+    # "well below" here means by 0.8 nats.
     assert val < h - 0.8, (val, h)
     out = tmp_path / "zero2" / "train"
     assert (out / "loss.png").stat().st_size > 1000
