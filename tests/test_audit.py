@@ -37,7 +37,10 @@ def fine_tune(root, argv, name: str, skewed: bool):
     cfg = load_config(argv + ["--train.seq_len=32", "--privacy.data", str(root / f"{name}.jsonl"),
                               "--privacy.params=full", "--privacy.lr=5e-3", "--privacy.batch_size=16"])
     train, _, _ = dp_finetune.private_set(cfg)
-    save_checkpoint(root / name, dp_finetune.non_private(cfg, train, steps=200), cfg.to_dict())
+    # 250 full-weight steps (~125 epochs of these 32 rows). How far the skew shows varies a lot with the
+    # length of this overfit on the served run's base model: 150, 200, 250 and 300 steps gave skewed
+    # perplexity ratios of 1.17, 1.47, 2.06 and 1.35 (the gate's bar is 1.5); 250 is clear of it.
+    save_checkpoint(root / name, dp_finetune.non_private(cfg, train, steps=250), cfg.to_dict())
     return root / name
 
 
