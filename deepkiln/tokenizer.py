@@ -302,9 +302,11 @@ class HFTokenizer:
         return None if token is None else self._tok.token_to_id(token)
 
     def _byte_level(self) -> bool:
+        """Whether the decoder (or one in its sequence) is ByteLevel: read from the parsed decoder's
+        own state, not by parsing the whole tokenizer.json (megabytes for published ones) again."""
         import json
 
-        decoder = json.loads(self._json).get("decoder") or {}
+        decoder = json.loads(self._tok.decoder.__getstate__()) if self._tok.decoder is not None else {}
         kinds = [decoder.get("type"), *(d.get("type") for d in decoder.get("decoders", []))]
         return "ByteLevel" in kinds
 
