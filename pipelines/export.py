@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from deepkiln.config import Config, load_config
-from deepkiln.corpus import replace_folder
+from deepkiln.corpus import read_bytes, replace_folder
 from deepkiln.hf import load_start, write_hf_weights
 from deepkiln.hf_config import hf_config
 from deepkiln.model import Transformer, count_params
@@ -105,8 +105,10 @@ def export_pt2(model: Transformer, out: Path, example=(2, 16)) -> dict:
     return {"file": "model.pt2", "inputs": {"input_ids": "int64 [batch, sequence]"}}
 
 
-def _read(path: str) -> dict | None:
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+def _read(uri: str) -> dict | None:
+    """A stage's JSON report, or None where the run has none (read_bytes: local paths and URIs alike)."""
+    raw = read_bytes(uri)
+    return json.loads(raw) if raw is not None else None
 
 
 def model_card(cfg: Config, model: Transformer, origin: dict, tok) -> str:
