@@ -126,11 +126,10 @@ class RunPaths:
 def _tokenizer_file(cfg: Config) -> str:
     """tokenizer.model (SentencePiece: trained here, or an imported one), or tokenizer.json when
     model.init's folder brings only a `tokenizers` one."""
-    init = cfg.model.init
-    if init and not is_uri(init) and not os.path.isfile(f"{init}/tokenizer.model") \
-            and os.path.isfile(f"{init}/tokenizer.json"):
-        return "tokenizer.json"
-    return "tokenizer.model"
+    from deepkiln.tokenizer import tokenizer_in
+
+    found = tokenizer_in(cfg.model.init) if cfg.model.init and not is_uri(cfg.model.init) else None
+    return found.name if found else "tokenizer.model"
 
 
 def tokenizer_files(tokenizer: str | Path) -> dict[str, str]:
