@@ -2,7 +2,8 @@
 
 Stages, each persisted so that a restarted actor (whose `__init__` runs again with empty memory)
 finds the finished ones on storage and does not redo them:
-  curate   read -> normalise -> strip URLs -> quality rules -> PII mask -> exact hash + MinHash
+  curate   read -> strip markup -> normalise -> strip URLs -> language -> quality rules -> flagged
+           words -> PII mask -> exact hash, MinHash signature, SimHash fingerprint
            => <prep>/work/<name>/curated.parquet + curated.json
   finalize drop the duplicates the driver resolved across all shards => <prep>/shards/<name>.parquet
   encode   tokenize the final shard => <tokens>/<name>.bin (packed ids) + <name>.idx.npy (doc offsets)
@@ -21,8 +22,9 @@ import ray
 
 from deepkiln import dedup, text
 from deepkiln.config import Config
-from deepkiln.corpus import Split, read_bytes, read_split, read_table, write_atomic
+from deepkiln.corpus import Split, list_inputs, plan_shards, read_bytes, read_split, read_table, write_atomic
 from deepkiln.faults import kill_once
+from deepkiln.ngram import KneserNey
 
 MINHASH_BATCH = 512  # documents per vectorised MinHash call
 
@@ -41,19 +43,24 @@ class ShardOwner:
         stats = read_bytes(self.stats_uri)
         self.stats = json.loads(stats) if stats is not None else None
         self.table = read_table(self.curated_uri) if self.stats is not None else None
+        if self.table is not None and "simhash" not in self.table.column_names:  # curated before SimHash
+            _, fingerprints, shingles = self._fingerprints(self.table.column("text").to_pylist())
+            self.table = self.table.append_column("simhash", pa.array(fingerprints)).append_column(
+                "shingles", pa.array(shingles.astype(np.int32)))
 
     def progress(self) -> int:
         return self.docs_seen
 
-    def curate(self) -> dict:
-        """Run the curation stage (or return its saved stats) for this shard's splits."""
+    def curate(self, model: KneserNey | None = None) -> dict:
+        """Run the curation stage (or return its saved stats) for this shard's splits; with a
+        reference model, every kept document's perplexity under it is stored too."""
         if self.table is not None:
             return self.stats
         d = self.cfg.data
         quality = d.quality
         start = time.perf_counter()
         drops, pii, markup, problems = Counter(), Counter(), Counter(), []
-        ids, sources, texts, langs, shares, docs_in, urls = [], [], [], [], [], 0, 0
+        ids, sources, texts, langs, shares, ppl, docs_in, urls = [], [], [], [], [], [], 0, 0
         for split in self.splits:
             for rec in read_split(split, d.text_field):
                 if "error" in rec:
@@ -63,20 +70,16 @@ class ShardOwner:
                 self.docs_seen += 1
                 if self.docs_seen == 100:
                     kill_once()  # no-op unless a kill test armed it
-                raw = rec["text"]
-                if d.strip_markup:
-                    raw, found = text.strip_markup(raw)
-                    markup.update(found)
-                clean = text.normalize(raw)
-                if d.remove_urls:
-                    clean, n = text.remove_urls(clean)
-                    urls += n
+                clean, found, n = clean_text(rec["text"], d)
+                markup.update(found)
+                urls += n
                 lang, share = text.language(clean)
                 reason = ("language" if d.languages and lang not in d.languages else
                           text.quality_reason(clean, quality) or self._flagged(clean, lang))
                 if reason:
                     drops[reason] += 1
                     continue
+                ppl.append(model.perplexity(clean) if model is not None else None)
                 clean, found = text.mask_pii(clean)
                 pii.update(found)
                 ids.append(rec["id"])
@@ -84,17 +87,18 @@ class ShardOwner:
                 texts.append(clean)
                 langs.append(lang)
                 shares.append(share)
-        sig = np.concatenate(
-            [dedup.minhash(texts[i:i + MINHASH_BATCH], d.num_perm, d.shingle_size, self.cfg.run.seed)
-             for i in range(0, len(texts), MINHASH_BATCH)] or [np.zeros((0, d.num_perm), np.uint32)])
+        sig, fingerprints, shingles = self._fingerprints(texts)
         table = pa.table({
             "id": pa.array(ids, pa.int64()),
             "source": pa.array(sources, pa.string()),
             "text": pa.array(texts, pa.string()),
             "lang": pa.array(langs, pa.string()),
             "lang_share": pa.array(shares, pa.float32()),
+            "ppl": pa.array(ppl, pa.float32()),
             "exact": pa.array(np.array([dedup.exact_hash(t) for t in texts], dtype=np.uint64)),
             "sig": pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), d.num_perm),
+            "simhash": pa.array(fingerprints),
+            "shingles": pa.array(shingles.astype(np.int32)),
         })
         stats = {"shard": self.name, "docs_in": docs_in, "docs_kept": len(ids), "urls_removed": urls,
                  "markup_removed": dict(sorted(markup.items())), "dropped": dict(sorted(drops.items())),
@@ -104,6 +108,19 @@ class ShardOwner:
         write_atomic(self.stats_uri, json.dumps(stats, indent=1).encode())  # written last: the stage is done
         self.table, self.stats = table, stats
         return stats
+
+    def _fingerprints(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """MinHash signatures (N, P), SimHash fingerprints (N,) and shingle counts (N,), from one
+        shingling of each batch."""
+        d, parts = self.cfg.data, []
+        for i in range(0, len(texts), MINHASH_BATCH):
+            batch = texts[i:i + MINHASH_BATCH]
+            shingles, doc = dedup.shingle_hashes(batch, d.shingle_size)
+            parts.append((dedup.minhash_of(shingles, doc, len(batch), d.num_perm, self.cfg.run.seed),
+                          *dedup.simhash_of(shingles, doc, len(batch))))
+        if not parts:
+            return np.zeros((0, d.num_perm), np.uint32), np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        return tuple(np.concatenate(column) for column in zip(*parts))
 
     def _flagged(self, clean: str, lang: str) -> str | None:
         """"flagged_words" when the lists for `lang` (and for every language) cover too much of it."""
@@ -117,33 +134,57 @@ class ShardOwner:
         return self.table.column("sig").combine_chunks().flatten().to_numpy().reshape(len(self.table), -1)
 
     def band_keys(self, n_owners: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(band, key, id) triples split by owning LshBucketOwner (key mod n_owners). Band index
-        `bands` carries the exact hash; documents too short for a shingle only get that one."""
+        """(band, key, id) triples split by owning LshBucketOwner (key mod n_owners). Bands below
+        `bands` are MinHash's LSH bands, band `bands` carries the exact hash and the bands above it
+        are SimHash's tables (each as data.near_dup_method asks); documents too short for a shingle
+        only get the exact one."""
         d = self.cfg.data
         ids = self.table.column("id").to_numpy()
-        sig = self._signatures()
-        keys = dedup.band_keys(sig, d.bands, d.rows)                    # (N, Bd)
-        has_shingles = ~(sig == dedup.EMPTY).all(axis=1)
-        band = np.broadcast_to(np.arange(d.bands, dtype=np.int32), keys.shape)[has_shingles].ravel()
-        key = keys[has_shingles].ravel()
-        doc = np.repeat(ids[has_shingles], d.bands)
-        band = np.concatenate([band, np.full(len(ids), d.bands, dtype=np.int32)])
-        key = np.concatenate([key, self.table.column("exact").to_numpy()])
-        doc = np.concatenate([doc, ids])
+        has_shingles = self.table.column("shingles").to_numpy() > 0
+        parts = [(np.full(len(ids), d.bands, dtype=np.int32), self.table.column("exact").to_numpy(), ids)]
+        if d.near_dup_method in ("minhash", "both"):
+            parts.append(_triples(dedup.band_keys(self._signatures(), d.bands, d.rows), ids, has_shingles, 0))
+        if d.near_dup_method in ("simhash", "both"):
+            keys = dedup.simhash_keys(self.table.column("simhash").to_numpy(), d.simhash_max_distance)
+            parts.append(_triples(keys, ids, has_shingles, d.bands + 1))
+        band, key, doc = (np.concatenate(column) for column in zip(*parts))
         owner = key % np.uint64(n_owners)
         return [(band[owner == j], key[owner == j], doc[owner == j]) for j in range(n_owners)]
 
-    def signatures(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, signatures) of the requested documents that this shard owns."""
+    def signatures(self, ids: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(ids, MinHash signatures, SimHash fingerprints, shingle counts) of the requested documents
+        that this shard owns."""
         mine = np.isin(self.table.column("id").to_numpy(), ids)
-        return self.table.column("id").to_numpy()[mine], self._signatures()[mine]
+        return (self.table.column("id").to_numpy()[mine], self._signatures()[mine],
+                self.table.column("simhash").to_numpy()[mine], self.table.column("shingles").to_numpy()[mine])
 
-    def finalize(self, drop: np.ndarray) -> dict:
-        """Write the shard without the dropped duplicates (id, source, text, lang, lang_share); idempotent."""
-        keep = ~np.isin(self.table.column("id").to_numpy(), drop)
-        final = self.table.select(["id", "source", "text", "lang", "lang_share"]).filter(pa.array(keep))
+    def perplexities(self) -> tuple[list[str], np.ndarray]:
+        """(language, perplexity) of every curated document (NaN where none was scored)."""
+        return self.table.column("lang").to_pylist(), self._ppl()
+
+    def _ppl(self) -> np.ndarray:
+        if "ppl" not in self.table.column_names:  # curated before perplexities were stored
+            return np.full(len(self.table), np.nan, dtype=np.float32)
+        return self.table.column("ppl").to_numpy(zero_copy_only=False)
+
+    def finalize(self, drop: np.ndarray, cutoffs: dict[str, dict[str, float]] | None = None) -> dict:
+        """Write the shard without the dropped duplicates and, with `cutoffs` ({language: {p33, p66,
+        max}}), without documents whose perplexity is above their language's max, each with its
+        tercile bucket (head, middle, tail); idempotent. Columns: id, source, text, lang,
+        lang_share, ppl, ppl_bucket."""
+        ids, langs, ppl = self.table.column("id").to_numpy(), self.table.column("lang").to_pylist(), self._ppl()
+        duplicate = np.isin(ids, drop)
+        cut = [(cutoffs or {}).get(lang) for lang in langs]
+        bucket = [None if c is None or np.isnan(p) else "head" if p <= c["p33"] else "middle" if p <= c["p66"]
+                  else "tail" for c, p in zip(cut, ppl)]
+        too_perplexing = np.array([c is not None and p > c["max"] for c, p in zip(cut, ppl)], dtype=bool)
+        keep = ~duplicate & ~too_perplexing
+        final = self.table.select(["id", "source", "text", "lang", "lang_share"])
+        final = final.append_column("ppl", pa.array(ppl, pa.float32(), from_pandas=True))  # NaN: null
+        final = final.append_column("ppl_bucket", pa.array(bucket, pa.string())).filter(pa.array(keep))
         write_atomic(self.final_uri, final)
-        return {"shard": self.name, "docs_out": final.num_rows, "duplicates_removed": int((~keep).sum()),
+        return {"shard": self.name, "docs_out": final.num_rows, "duplicates_removed": int(duplicate.sum()),
+                "perplexity_removed": int((too_perplexing & ~duplicate).sum()),
                 "languages": dict(Counter(final.column("lang").to_pylist()).most_common())}
 
     def final_texts(self) -> list[str]:
@@ -176,6 +217,38 @@ class ShardOwner:
         write_atomic(f"{tokens_dir}/{self.name}.idx.npy", buf.getvalue())
         return {"shard": self.name, "docs": len(docs), "tokens": int(lengths.sum()),
                 "dtype": np.dtype(dtype).name, "bin": f"{self.name}.bin", "idx": f"{self.name}.idx.npy"}
+
+
+def clean_text(raw: str, d) -> tuple[str, Counter, int]:
+    """The text as curation sees it (markup stripped, normalised, URLs removed, as data asks), the
+    markup removed by kind and the number of URLs removed."""
+    found, urls = Counter(), 0
+    if d.strip_markup:
+        raw, found = text.strip_markup(raw)
+    clean = text.normalize(raw)
+    if d.remove_urls:
+        clean, urls = text.remove_urls(clean)
+    return clean, found, urls
+
+
+def reference_model(d) -> KneserNey | None:
+    """The Kneser-Ney model of data.quality_reference's text, cleaned as documents are; None without one."""
+    if not d.quality_reference:
+        return None
+    texts = []
+    for uri in d.quality_reference:
+        files, _ = list_inputs(uri)
+        for split in plan_shards(files, 0, 1)[0]:
+            texts += [clean_text(rec["text"], d)[0] for rec in read_split(split, d.text_field) if "error" not in rec]
+    if not texts:
+        raise ValueError(f"data.quality_reference={d.quality_reference} holds no text")
+    return KneserNey.fit(texts, d.quality_order)
+
+
+def _triples(keys: np.ndarray, ids: np.ndarray, keep: np.ndarray, first_band: int):
+    """(band, key, id) triples of a (N, T) key table, bands numbered from first_band, rows in keep."""
+    band = np.broadcast_to(np.arange(first_band, first_band + keys.shape[1], dtype=np.int32), keys.shape)
+    return band[keep].ravel(), keys[keep].ravel(), np.repeat(ids[keep], keys.shape[1])
 
 
 def flagged_words(d) -> dict[str, tuple]:

@@ -7,7 +7,9 @@ Corpus: random paragraphs plus planted pairs at known word-5-gram Jaccard simila
 (J >= 0.8) and hard negatives (J <= 0.5); nothing in between, so precision and recall measure the
 method, not the threshold. Near-dedup (ours: vectorised MinHash + LSH bands + signature check) and a
 datasketch MinHash(update_batch) + MinHashLSH loop with the same check run on the same documents
-with the same shingles, permutations and bands x rows, in this process, on one core each.
+with the same shingles, permutations and bands x rows, in this process, on one core each. SimHash
+(blocked search + length-scaled Hamming check) runs on the same documents too: it is built for
+near-exact copies, so its recall on pairs at Jaccard 0.8 is expected to be low and its precision high.
 """
 
 from __future__ import annotations
@@ -56,14 +58,28 @@ def make_docs(n_docs: int, n_pairs: int, size: int, seed: int = 0):
     return docs, planted
 
 
+def _pairs(keys: np.ndarray) -> np.ndarray:
+    """Candidate pairs from a (N, T) table of band keys."""
+    band = np.broadcast_to(np.arange(keys.shape[1]), keys.shape).ravel()
+    return dedup.bucket_pairs(band, keys.ravel(), np.repeat(np.arange(len(keys)), keys.shape[1]))
+
+
 def ours(docs: list[str], d: DataArgs) -> set[tuple[int, int]]:
+    """MinHash + LSH bands + signature check, as the pipeline runs it."""
     sig = np.concatenate([dedup.minhash(docs[i:i + 512], d.num_perm, d.shingle_size)
                           for i in range(0, len(docs), 512)])
-    keys = dedup.band_keys(sig, d.bands, d.rows)
-    band = np.broadcast_to(np.arange(d.bands), keys.shape).ravel()
-    ids = np.repeat(np.arange(len(docs)), d.bands)
-    cand = dedup.bucket_pairs(band, keys.ravel(), ids)
+    cand = _pairs(dedup.band_keys(sig, d.bands, d.rows))
     ok = dedup.estimated_jaccard(sig[cand[:, 0]], sig[cand[:, 1]]) >= d.near_dup_threshold
+    return {tuple(p) for p in cand[ok].tolist()}
+
+
+def ours_simhash(docs: list[str], d: DataArgs) -> set[tuple[int, int]]:
+    """SimHash + blocked search + the length-scaled Hamming check, as the pipeline runs it."""
+    fp, n = (np.concatenate(part) for part in zip(*(dedup.simhash(docs[i:i + 512], d.shingle_size)
+                                                   for i in range(0, len(docs), 512))))
+    cand = _pairs(dedup.simhash_keys(fp, d.simhash_max_distance))
+    a, b = cand[:, 0], cand[:, 1]
+    ok = dedup.simhash_close(fp[a], fp[b], n[a], n[b], d.simhash_distance, d.simhash_max_distance)
     return {tuple(p) for p in cand[ok].tolist()}
 
 
@@ -116,14 +132,40 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--docs", type=int, default=20000)
     p.add_argument("--pairs", type=int, default=300)
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="near-dedup figures only (the prepare pipeline's docs_per_s_1/_2 are left out)")
     opts = p.parse_args(argv)
     d = DataArgs()
     docs, planted = make_docs(opts.docs, opts.pairs, d.shingle_size)
     found, t_ours = timed(ours, docs, d)
+    found_sim, t_sim = timed(ours_simhash, docs, d)
     found_ds, t_ds = timed(datasketch_loop, docs, d)
     recall, precision = score(found, planted)
+    sim_recall, sim_precision = score(found_sim, planted)
     ds_recall, ds_precision = score(found_ds, planted)
 
+    result = {
+        "cpu_capability": cpu_capability(), "dtype": None,  # curation runs no model
+        "docs": len(docs), "planted_positive_pairs": len(planted["pos"]),
+        "planted_negative_pairs": len(planted["neg"]),
+        "params": {"shingle_size": d.shingle_size, "num_perm": d.num_perm, "bands": d.bands, "rows": d.rows,
+                   "verify_threshold": d.near_dup_threshold, "simhash_distance": d.simhash_distance,
+                   "simhash_max_distance": d.simhash_max_distance},
+        "dedup_docs_per_s": round(len(docs) / t_ours, 1), "datasketch_docs_per_s": round(len(docs) / t_ds, 1),
+        "dedup_speedup_vs_datasketch": round(t_ds / t_ours, 2),
+        "recall": round(recall, 4), "precision": round(precision, 4),
+        "datasketch_recall": round(ds_recall, 4), "datasketch_precision": round(ds_precision, 4),
+        "simhash_docs_per_s": round(len(docs) / t_sim, 1),
+        "simhash_recall": round(sim_recall, 4), "simhash_precision": round(sim_precision, 4),
+    }
+    if not opts.no_pipeline:
+        result.update(pipeline_figures(docs))
+    print(json.dumps(result))
+    return result
+
+
+def pipeline_figures(docs: list[str]) -> dict:
+    """pipelines.prepare's throughput on the documents with 1 and 2 shards, on a local Ray."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -133,20 +175,7 @@ def main(argv=None) -> dict:
             two = pipeline_docs_per_s(docs, 2, Path(tmp))
     finally:
         ray.shutdown()
-    result = {
-        "cpu_capability": cpu_capability(), "dtype": None,  # curation runs no model
-        "docs": len(docs), "planted_positive_pairs": len(planted["pos"]),
-        "planted_negative_pairs": len(planted["neg"]),
-        "params": {"shingle_size": d.shingle_size, "num_perm": d.num_perm, "bands": d.bands, "rows": d.rows,
-                   "verify_threshold": d.near_dup_threshold},
-        "docs_per_s_1": round(one, 1), "docs_per_s_2": round(two, 1), "scaling_2_vs_1": round(two / one, 3),
-        "dedup_docs_per_s": round(len(docs) / t_ours, 1), "datasketch_docs_per_s": round(len(docs) / t_ds, 1),
-        "dedup_speedup_vs_datasketch": round(t_ds / t_ours, 2),
-        "recall": round(recall, 4), "precision": round(precision, 4),
-        "datasketch_recall": round(ds_recall, 4), "datasketch_precision": round(ds_precision, 4),
-    }
-    print(json.dumps(result))
-    return result
+    return {"docs_per_s_1": round(one, 1), "docs_per_s_2": round(two, 1), "scaling_2_vs_1": round(two / one, 3)}
 
 
 if __name__ == "__main__":

@@ -109,6 +109,15 @@ class DataArgs(Section):
     max_flagged_ratio: float = Field(0.02, ge=0, le=1)
     """Drop a document when flagged words cover more than this share of its units (words; CJK:
     characters)."""
+    quality_reference: list[str] = []
+    """Model-based quality: files or folders (local paths or URIs; txt, jsonl, parquet) of text the
+    user trusts. A Kneser-Ney n-gram model of them gives every document a perplexity, stored with it
+    (`ppl`, and its language's tercile `ppl_bucket`: head, middle, tail, as CCNet); empty: no model."""
+    quality_order: int = Field(3, ge=1, le=6)
+    """The n of that n-gram model (units: lower-cased words; CJK: characters)."""
+    max_perplexity_percentile: float = Field(1.0, gt=0, le=1)
+    """Drop documents whose perplexity is above this percentile of their language's (1.0 keeps
+    every one); the report records each language's cut-offs."""
     shingle_size: int = Field(5, ge=1)
     """MinHash shingle: this many consecutive words (CJK: characters)."""
     num_perm: int = Field(128, ge=1)
@@ -117,8 +126,18 @@ class DataArgs(Section):
     """LSH bands; bands x rows must not exceed num_perm."""
     rows: int = Field(6, ge=1)
     """Signature values per LSH band."""
-    near_dup_threshold: float = 0.7
-    """Candidate pairs are duplicates when their estimated Jaccard similarity reaches this."""
+    near_dup_threshold: float = Field(0.7, gt=0, le=1)
+    """MinHash candidate pairs are duplicates when their estimated Jaccard similarity reaches this."""
+    near_dup_method: Literal["minhash", "simhash", "both"] = "both"
+    """Near-duplicate search: MinHash with LSH bands (similar shingle sets), SimHash with a blocked
+    search (near-exact copies, with a threshold that grows for short documents), or both (a pair
+    either finds is a duplicate)."""
+    simhash_distance: int = Field(3, ge=0, le=12)
+    """SimHash: the Hamming distance (of 64 bits) within which two documents of 100 or more shingles
+    are near duplicates; shorter ones get distance x sqrt(100 / shingles), up to simhash_max_distance."""
+    simhash_max_distance: int = Field(6, ge=0, le=12)
+    """SimHash: the largest threshold, for the shortest documents. The blocked search cuts the 64 bits
+    into this + 2 blocks and has one table per pair of blocks (28 tables at 6)."""
     bucket_owners: int = Field(2, ge=1)
     """LshBucketOwner actors, each owning a slice of the band space."""
     quality: QualityArgs = Field(default_factory=QualityArgs)
@@ -128,6 +147,9 @@ class DataArgs(Section):
     def _check(self) -> DataArgs:
         if self.bands * self.rows > self.num_perm:
             raise ValueError(f"data.bands x data.rows = {self.bands * self.rows} exceeds data.num_perm={self.num_perm}")
+        if self.simhash_distance > self.simhash_max_distance:
+            raise ValueError(f"data.simhash_distance={self.simhash_distance} exceeds "
+                             f"data.simhash_max_distance={self.simhash_max_distance}")
         return self
 
 

@@ -1,15 +1,18 @@
-"""Exact and near-duplicate detection: normalised-text hashes, MinHash signatures, LSH bands.
+"""Exact and near-duplicate detection: normalised-text hashes, MinHash signatures and LSH bands,
+SimHash fingerprints and their blocked search.
 
 Everything is vectorised over a batch of documents with NumPy: texts become one array of code
 points, words (or single CJK characters) are hashed with a polynomial prefix hash, w-unit shingles
 are combined from those, and every permutation is a multiply-shift hash. No per-shingle Python.
 
-Shape legend: N documents, U units (words / CJK chars), S shingles, P permutations, Bd bands, Rw rows.
+Shape legend: N documents, U units (words / CJK chars), S shingles, P permutations, Bd bands, Rw rows,
+T SimHash tables.
 """
 
 from __future__ import annotations
 
 import hashlib
+from itertools import combinations
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -95,25 +98,95 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def _segments(doc: np.ndarray) -> np.ndarray:
+    """Start of every run of equal document indices in `doc` (sorted)."""
+    return np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+
+
 def minhash(texts: list[str], num_perm: int = 128, shingle_size: int = 5, seed: int = 0,
             chunk: int = 1024) -> np.ndarray:
     """MinHash signatures (N, P) uint32. A document without shingles gets all EMPTY."""
+    return minhash_of(*shingle_hashes(texts, shingle_size), len(texts), num_perm, seed, chunk)
+
+
+def minhash_of(shingles: np.ndarray, doc: np.ndarray, n_docs: int, num_perm: int = 128, seed: int = 0,
+               chunk: int = 1024) -> np.ndarray:
+    """MinHash signatures (N, P) uint32 of shingle_hashes' output for n_docs documents."""
     a, b = permutations(num_perm, seed)
-    sig = np.full((len(texts), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
-    shingles, doc = shingle_hashes(texts, shingle_size)
+    sig = np.full((n_docs, num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
     buf = np.empty((chunk, num_perm), dtype=np.uint64)  # a cache-sized block of (S, P) hashes
     for lo in range(0, len(shingles), chunk):
         s, d = shingles[lo:lo + chunk], doc[lo:lo + chunk]
         h = buf[:len(s)]
         np.multiply(s[:, None], a, out=h)
         h += b
-        first = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])                    # segment starts
+        first = _segments(d)
         docs = d[first]
         # The min of the full 64-bit values has the min top 32 bits: shift once, after reducing.
         sig[docs] = np.minimum(sig[docs], np.minimum.reduceat(h, first, axis=0))
     out = (sig >> np.uint64(32)).astype(np.uint32)
     out[(sig == np.iinfo(np.uint64).max).all(axis=1)] = EMPTY
     return out
+
+
+SIMHASH_BITS = 64
+SIMHASH_REFERENCE_SHINGLES = 100  # documents this long (or longer) get the base Hamming threshold
+
+
+def simhash_of(shingles: np.ndarray, doc: np.ndarray, n_docs: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """SimHash fingerprints (N,) uint64 and shingle counts (N,) int64 of shingle_hashes' output:
+    bit i of a fingerprint is set when bit i is set in more than half of the document's (mixed,
+    64-bit) shingle hashes. A document without shingles gets 0 and a count of 0."""
+    counts = np.bincount(doc, minlength=n_docs)
+    ones = np.zeros((n_docs, SIMHASH_BITS), dtype=np.int64)
+    for lo in range(0, len(shingles), chunk):
+        s, d = shingles[lo:lo + chunk], doc[lo:lo + chunk]
+        bits = np.unpackbits(s.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+        first = _segments(d)
+        ones[d[first]] += np.add.reduceat(bits.astype(np.int32), first, axis=0)
+    majority = 2 * ones > counts[:, None]
+    fingerprints = np.packbits(majority, axis=1, bitorder="little").view("<u8").ravel().astype(np.uint64)
+    return fingerprints, counts
+
+
+def simhash(texts: list[str], shingle_size: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """SimHash fingerprints (N,) uint64 and shingle counts (N,) of the texts."""
+    return simhash_of(*shingle_hashes(texts, shingle_size), len(texts))
+
+
+def simhash_threshold(shingles: np.ndarray, distance: int, max_distance: int) -> np.ndarray:
+    """The Hamming threshold for documents of `shingles` shingles: `distance` at
+    SIMHASH_REFERENCE_SHINGLES or more, growing as sqrt(reference / shingles) for shorter ones (a
+    fixed number of edited words changes a share of shingles ~ 1/n, and the expected distance grows
+    with the square root of that share), capped at `max_distance`."""
+    scaled = np.rint(distance * np.sqrt(SIMHASH_REFERENCE_SHINGLES / np.maximum(shingles, 1)))
+    return np.clip(scaled, distance, max_distance).astype(np.int64)
+
+
+def simhash_masks(max_distance: int) -> list[int]:
+    """Blocked search for pairs within `max_distance`: the 64 bits are cut into max_distance + 2
+    contiguous blocks; at most max_distance of them can differ, so two of them agree, and every pair
+    of blocks is one table (its mask). Exact: no pair within the distance is missed."""
+    edges = np.linspace(0, SIMHASH_BITS, max_distance + 3).round().astype(int)
+    blocks = [((1 << int(hi)) - 1) ^ ((1 << int(lo)) - 1) for lo, hi in zip(edges[:-1], edges[1:])]
+    return [a | b for a, b in combinations(blocks, 2)]
+
+
+def simhash_keys(fingerprints: np.ndarray, max_distance: int) -> np.ndarray:
+    """Blocked-search keys (N, T) uint64: each table's masked fingerprint, mixed."""
+    masks = np.array(simhash_masks(max_distance), dtype=np.uint64)
+    return _mix(fingerprints[:, None] & masks)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between two uint64 fingerprint arrays."""
+    return np.bitwise_count(a ^ b).astype(np.int64)
+
+
+def simhash_close(fp_a: np.ndarray, fp_b: np.ndarray, n_a: np.ndarray, n_b: np.ndarray, distance: int,
+                  max_distance: int) -> np.ndarray:
+    """Which pairs are near duplicates: within the Hamming threshold of the shorter document."""
+    return hamming(fp_a, fp_b) <= simhash_threshold(np.minimum(n_a, n_b), distance, max_distance)
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:

@@ -5,8 +5,9 @@
     ray job submit --working-dir . -- python -m pipelines.prepare --config configs/small.yaml --data.input=...
 
 One ShardOwner actor per shard curates its files; LshBucketOwner actors pair up documents whose
-LSH band keys (and exact hashes) collide across all shards; candidates are verified on their
-MinHash signatures and every duplicate cluster keeps its lowest id. Output, under
+exact hashes, MinHash LSH band keys or SimHash table keys collide across all shards; candidates are
+verified on their MinHash signatures or SimHash fingerprints and every duplicate cluster keeps its
+lowest id. Output, under
 <run_dir>/<run.name>/prepare/: shards/<gen>-shard-<i>.parquet (id, source, text),
 prepare_report.json, files.json (the file registry). Run again with new files in the input and only
 those are prepared, deduplicated against everything prepared before (a new generation).
@@ -23,10 +24,10 @@ import numpy as np
 import ray
 
 from actors.dedup_index import LshBucketOwnerActor
-from actors.shard import ShardOwnerActor, flagged_words
+from actors.shard import ShardOwnerActor, flagged_words, reference_model
 from deepkiln.config import load_config
 from deepkiln.corpus import list_inputs, load_registry, plan_shards, read_bytes, write_atomic
-from deepkiln.dedup import duplicates_to_drop, estimated_jaccard, jaccard_threshold
+from deepkiln.dedup import duplicates_to_drop, estimated_jaccard, jaccard_threshold, simhash_close
 from deepkiln.paths import RunPaths
 from deepkiln.ray_utils import cpus_per_actor, init_ray
 
@@ -47,17 +48,39 @@ def _wait(refs: list, owners: list, what: str, every: float = 5.0) -> list:
     return ray.get(refs)
 
 
-def _near_duplicates(cand: np.ndarray, owners: list, threshold: float) -> np.ndarray:
-    """Keep the candidate pairs whose MinHash signatures agree on at least `threshold`."""
-    if len(cand) == 0:
-        return cand
-    found = ray.get([o.signatures.remote(np.unique(cand)) for o in owners])
-    ids = np.concatenate([f[0] for f in found])
-    sigs = np.concatenate([f[1] for f in found])
+def _near_duplicates(minhash: np.ndarray, simhash: np.ndarray, owners: list, d) -> tuple[np.ndarray, np.ndarray]:
+    """The MinHash candidates whose signatures agree on at least data.near_dup_threshold, and the
+    SimHash candidates within the Hamming threshold of the shorter document."""
+    wanted = np.unique(np.concatenate([minhash, simhash]))
+    if len(wanted) == 0:
+        return minhash, simhash
+    found = ray.get([o.signatures.remote(wanted) for o in owners])
+    ids, sig, fingerprints, shingles = (np.concatenate([f[i] for f in found]) for i in range(4))
     order = np.argsort(ids)
-    ids, sigs = ids[order], sigs[order]
-    a, b = sigs[np.searchsorted(ids, cand[:, 0])], sigs[np.searchsorted(ids, cand[:, 1])]
-    return cand[estimated_jaccard(a, b) >= threshold]
+    ids, sig, fingerprints, shingles = ids[order], sig[order], fingerprints[order], shingles[order]
+
+    def at(cand, column):
+        return column[np.searchsorted(ids, cand[:, 0])], column[np.searchsorted(ids, cand[:, 1])]
+
+    similar = estimated_jaccard(*at(minhash, sig)) >= d.near_dup_threshold
+    close = simhash_close(*at(simhash, fingerprints), *at(simhash, shingles), d.simhash_distance,
+                          d.simhash_max_distance)
+    return minhash[similar], simhash[close]
+
+
+def perplexity_cutoffs(langs: list[str], ppl: np.ndarray, max_percentile: float) -> dict[str, dict]:
+    """Each language's perplexity terciles (p33, p66: CCNet's head/middle/tail) and the most it
+    keeps (`max`, the max_percentile quantile; None at 1.0), over the documents scored."""
+    by_lang = {}
+    for lang, p in zip(langs, ppl):
+        if not np.isnan(p):
+            by_lang.setdefault(lang, []).append(p)
+    cutoffs = {}
+    for lang, values in sorted(by_lang.items()):
+        p33, p66, top = np.quantile(values, [1 / 3, 2 / 3, max_percentile])
+        cutoffs[lang] = {"docs": len(values), "p33": round(float(p33), 3), "p66": round(float(p66), 3),
+                         "max": round(float(top), 3) if max_percentile < 1 else None}
+    return cutoffs
 
 
 def _summed(items: list[dict], key: str) -> Counter:
@@ -76,12 +99,17 @@ def main(argv=None) -> dict:
         print(f"prepare: nothing new in {d.input}; {prep} is up to date")
         return json.loads(read_bytes(f"{prep}/prepare_report.json"))
     flagged_words(d)  # a missing word list is refused before any actor starts
+    model = reference_model(d)
     init_ray()
     start = time.perf_counter()
     gen, first_idx = len(registry["generations"]), len(registry["files"])
-    print(f"prepare: {len(new)} new files -> {d.num_shards} shards (generation {gen}); near-duplicate "
-          f"LSH {d.bands}x{d.rows} of {d.num_perm} permutations: candidates from Jaccard ~"
-          f"{jaccard_threshold(d.bands, d.rows):.2f}, verified at {d.near_dup_threshold}", flush=True)
+    methods = {"minhash": f"MinHash LSH {d.bands}x{d.rows} of {d.num_perm} permutations (candidates from Jaccard "
+                          f"~{jaccard_threshold(d.bands, d.rows):.2f}, verified at {d.near_dup_threshold})",
+               "simhash": f"SimHash within {d.simhash_distance}-{d.simhash_max_distance} bits (more for short "
+                          f"documents)"}
+    chosen = [m for k, m in methods.items() if d.near_dup_method in (k, "both")]
+    print(f"prepare: {len(new)} new files -> {d.num_shards} shards (generation {gen}); near duplicates by "
+          f"{' and '.join(chosen)}", flush=True)
 
     names = [f"gen-{gen:04d}-shard-{i:05d}" for i in range(d.num_shards)]
     cpus = cpus_per_actor(d.shard_cpus, d.num_shards, "data.shard_cpus")
@@ -90,8 +118,12 @@ def main(argv=None) -> dict:
     old_names = [n for g in registry["generations"] for n in g["shards"]]
     old = [ShardOwnerActor.options(num_cpus=HELPER_CPUS).remote(n, [], cfg.to_dict(), prep) for n in old_names]
     try:
-        curated = _wait([o.curate.remote() for o in owners], owners, "curate")
+        model_ref = ray.put(model) if model is not None else None
+        curated = _wait([o.curate.remote(model_ref) for o in owners], owners, "curate")
         ray.get([o.curate.remote() for o in old])  # loads their saved stage
+        scored = ray.get([o.perplexities.remote() for o in owners])
+        cutoffs = perplexity_cutoffs([lang for s in scored for lang in s[0]],
+                                     np.concatenate([s[1] for s in scored]), d.max_perplexity_percentile)
 
         # Cross-shard dedup: band keys go straight from shard owners to the bucket owners.
         buckets = [LshBucketOwnerActor.options(num_cpus=HELPER_CPUS).remote(d.bands) for _ in range(d.bucket_owners)]
@@ -103,13 +135,13 @@ def main(argv=None) -> dict:
             adds += [b.add.remote(name, p) for b, p in zip(buckets, parts)]
         ray.get(adds)
         found = ray.get([b.pairs.remote(every_name) for b in buckets])
-        exact = np.concatenate([f[0] for f in found])
-        cand = np.unique(np.concatenate([f[1] for f in found]), axis=0)
-        near = _near_duplicates(cand, every, d.near_dup_threshold)
+        exact, by_minhash, by_simhash = (np.unique(np.concatenate([f[k] for f in found]), axis=0).reshape(-1, 2)
+                                         for k in range(3))
+        near_minhash, near_simhash = _near_duplicates(by_minhash, by_simhash, every, d)
         keep_below = first_idx << 32  # documents published by earlier generations always stay
-        drop, clusters = duplicates_to_drop(np.concatenate([exact, near]), keep_below)
+        drop, clusters = duplicates_to_drop(np.concatenate([exact, near_minhash, near_simhash]), keep_below)
         exact_drop, _ = duplicates_to_drop(exact, keep_below)
-        final = ray.get([o.finalize.remote(drop) for o in owners])
+        final = ray.get([o.finalize.remote(drop, cutoffs) for o in owners])
     finally:
         for actor in owners + old:
             ray.kill(actor)
@@ -120,13 +152,21 @@ def main(argv=None) -> dict:
         "generation": gen, "input": d.input, "files": len(new), "skipped_files": skipped,
         "docs_in": docs_in, "docs_out": sum(f["docs_out"] for f in final),
         "languages": dict(_summed(final, "languages").most_common()),  # of the documents kept
-        "dropped": dict(sorted(_summed(curated, "dropped").items())),  # by rule: quality, language, flagged_words
+        # by rule: quality, language, flagged_words, perplexity
+        "dropped": dict(sorted((_summed(curated, "dropped") + Counter(
+            perplexity=sum(f["perplexity_removed"] for f in final))).items())),
+        "perplexity": {"reference": d.quality_reference, "order": d.quality_order,
+                       "max_percentile": d.max_perplexity_percentile, "languages": cutoffs} if model else None,
         "markup_removed": dict(sorted(_summed(curated, "markup_removed").items())),
         "exact_duplicates_removed": len(exact_drop), "near_duplicates_removed": len(drop) - len(exact_drop),
-        "duplicate_clusters": clusters, "near_duplicate_candidates": len(cand),
-        "dedup": {"shingle_size": d.shingle_size, "num_perm": d.num_perm, "bands": d.bands, "rows": d.rows,
+        "duplicate_clusters": clusters, "near_duplicate_candidates": len(by_minhash) + len(by_simhash),
+        "near_duplicate_pairs": {"minhash": len(near_minhash), "simhash": len(near_simhash)},
+        "dedup": {"method": d.near_dup_method, "shingle_size": d.shingle_size, "num_perm": d.num_perm,
+                  "bands": d.bands, "rows": d.rows,
                   "jaccard_threshold_estimate": round(jaccard_threshold(d.bands, d.rows), 4),
-                  "verify_threshold": d.near_dup_threshold},
+                  "verify_threshold": d.near_dup_threshold, "simhash_distance": d.simhash_distance,
+                  "simhash_max_distance": d.simhash_max_distance,
+                  "simhash_candidates": len(by_simhash), "minhash_candidates": len(by_minhash)},
         "shards": [{**c, **f} for c, f in zip(curated, final)],
         "seconds": round(seconds, 3), "docs_per_s": round(docs_in / seconds, 1),
         "config": cfg.to_dict(),

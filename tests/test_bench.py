@@ -99,3 +99,12 @@ def test_bench_replay_pages_a_large_store_and_the_buffer_stays_flat(capsys):
     assert store["largest_page_bytes"] <= store["page_limit_bytes"]
     # consumed examples leave the buffer: it holds what waits (one update's worth), round after round
     assert buf["consumed"] == 30 * 64 and buf["rows_first"] == buf["rows_last"] == 64
+
+
+def test_bench_prepare_prints_both_near_dedup_methods_figures(capsys):
+    from bench import prepare as bench_prepare
+
+    r = bench_prepare.main(["--docs", "600", "--pairs", "30", "--no-pipeline"])
+    assert r["recall"] >= 0.9 and r["precision"] >= 0.9 and r["dedup_speedup_vs_datasketch"] > 0
+    assert 0 <= r["simhash_recall"] <= 1 and r["simhash_precision"] >= 0.9 and r["simhash_docs_per_s"] > 0
+    assert "docs_per_s_1" not in r and '"simhash_recall"' in capsys.readouterr().out

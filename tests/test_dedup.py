@@ -1,3 +1,5 @@
+import random
+
 import numpy as np
 import pytest
 
@@ -66,3 +68,42 @@ def test_near_dedup_recall_and_precision_on_planted_pairs():
     neg = {(i, j) for i, j, _ in planted["neg"]}
     assert len(found & pos) / len(pos) >= 0.95
     assert not found & neg
+
+
+def edited_corpus(seed: int = 0):
+    """Documents of 8 to 300 words, a third of them with a near copy (1 or 2 words replaced)."""
+    rng = random.Random(seed)
+    vocab = [f"w{k}" for k in range(3000)]
+    docs = [" ".join(rng.choices(vocab, k=rng.choice([8, 20, 40, 80, 150, 300]))) for _ in range(240)]
+    for base in list(docs[:120]):
+        words = base.split()
+        for k in rng.sample(range(len(words)), rng.randint(1, 2)):
+            words[k] = rng.choice(vocab)
+        docs.append(" ".join(words))
+    return docs
+
+
+def test_simhash_blocked_search_returns_exactly_the_brute_force_pairs():
+    docs = edited_corpus()
+    fp, n = dedup.simhash(docs, shingle_size=3)
+    assert (n > 0).all() and len(set(fp.tolist())) > 300
+    for distance, max_distance in ((3, 6), (2, 2), (4, 9)):
+        keys = dedup.simhash_keys(fp, max_distance)
+        assert keys.shape == (len(docs), (max_distance + 2) * (max_distance + 1) // 2)
+        band = np.broadcast_to(np.arange(keys.shape[1]), keys.shape).ravel()
+        cand = dedup.bucket_pairs(band, keys.ravel(), np.repeat(np.arange(len(docs)), keys.shape[1]))
+        found = cand[dedup.simhash_close(fp[cand[:, 0]], fp[cand[:, 1]], n[cand[:, 0]], n[cand[:, 1]],
+                                         distance, max_distance)]
+        i, j = np.triu_indices(len(docs), 1)
+        close = dedup.simhash_close(fp[i], fp[j], n[i], n[j], distance, max_distance)
+        brute = np.stack([i[close], j[close]], axis=1)
+        assert len(brute) > 12 and sorted(map(tuple, found.tolist())) == sorted(map(tuple, brute.tolist()))
+
+
+def test_simhash_threshold_grows_for_short_documents_and_near_copies_are_close():
+    t = dedup.simhash_threshold(np.array([0, 10, 25, 50, 100, 400]), 3, 6)
+    assert t.tolist() == [6, 6, 6, 4, 3, 3]
+    a = "the quick brown fox jumps over the lazy dog " * 20
+    fp, _ = dedup.simhash([a, a.replace("lazy", "sleepy", 1), "完全不同的一段中文文本，讲的是别的事情。" * 5])
+    assert dedup.hamming(fp[0], fp[1]) <= 3 and dedup.hamming(fp[0], fp[2]) > 12
+    assert dedup.simhash(["too short"])[1].tolist() == [0]

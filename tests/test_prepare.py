@@ -1,11 +1,12 @@
 import json
+import random
 
 import pyarrow.parquet as pq
 import pytest
 
 from deepkiln.corpus import doc_id, list_inputs, plan_shards
 from pipelines import prepare
-from tests.corpus_factory import make_corpus, near_copy, paragraph, write_jsonl
+from tests.corpus_factory import en_doc, make_corpus, near_copy, paragraph, write_jsonl, zh_doc
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -99,8 +100,6 @@ def test_killed_shard_owner_resumes_and_output_is_unchanged(tmp_path, corpus, ca
 
 
 def test_incremental_run_dedups_new_files_against_prepared_ones(tmp_path):
-    import random
-
     rng = random.Random(1)
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -139,3 +138,36 @@ def test_builtin_corpus_needs_nothing_but_the_preset(builtin_run):
     # Every kept document's language is counted (Python's documentation: English, with code in it).
     assert sum(report["languages"].values()) == report["docs_out"] and next(iter(report["languages"])) == "en"
     assert report["dropped"] and sum(report["dropped"].values()) <= report["docs_in"] - report["docs_out"]
+
+
+def test_perplexity_filter_drops_shuffled_text_per_language_and_simhash_finds_a_near_copy(tmp_path):
+    """A trusted reference (Chinese and English sentences), an input of the same kind of text plus
+    the same words shuffled: the shuffled ones are each language's worst and go first; every kept
+    document carries its perplexity and tercile. A copy with one word appended is found by SimHash."""
+    rng = random.Random(0)
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "raw").mkdir()
+    write_jsonl(tmp_path / "ref" / "trusted.jsonl", [make(rng)[0] for make in (zh_doc, en_doc) for _ in range(300)])
+    real, shuffled = [], []
+    for make, joiner in ((zh_doc, ""), (en_doc, " ")):
+        for _ in range(60):
+            real.append(make(rng)[0])
+        for _ in range(15):
+            words = make(rng)[1]
+            rng.shuffle(words)
+            shuffled.append(joiner.join(words))
+    long = " ".join(en_doc(rng)[0] for _ in range(4))
+    write_jsonl(tmp_path / "raw" / "docs.jsonl", real + shuffled + [long, long + " Zebra."])
+    report = run(tmp_path, tmp_path / "raw", "t", f"--data.quality_reference=[{tmp_path / 'ref'}]",
+                 "--data.max_perplexity_percentile=0.85", "--data.quality.min_units=10",
+                 # the grammar repeats its phrases: the repetition rules would drop most of it
+                 "--data.quality.max_dup_ngram_char_ratio={}", "--data.quality.max_top_ngram_char_ratio={}")
+    _, rows = outputs(tmp_path)
+    kept = {r["text"] for r in rows.values()}
+    assert set(real) <= kept and len(set(shuffled) & kept) <= 6
+    assert report["dropped"]["perplexity"] == len(set(shuffled) - kept) >= 24
+    languages = report["perplexity"]["languages"]
+    assert set(languages) >= {"zh", "en"} and all(c["p33"] < c["p66"] < c["max"] for c in languages.values())
+    assert {r["ppl_bucket"] for r in rows.values()} == {"head", "middle", "tail"}
+    assert all(r["ppl"] > 1 for r in rows.values())
+    assert report["near_duplicate_pairs"]["simhash"] >= 1 and long in kept and long + " Zebra." not in kept

@@ -36,13 +36,13 @@ def test_band_keys_reach_bucket_owners_and_find_cross_shard_duplicates(tmp_path)
         for bucket, part in zip(buckets, o.band_keys(3)):
             bucket.add(o.name, part)
     found = [b.pairs([o.name for o in owners]) for b in buckets]
-    exact = np.concatenate([f[0] for f in found])
-    near = np.concatenate([f[1] for f in found])
-    assert len(exact) >= 1 and len(near) >= 2
+    exact, near, near_simhash = (np.concatenate([f[k] for f in found]) for k in range(3))
+    assert len(exact) >= 1 and len(near) >= 2 and len(near_simhash) >= 1
     shard_ids = [set(o.table.column("id").to_pylist()) for o in owners]
     assert any((a in shard_ids[0]) != (b in shard_ids[0]) for a, b in near.tolist())  # across shards
-    ids, sigs = owners[0].signatures(near.ravel())
+    ids, sigs, fingerprints, shingles = owners[0].signatures(near.ravel())
     assert set(ids.tolist()) <= shard_ids[0] and sigs.shape == (len(ids), Config().data.num_perm)
+    assert fingerprints.dtype == np.uint64 and (shingles > 0).all() and len(fingerprints) == len(ids)
 
 
 def test_bucket_owner_refuses_to_answer_with_a_shard_missing():
