@@ -43,10 +43,8 @@ class ShardOwner:
         stats = read_bytes(self.stats_uri)
         self.stats = json.loads(stats) if stats is not None else None
         self.table = read_table(self.curated_uri) if self.stats is not None else None
-        if self.table is not None and "simhash" not in self.table.column_names:  # curated before SimHash
-            _, fingerprints, shingles = self._fingerprints(self.table.column("text").to_pylist())
-            self.table = self.table.append_column("simhash", pa.array(fingerprints)).append_column(
-                "shingles", pa.array(shingles.astype(np.int32)))
+        if self.table is not None and self.stats.get("signature_version") != dedup.SIGNATURE_VERSION:
+            self._refingerprint()  # curated by an earlier version: signatures comparable with new ones
 
     def progress(self) -> int:
         return self.docs_seen
@@ -100,7 +98,8 @@ class ShardOwner:
             "simhash": pa.array(fingerprints),
             "shingles": pa.array(shingles.astype(np.int32)),
         })
-        stats = {"shard": self.name, "docs_in": docs_in, "docs_kept": len(ids), "urls_removed": urls,
+        stats = {"shard": self.name, "signature_version": dedup.SIGNATURE_VERSION,
+                 "docs_in": docs_in, "docs_kept": len(ids), "urls_removed": urls,
                  "markup_removed": dict(sorted(markup.items())), "dropped": dict(sorted(drops.items())),
                  "pii_masked": dict(sorted(pii.items())),
                  "problems": problems, "seconds": round(time.perf_counter() - start, 3)}
@@ -108,6 +107,16 @@ class ShardOwner:
         write_atomic(self.stats_uri, json.dumps(stats, indent=1).encode())  # written last: the stage is done
         self.table, self.stats = table, stats
         return stats
+
+    def _refingerprint(self) -> None:
+        sig, fingerprints, shingles = self._fingerprints(self.table.column("text").to_pylist())
+        columns = {"sig": pa.FixedSizeListArray.from_arrays(pa.array(sig.ravel()), self.cfg.data.num_perm),
+                   "simhash": pa.array(fingerprints), "shingles": pa.array(shingles.astype(np.int32))}
+        for name, values in columns.items():
+            if name in self.table.column_names:
+                self.table = self.table.set_column(self.table.column_names.index(name), name, values)
+            else:
+                self.table = self.table.append_column(name, values)
 
     def _fingerprints(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """MinHash signatures (N, P), SimHash fingerprints (N,) and shingle counts (N,), from one

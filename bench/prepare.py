@@ -1,13 +1,15 @@
 """Prepare throughput with 1 and 2 ShardOwners, and near-dedup against datasketch, in one JSON object.
 
     python -m bench.prepare                      # ~20k documents, about 2 minutes on 2 cores
-    python -m bench.prepare --docs 4000 --pairs 100
+    python -m bench.prepare --docs 4000 --pairs 100 --no-pipeline
+    pip install '.[bench]'                       # adds datatrove's MinHash pipeline to the comparison
 
 Corpus: random paragraphs plus planted pairs at known word-5-gram Jaccard similarity: positives
 (J >= 0.8) and hard negatives (J <= 0.5); nothing in between, so precision and recall measure the
 method, not the threshold. Near-dedup (ours: vectorised MinHash + LSH bands + signature check) and a
 datasketch MinHash(update_batch) + MinHashLSH loop with the same check run on the same documents
-with the same shingles, permutations and bands x rows, in this process, on one core each. SimHash
+with the same shingles, permutations and bands x rows, in this process, on one core each, and so does
+datatrove's MinHash pipeline (stages 1-3, files on local disk) when it is installed. SimHash
 (blocked search + length-scaled Hamming check) runs on the same documents too: it is built for
 near-exact copies, so its recall on pairs at Jaccard 0.8 is expected to be low and its precision high.
 """
@@ -99,6 +101,50 @@ def datasketch_loop(docs: list[str], d: DataArgs) -> set[tuple[int, int]]:
     return pairs
 
 
+def datatrove_pipeline(docs: list[str], d: DataArgs, work: Path) -> set[int] | None:
+    """datatrove's MinHash deduplication (signatures, buckets, clusters: its stages 1-3, each
+    stage's files on local disk as it runs them) with our shingles, bands and rows, one task per
+    stage, on whitespace words. Returns the documents it would remove, or None without datatrove."""
+    try:
+        from datatrove.data import Document
+        from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                                      MinhashDedupSignature)
+        from datatrove.utils.hashing import HashConfig
+        from datatrove.utils.word_tokenizers import WordTokenizer
+    except ImportError:
+        return None
+    import logging
+    import os
+
+    from loguru import logger
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # its progress bars, read when a bar starts
+
+    logger.remove()  # its progress lines: one per stage and bucket
+    logging.getLogger("datatrove").setLevel(logging.WARNING)
+
+    class Words(WordTokenizer):
+        def word_tokenize(self, text):
+            return text.split()
+
+        def sent_tokenize(self, text):
+            return [text]
+
+        def span_tokenize(self, text):
+            return [(0, len(text))]
+
+    config = MinhashConfig(n_grams=d.shingle_size, num_buckets=d.bands, hashes_per_bucket=d.rows,
+                           hash_config=HashConfig(precision=32, hash_fc="sha1"))
+    MinhashDedupSignature(str(work / "sigs"), config=config, language=Words()).run(
+        (Document(text=t, id=str(i)) for i, t in enumerate(docs)), rank=0, world_size=1)
+    for bucket in range(d.bands):
+        MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=config).run(rank=bucket,
+                                                                                         world_size=d.bands)
+    MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config).run()
+    removed = (work / "remove" / "000000.remove").read_bytes()
+    return set(np.frombuffer(removed, dtype="<u4").tolist())
+
+
 def score(found: set, planted: dict) -> tuple[float, float]:
     pos = {(i, j) for i, j, _ in planted["pos"]}
     recall = len(found & pos) / len(pos)
@@ -140,6 +186,8 @@ def main(argv=None) -> dict:
     found, t_ours = timed(ours, docs, d)
     found_sim, t_sim = timed(ours_simhash, docs, d)
     found_ds, t_ds = timed(datasketch_loop, docs, d)
+    with tempfile.TemporaryDirectory() as tmp:
+        removed_dt, t_dt = timed(datatrove_pipeline, docs, d, Path(tmp))
     recall, precision = score(found, planted)
     sim_recall, sim_precision = score(found_sim, planted)
     ds_recall, ds_precision = score(found_ds, planted)
@@ -155,6 +203,11 @@ def main(argv=None) -> dict:
         "dedup_speedup_vs_datasketch": round(t_ds / t_ours, 2),
         "recall": round(recall, 4), "precision": round(precision, 4),
         "datasketch_recall": round(ds_recall, 4), "datasketch_precision": round(ds_precision, 4),
+        "datatrove_docs_per_s": round(len(docs) / t_dt, 1) if removed_dt is not None else None,
+        "dedup_speedup_vs_datatrove": round(t_dt / t_ours, 2) if removed_dt is not None else None,
+        # the share of planted copies datatrove removes (it checks no signature: its recall)
+        "datatrove_removed_planted": (round(len({j for _, j, _ in planted["pos"]} & removed_dt) / len(planted["pos"]),
+                                            4) if removed_dt is not None else None),
         "simhash_docs_per_s": round(len(docs) / t_sim, 1),
         "simhash_recall": round(sim_recall, 4), "simhash_precision": round(sim_precision, 4),
     }

@@ -94,6 +94,16 @@ def language(text: str) -> tuple[str, float]:
     return ("und", 0.0) if code in ("un", "xxx") else (_LANG_ALIASES.get(code, code), percent / 100)
 
 
+def language_mix(languages: dict[str, int], total: int, shown: int = 8) -> str:
+    """"zh 4,410 (45%), en 3,430 (35%), ..., 12 others 310 (3%)": the commonest languages first."""
+    total, items = max(1, total), sorted(languages.items(), key=lambda item: -item[1])
+    parts = [f"{lang} {n:,} ({n / total:.0%})" for lang, n in items[:shown]]
+    rest = sum(n for _, n in items[shown:])
+    if rest:
+        parts.append(f"{len(items) - shown} others {rest:,} ({rest / total:.0%})")
+    return ", ".join(parts)
+
+
 # ------------------------------------------------------------------------------------ normalize
 
 def _char_class(categories: tuple[str, ...], keep: str) -> str:

@@ -25,6 +25,7 @@ import ray
 
 from actors.dedup_index import LshBucketOwnerActor
 from actors.shard import ShardOwnerActor, flagged_words, reference_model
+from deepkiln import text
 from deepkiln.config import load_config
 from deepkiln.corpus import list_inputs, load_registry, plan_shards, read_bytes, write_atomic
 from deepkiln.dedup import duplicates_to_drop, estimated_jaccard, jaccard_threshold, simhash_close
@@ -181,9 +182,7 @@ def main(argv=None) -> dict:
           f"({report['exact_duplicates_removed']} exact and {report['near_duplicates_removed']} near "
           f"duplicates removed, {sum(len(s['problems']) for s in curated)} problems) in {seconds:.1f}s "
           f"-> {prep}/shards", flush=True)
-    total = max(1, report["docs_out"])
-    mix = ", ".join(f"{lang} {n:,} ({n / total:.0%})" for lang, n in report["languages"].items())
-    print(f"prepare: languages {mix}", flush=True)
+    print(f"prepare: languages {text.language_mix(report['languages'], report['docs_out'])}", flush=True)
     return report
 
 

@@ -30,6 +30,7 @@ import requests
 
 from deepkiln.config import Config, load_config
 from deepkiln.paths import RunPaths
+from deepkiln.text import language_mix
 
 STAGES = ["prepare", "tokenizer", "train", "dp_finetune", "audit", "quantize", "serve", "feedback", "online"]
 APP = "deepkiln"
@@ -119,6 +120,8 @@ def summary_rows(cfg: Config, times: dict, url: str | None, sample: str) -> list
         r = read_json(done_marker(cfg, "prepare"))
         rows.append(("data kept", f"{r['docs_out']:,} of {r['docs_in']:,} documents ({r['exact_duplicates_removed']} exact "
                                   f"and {r['near_duplicates_removed']} near duplicates removed)"))
+        if r.get("languages"):
+            rows.append(("languages", language_mix(r["languages"], r["docs_out"])))
     if have("tokenizer"):
         r = read_json(done_marker(cfg, "tokenizer"))
         rows.append(("tokens", f"{r['total_tokens']:,} (vocabulary {r['vocab_size']:,})"))

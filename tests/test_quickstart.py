@@ -71,6 +71,7 @@ def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path, capf
         assert not [line for line in lines if "ERROR" in line or "Traceback" in line], lines
         out = result["summary"]
         assert out["data kept"].endswith("near duplicates removed)") and out["audit"] == "passed"
+        assert out["languages"].startswith("en ")  # Python's documentation
         assert "prepare" not in result["times"] and "train" in result["times"]  # reused, and redone
         assert out["online"].startswith("1 update(s)") and result["url"] in out["endpoint"]
         r = requests.post(f"{result['url']}/v1/completions", timeout=60,

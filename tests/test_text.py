@@ -268,3 +268,11 @@ def test_flagged_words_cover_words_whole_and_cjk_per_character():
     # 3 CJK characters of "他妈的" (its shorter entry not counted again) + "damn" twice, of 13 units.
     assert flagged_ratio(doc, words, flagged) == pytest.approx(5 / len(words))
     assert flagged_ratio("一切正常 all fine", units("一切正常 all fine"), flagged) == 0
+
+
+def test_language_mix_lists_the_commonest_and_sums_the_rest():
+    from deepkiln.text import language_mix
+
+    mix = {"zh": 450, "en": 350, "ja": 100, "fr": 50, "de": 20, "ru": 10, "ko": 8, "es": 6, "it": 4, "pt": 2}
+    assert language_mix(mix, 1000, shown=3) == "zh 450 (45%), en 350 (35%), ja 100 (10%), 7 others 100 (10%)"
+    assert language_mix({"en": 3}, 3) == "en 3 (100%)" and language_mix({}, 0) == ""
