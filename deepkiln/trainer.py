@@ -41,9 +41,74 @@ def check_inputs(cfg: Config, world: int):
     return data
 
 
-def train_loop(config: dict) -> None:
-    """One pretraining rank. Depends only on `config` (the resolved Config as a dict)."""
-    import ray.train
+class TrainRank:
+    """A rank of a Ray Train worker group: its place, the checkpoint Ray Train registered, and
+    reports (with the checkpoint folder) that Ray Train persists to the run's storage."""
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def registered(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, folder: str, cfg: Config) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+class TrialRank:
+    """The one rank of a Tune trial that trains in the trial's own process (no worker group):
+    checkpoints are copied to the run's storage as Ray Train lays them out (the newest
+    train.keep_checkpoints kept), where resume_checkpoint finds them after Tune retries the trial,
+    and the metrics go to Tune."""
+    rank, world = 0, 1
+
+    def registered(self):
+        return None  # resume_checkpoint reads the storage itself
+
+    def report(self, metrics: dict, folder: str, cfg: Config) -> None:
+        import shutil
+
+        from ray import tune
+
+        parent = Path(RunPaths.of(cfg).train_ray) / cfg.run.name
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".checkpoint_{metrics['step']:08d}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(folder, tmp)
+        tmp.rename(parent / f"checkpoint_{metrics['step']:08d}")
+        for old in sorted(parent.glob("checkpoint_*"))[:-cfg.train.keep_checkpoints]:
+            shutil.rmtree(old)
+        tune.report(metrics)
+
+
+def train_in_process(cfg: Config) -> None:
+    """pipelines.train's loop as the single rank of this process (a Tune trial of one worker): a
+    gloo group of one, the run's checkpoints in its storage. Saves a worker group's three process
+    starts per trial."""
+    import torch.distributed as dist
+
+    cfg = absolute(cfg)
+    check_inputs(cfg, 1)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")  # DeepSpeed reads them
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group of one, in memory
+    try:
+        train_loop(cfg.to_dict(), TrialRank())
+    finally:
+        dist.destroy_process_group()
+
+
+def train_loop(config: dict, rank_of: TrainRank | TrialRank | None = None) -> None:
+    """One pretraining rank. Depends only on `config` (the resolved Config as a dict); `rank_of`:
+    where it runs (a Ray Train worker unless told otherwise)."""
     import torch.distributed as dist
     from ray.util.metrics import Gauge
     from tensorboardX import SummaryWriter
@@ -56,13 +121,13 @@ def train_loop(config: dict) -> None:
 
     cfg = Config.from_dict(config)
     t, out = cfg.train, RunPaths.of(cfg).stage("train")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    place = rank_of or TrainRank()
+    rank, world = place.rank, place.world
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     data = windows(cfg)
     engine, dtype = build_engine(cfg, world)
     step, history = 0, []
-    checkpoint = resume_checkpoint(cfg, ray.train.get_checkpoint())
+    checkpoint = resume_checkpoint(cfg, place.registered())
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / STATE).read_text())
@@ -132,7 +197,7 @@ def train_loop(config: dict) -> None:
                              "files": {k: v for f in files for k, v in f.items()}}
                     (Path(tmp) / STATE).write_text(json.dumps(state))
                 dist.barrier()  # every rank has saved before anyone reports
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                place.report(metrics, tmp, cfg)
     if writer:
         writer.close()
 

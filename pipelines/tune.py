@@ -3,11 +3,12 @@
     python -m pipelines.tune --config configs/tiny.yaml [--tune.num_samples=8 --tune.max_steps=100]
     ray job submit --working-dir . -- python -m pipelines.tune --config configs/small.yaml
 
-Each trial is a function that builds its own TorchTrainer (the Ray Train V2 pattern) with
-TuneReportCallback, under a unique run name; ASHA stops weak trials at their validation-loss
-reports. Trials run as many at once as the cluster's CPUs hold. A trial that fails (its trainer out of
-train.max_failures) is retried up to tune.max_failures times and continues from its own last
-checkpoint. Writes <run_dir>/<run.name>/tune/: results.csv, best.yaml (the given config with the best
+Each trial is a function under a unique run name: with train.num_workers=1 it runs the training
+loop in its own process (a gloo group of one; no worker group to start), else it builds its own
+TorchTrainer (the Ray Train V2 pattern) with TuneReportCallback. ASHA stops weak trials at their
+validation-loss reports. Trials run as many at once as the cluster's CPUs hold. A trial that fails
+(its process killed, or its trainer out of train.max_failures) is retried up to tune.max_failures
+times and continues from its own last complete checkpoint in its storage. Writes <run_dir>/<run.name>/tune/: results.csv, best.yaml (the given config with the best
 hyperparameters: `python -m pipelines.train --config .../best.yaml`), trials.png, tune_summary.json,
 and each trial's training output under trials/<trial id>/.
 
@@ -47,17 +48,21 @@ def with_overrides(base: Config, params: dict) -> Config:
 
 
 def trial(config: dict) -> None:
-    """One Tune trial: a short training run with this trial's hyperparameters."""
+    """One Tune trial: a short training run with this trial's hyperparameters. A trial of one
+    worker trains in its own process; more workers are a Ray Train worker group of its own."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from deepkiln.trainer import make_trainer
+    from deepkiln.trainer import make_trainer, train_in_process
 
     cfg = with_overrides(Config.from_dict(config["base"]), {k: config[k] for k in SEARCH})
     cfg.run.run_dir = f"{RunPaths.of(cfg).stage('tune')}/trials"
     cfg.run.name = tune.get_context().get_trial_id()
     cfg.train.resume = True  # a retried trial continues from its own checkpoints
-    make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    if cfg.train.num_workers == 1:
+        train_in_process(cfg)
+    else:
+        make_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
 
 
 def plot_trials(results, path: Path) -> None:
@@ -99,10 +104,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     samplers = {"loguniform": tune.loguniform, "choice": tune.choice}
     space = {k: samplers[kind](*args) for k, (kind, *args) in SEARCH.items()}
-    per_trial = TRIAL_CPUS + t.num_workers * t.cpus_per_worker
+    own = t.cpus_per_worker if t.num_workers == 1 else TRIAL_CPUS  # a one-worker trial trains itself
+    per_trial = own + (t.num_workers * t.cpus_per_worker if t.num_workers > 1 else 0)
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"CPU": TRIAL_CPUS}),
+        tune.with_resources(trial, {"CPU": own}),
         param_space={"base": base.to_dict(), **space},
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", num_samples=tu.num_samples, max_concurrent_trials=concurrent,
