@@ -8,9 +8,10 @@ loop in its own process (a gloo group of one; no worker group to start), else it
 TorchTrainer (the Ray Train V2 pattern) with TuneReportCallback. ASHA stops weak trials at their
 validation-loss reports. Trials run as many at once as the cluster's CPUs hold. A trial that fails
 (its process killed, or its trainer out of train.max_failures) is retried up to tune.max_failures
-times and continues from its own last complete checkpoint in its storage. Writes <run_dir>/<run.name>/tune/: results.csv, best.yaml (the given config with the best
-hyperparameters: `python -m pipelines.train --config .../best.yaml`), trials.png, tune_summary.json,
-and each trial's training output under trials/<trial id>/.
+times and continues from its own last complete checkpoint in its storage. Writes
+<run_dir>/<run.name>/tune/: results.csv, best.yaml (the given config with the best hyperparameters:
+`python -m pipelines.train --config .../best.yaml`), trials.png, tune_summary.json, and each trial's
+training output under trials/<trial id>/.
 
 Stopped trials' workers are freed by Ray Train's placement-group cleaner, which needs Ray's state API
 (the dashboard): clusters and local runs (deepkiln.ray_utils.init_ray) have one.
