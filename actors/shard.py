@@ -176,56 +176,85 @@ class ShardOwner:
             return np.full(len(self.table), np.nan, dtype=np.float32)
         return self.table.column("ppl").to_numpy(zero_copy_only=False)
 
-    def finalize(self, drop: np.ndarray, cutoffs: dict[str, dict[str, float]] | None = None) -> dict:
-        """Write the shard without the dropped duplicates and, with `cutoffs` ({language: {p33, p66,
-        max}}), without documents whose perplexity is above their language's max, each with its
-        tercile bucket (head, middle, tail); idempotent. Columns: id, source, text, lang,
-        lang_share, ppl, ppl_bucket."""
+    def _verdicts(self, drop: np.ndarray, cutoffs: dict[str, dict[str, float]] | None):
+        """(kept, duplicate, too perplexing, tercile bucket) of every curated document."""
         ids, langs, ppl = self.table.column("id").to_numpy(), self.table.column("lang").to_pylist(), self._ppl()
         duplicate = np.isin(ids, drop)
         cut = [(cutoffs or {}).get(lang) for lang in langs]
         bucket = [None if c is None or np.isnan(p) else "head" if p <= c["p33"] else "middle" if p <= c["p66"]
                   else "tail" for c, p in zip(cut, ppl)]
-        too_perplexing = np.array([c is not None and p > c["max"] for c, p in zip(cut, ppl)], dtype=bool)
-        keep = ~duplicate & ~too_perplexing
+        too_perplexing = np.array([c is not None and c["max"] is not None and p > c["max"] for c, p in zip(cut, ppl)],
+                                  dtype=bool)
+        return ~duplicate & ~too_perplexing, duplicate, too_perplexing, bucket
+
+    def kept(self, drop: np.ndarray, cutoffs: dict[str, dict[str, float]] | None, split_by: str) -> tuple:
+        """(ids, strata) of the documents finalize will keep: what the driver assigns splits to."""
+        keep = self._verdicts(drop, cutoffs)[0]
+        column = {"lang": "lang", "source": "source"}.get(split_by)
+        strata = self.table.column(column).to_pylist() if column else ["all"] * len(self.table)
+        return self.table.column("id").to_numpy()[keep], [s for s, k in zip(strata, keep) if k]
+
+    def finalize(self, drop: np.ndarray, cutoffs: dict[str, dict[str, float]] | None = None,
+                 splits: tuple[np.ndarray, list[str]] | None = None) -> dict:
+        """Write the shard without the dropped duplicates and, with `cutoffs` ({language: {p33, p66,
+        max}}), without documents whose perplexity is above their language's max, each with its
+        tercile bucket (head, middle, tail) and, with `splits` (ids, split names), its split (train
+        otherwise); idempotent. Columns: id, source, text, lang, lang_share, ppl, ppl_bucket, split."""
+        keep, duplicate, too_perplexing, bucket = self._verdicts(drop, cutoffs)
+        split_of = dict(zip(splits[0].tolist(), splits[1])) if splits is not None else {}
+        split = [split_of.get(i, "train") for i in self.table.column("id").to_pylist()]
         final = self.table.select(["id", "source", "text", "lang", "lang_share"])
-        final = final.append_column("ppl", pa.array(ppl, pa.float32(), from_pandas=True))  # NaN: null
-        final = final.append_column("ppl_bucket", pa.array(bucket, pa.string())).filter(pa.array(keep))
+        final = final.append_column("ppl", pa.array(self._ppl(), pa.float32(), from_pandas=True))  # NaN: null
+        final = final.append_column("ppl_bucket", pa.array(bucket, pa.string()))
+        final = final.append_column("split", pa.array(split, pa.string())).filter(pa.array(keep))
         write_atomic(self.final_uri, final)
         return {"shard": self.name, "docs_out": final.num_rows, "duplicates_removed": int(duplicate.sum()),
                 "perplexity_removed": int((too_perplexing & ~duplicate).sum()),
-                "languages": dict(Counter(final.column("lang").to_pylist()).most_common())}
+                "languages": dict(Counter(final.column("lang").to_pylist()).most_common()),
+                "splits": dict(Counter(final.column("split").to_pylist()).most_common())}
 
-    def final_texts(self) -> list[str]:
+    def final_texts(self, split: str | None = None) -> list[str]:
+        """The final shard's texts: all of them, or those of one split (a shard prepared before
+        splits existed is all train)."""
         table = read_table(self.final_uri)
         if table is None:
             raise ValueError(f"{self.final_uri} is missing: run pipelines.prepare first")
-        return table.column("text").to_pylist()
+        if split is None:
+            return table.column("text").to_pylist()
+        splits = table.column("split").to_pylist() if "split" in table.column_names else ["train"] * table.num_rows
+        return [t for t, s in zip(table.column("text").to_pylist(), splits) if s == split]
 
     def sample(self, n: int, seed: int) -> list[str]:
         """Up to n documents of the final shard, drawn without replacement, for tokenizer training."""
-        texts = self.final_texts()
+        texts = self.final_texts("train")
         pick = np.random.default_rng(seed).permutation(len(texts))[:n]
         return [texts[i] for i in sorted(pick)]
 
-    def encode(self, tokenizer: dict[str, bytes], tokens_dir: str) -> dict:
+    def encode(self, tokenizer: dict[str, bytes], tokens_dir: str) -> list[dict]:
         """Tokenize the final shard with the tokenizer (its files(), as tokenizer_from_files reads
         them) into packed ids (each document followed by EOS) and the offsets where each document
-        starts; the dtype is uint16 when the vocabulary fits."""
+        starts, one pair of files per split (<name>.bin for train, <name>.<split>.bin for the
+        others); the dtype is uint16 when the vocabulary fits. Returns one index entry per file."""
         from deepkiln.tokenizer import tokenizer_from_files
 
         tok = tokenizer_from_files(tokenizer)
         dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-        docs = [ids + [tok.eos_id] for ids in tok.encode_batch(self.final_texts())]
-        lengths = np.array([len(d) for d in docs], dtype=np.int64)
-        packed = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        write_atomic(f"{tokens_dir}/{self.name}.bin", packed.tobytes())
-        buf = io.BytesIO()
-        np.save(buf, offsets)
-        write_atomic(f"{tokens_dir}/{self.name}.idx.npy", buf.getvalue())
-        return {"shard": self.name, "docs": len(docs), "tokens": int(lengths.sum()),
-                "dtype": np.dtype(dtype).name, "bin": f"{self.name}.bin", "idx": f"{self.name}.idx.npy"}
+        entries = []
+        for split in ("train", "validation", "test"):
+            texts = self.final_texts(split)
+            if not texts and split != "train":
+                continue
+            stem = self.name if split == "train" else f"{self.name}.{split}"
+            docs = [ids + [tok.eos_id] for ids in tok.encode_batch(texts)]
+            lengths = np.array([len(d) for d in docs], dtype=np.int64)
+            packed = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
+            write_atomic(f"{tokens_dir}/{stem}.bin", packed.tobytes())
+            buf = io.BytesIO()
+            np.save(buf, np.concatenate([[0], np.cumsum(lengths)]))
+            write_atomic(f"{tokens_dir}/{stem}.idx.npy", buf.getvalue())
+            entries.append({"shard": self.name, "split": split, "docs": len(docs), "tokens": int(lengths.sum()),
+                            "dtype": np.dtype(dtype).name, "bin": f"{stem}.bin", "idx": f"{stem}.idx.npy"})
+        return entries
 
 
 def clean_text(raw: str, d) -> tuple[str, Counter, int]:
@@ -246,9 +275,10 @@ def reference_model(d) -> KneserNey | None:
         return None
     texts = []
     for uri in d.quality_reference:
-        files, _ = list_inputs(uri)
+        files, _ = list_inputs(uri, "data.quality_reference")
         for split in plan_shards(files, 0, 1)[0]:
-            texts += [clean_text(rec["text"], d)[0] for rec in read_split(split, d.text_field) if "error" not in rec]
+            cleaned = (clean_text(rec["text"], d)[0] for rec in read_split(split, d.text_field) if "error" not in rec)
+            texts += [t for t in cleaned if t]
     if not texts:
         raise ValueError(f"data.quality_reference={d.quality_reference} holds no text")
     return KneserNey.fit(texts, d.quality_order)

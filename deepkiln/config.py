@@ -118,6 +118,14 @@ class DataArgs(Section):
     max_perplexity_percentile: float = Field(1.0, gt=0, le=1)
     """Drop documents whose perplexity is above this percentile of their language's (1.0 keeps
     every one); the report records each language's cut-offs."""
+    splits: dict[Literal["train", "validation", "test"], float] = {"train": 0.98, "validation": 0.01, "test": 0.01}
+    """Document-level split shares. Each kept document's split is fixed when it is prepared (the
+    `split` column): documents are taken in the order of a keyed hash of their id (their duplicate
+    cluster's representative), each stratum keeps every split within one document of its share, and a
+    later generation continues the counts without moving any earlier document. Training trains on
+    `train` and validates on `validation`; `test` is left for you."""
+    split_by: Literal["lang", "source", "none"] = "lang"
+    """The strata the splits are balanced within: the document's language, its source file, or none."""
     shingle_size: int = Field(5, ge=1)
     """MinHash shingle: this many consecutive words (CJK: characters)."""
     num_perm: int = Field(128, ge=1)
@@ -147,6 +155,13 @@ class DataArgs(Section):
     def _check(self) -> DataArgs:
         if self.bands * self.rows > self.num_perm:
             raise ValueError(f"data.bands x data.rows = {self.bands * self.rows} exceeds data.num_perm={self.num_perm}")
+        if "train" not in self.splits or any(v < 0 for v in self.splits.values()) or \
+                abs(sum(self.splits.values()) - 1) > 1e-6:
+            raise ValueError(f"data.splits={self.splits}: needs a train share, no negative share, and shares "
+                             f"summing to 1")
+        if self.max_perplexity_percentile < 1 and not self.quality_reference:
+            raise ValueError(f"data.max_perplexity_percentile={self.max_perplexity_percentile} needs "
+                             f"data.quality_reference (the trusted text that scores documents)")
         if self.simhash_distance > self.simhash_max_distance:
             raise ValueError(f"data.simhash_distance={self.simhash_distance} exceeds "
                              f"data.simhash_max_distance={self.simhash_max_distance}")

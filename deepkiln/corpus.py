@@ -145,14 +145,15 @@ class Split:
         return asdict(self)
 
 
-def list_inputs(uri: str) -> tuple[list[tuple[str, str, int]], list[dict]]:
-    """(uri, relpath, size) of every supported file under `uri`, sorted, and the skipped files."""
+def list_inputs(uri: str, field: str = "data.input") -> tuple[list[tuple[str, str, int]], list[dict]]:
+    """(uri, relpath, size) of every supported file under `uri`, sorted, and the skipped files;
+    errors name `field`, the setting that gave the uri."""
     if uri == BUILTIN:
         return _builtin_files(), []
     fs, root = resolve(uri)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        raise ValueError(f"data.input={uri!r}: no such file or directory")
+        raise ValueError(f"{field}={uri!r}: no such file or directory")
     if info.type == pafs.FileType.File:
         infos, base = [info], root.rsplit("/", 1)[0]
     else:
@@ -166,7 +167,7 @@ def list_inputs(uri: str) -> tuple[list[tuple[str, str, int]], list[dict]]:
         else:
             skipped.append({"file": rel, "error": f"unsupported file type (supported: {', '.join(FORMATS)})"})
     if not files:
-        raise ValueError(f"data.input={uri!r}: no {'/'.join(FORMATS)} files found")
+        raise ValueError(f"{field}={uri!r}: no {'/'.join(FORMATS)} files found")
     return files, skipped
 
 

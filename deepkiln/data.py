@@ -23,16 +23,21 @@ class TokenWindows:
         if not index_path.is_file():
             raise ValueError(f"{index_path} is missing: run pipelines.tokenizer first (or fix data.tokens)")
         self.index = json.loads(index_path.read_text())
-        self.shards = [np.memmap(tokens_dir / s["bin"], dtype=self.index["dtype"], mode="r")
-                       for s in self.index["shards"] if s["tokens"]]
+        train = [s for s in self.index["shards"] if s.get("split", "train") == "train" and s["tokens"]]
+        held = [s for s in self.index["shards"] if s.get("split") == "validation" and s["tokens"]]
+        self.shards = [np.memmap(tokens_dir / s["bin"], dtype=self.index["dtype"], mode="r") for s in train + held]
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.seq_len, self.seed = seq_len, seed
-        windows = (int(self.starts[-1]) - 1) // seq_len
-        n_val = max(1, int(windows * val_fraction))
-        if windows - n_val < 1:
-            raise ValueError(f"{tokens_dir} holds {int(self.starts[-1])} tokens: too few for one training "
+        train_tokens = int(self.starts[len(train)])
+        n_train, n_val = (train_tokens - 1) // seq_len, (int(self.starts[-1]) - train_tokens - 1) // seq_len
+        if n_val >= 1:  # the validation split's documents, after the training stream
+            self.n_train, self.n_val, self.val_start = n_train, n_val, train_tokens
+        else:  # no validation split, or too little of it for a window: the stream's last windows
+            n_val = max(1, int(n_train * val_fraction))
+            self.n_train, self.n_val, self.val_start = n_train - n_val, n_val, (n_train - n_val) * seq_len
+        if self.n_train < 1:
+            raise ValueError(f"{tokens_dir} holds {train_tokens} training tokens: too few for one training "
                              f"and one validation window of train.seq_len={seq_len}")
-        self.n_train, self.n_val = windows - n_val, n_val
         self._epoch, self._order = -1, None
 
     @property
@@ -40,8 +45,10 @@ class TokenWindows:
         return int(self.index["vocab_size"])
 
     def window(self, k: int) -> np.ndarray:
-        """Tokens [k * seq_len, k * seq_len + seq_len + 1) of the stream, across shard boundaries."""
-        lo, hi = k * self.seq_len, k * self.seq_len + self.seq_len + 1
+        """Window k's seq_len + 1 tokens, across shard boundaries: training windows (k < n_train)
+        tile the training stream from its start, held-out ones (k >= n_train) from val_start."""
+        start = k * self.seq_len if k < self.n_train else self.val_start + (k - self.n_train) * self.seq_len
+        lo, hi = start, start + self.seq_len + 1
         parts, s = [], int(np.searchsorted(self.starts, lo, side="right")) - 1
         while lo < hi:
             take = min(hi, int(self.starts[s + 1])) - lo

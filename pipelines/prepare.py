@@ -31,6 +31,7 @@ from deepkiln.corpus import list_inputs, load_registry, plan_shards, read_bytes,
 from deepkiln.dedup import duplicates_to_drop, estimated_jaccard, jaccard_threshold, simhash_close
 from deepkiln.paths import RunPaths
 from deepkiln.ray_utils import cpus_per_actor, init_ray
+from deepkiln.splits import assign_splits
 
 HELPER_CPUS = 0  # bucket owners and owners of finished shards: light work, must never wait for a CPU
 
@@ -142,7 +143,11 @@ def main(argv=None) -> dict:
         keep_below = first_idx << 32  # documents published by earlier generations always stay
         drop, clusters = duplicates_to_drop(np.concatenate([exact, near_minhash, near_simhash]), keep_below)
         exact_drop, _ = duplicates_to_drop(exact, keep_below)
-        final = ray.get([o.finalize.remote(drop, cutoffs) for o in owners])
+        kept = ray.get([o.kept.remote(drop, cutoffs, d.split_by) for o in owners])
+        kept_ids = np.concatenate([k[0] for k in kept])
+        split, split_counts = assign_splits(kept_ids.tolist(), [s for k in kept for s in k[1]], d.splits,
+                                            registry.get("split_counts", {}), f"deepkiln-{cfg.run.seed}".encode())
+        final = ray.get([o.finalize.remote(drop, cutoffs, (kept_ids, split)) for o in owners])
     finally:
         for actor in owners + old:
             ray.kill(actor)
@@ -158,6 +163,8 @@ def main(argv=None) -> dict:
             perplexity=sum(f["perplexity_removed"] for f in final))).items())),
         "perplexity": {"reference": d.quality_reference, "order": d.quality_order,
                        "max_percentile": d.max_perplexity_percentile, "languages": cutoffs} if model else None,
+        "splits": {"targets": d.splits, "by": d.split_by, "this_generation": dict(_summed(final, "splits")),
+                   "every_generation": split_counts},
         "markup_removed": dict(sorted(_summed(curated, "markup_removed").items())),
         "exact_duplicates_removed": len(exact_drop), "near_duplicates_removed": len(drop) - len(exact_drop),
         "duplicate_clusters": clusters, "near_duplicate_candidates": len(by_minhash) + len(by_simhash),
@@ -177,6 +184,7 @@ def main(argv=None) -> dict:
     write_atomic(f"{prep}/prepare_report.json", body)
     registry["files"].update({uri: first_idx + i for i, (uri, _, _) in enumerate(new)})
     registry["generations"].append({"generation": gen, "first_file": first_idx, "shards": names})
+    registry["split_counts"] = split_counts  # where the next generation's documents continue
     write_atomic(f"{prep}/files.json", json.dumps(registry, indent=1).encode())  # last: generation done
     print(f"prepare: {docs_in:,} documents in, {report['docs_out']:,} out "
           f"({report['exact_duplicates_removed']} exact and {report['near_duplicates_removed']} near "

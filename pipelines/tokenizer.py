@@ -61,7 +61,8 @@ def main(argv=None) -> dict:
         tok, fit = imported(cfg) or trained(cfg, owners)
         for name, data in tok.files().items():
             write_atomic(f"{out}/{name}", data)
-        shards = ray.get([o.encode.remote(tok.files(), f"{out}/tokens") for o in owners])
+        shards = [entry for part in ray.get([o.encode.remote(tok.files(), f"{out}/tokens") for o in owners])
+                  for entry in part]
     finally:
         for actor in owners:
             ray.kill(actor)

@@ -129,3 +129,11 @@ def test_quality_thresholds_are_a_config_section(tmp_path):
     assert Config.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"data\.quality\.max_digit_ratio=2 must be <= 1"):
         load_config(["--data.quality.max_digit_ratio=2"])
+
+
+def test_a_perplexity_filter_without_reference_text_is_refused():
+    with pytest.raises(ValueError, match="data.max_perplexity_percentile=0.9 needs data.quality_reference"):
+        load_config(["--data.max_perplexity_percentile=0.9"])
+    with pytest.raises(ValueError, match="data.simhash_distance=5 exceeds data.simhash_max_distance=4"):
+        load_config(["--data.simhash_distance=5", "--data.simhash_max_distance=4"])
+

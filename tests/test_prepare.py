@@ -105,14 +105,23 @@ def test_incremental_run_dedups_new_files_against_prepared_ones(tmp_path):
     raw.mkdir()
     old = [paragraph(rng) for _ in range(20)]
     write_jsonl(raw / "a.jsonl", old)
-    first = run(tmp_path, raw)
+    halves = "--data.splits={train: 0.5, validation: 0.25, test: 0.25}"
+    first = run(tmp_path, raw, "t", halves)
     before, rows_before = outputs(tmp_path)
     snapshot = {p.name: p.read_bytes() for p in before}
 
     fresh = paragraph(rng)
     write_jsonl(raw / "b.jsonl", [near_copy(old[2], rng), old[4], fresh])
-    second = run(tmp_path, raw)
+    second = run(tmp_path, raw, "t", halves)
     assert second["generation"] == 1 and first["generation"] == 0
+    # Splits: 20 kept, then one more; the old documents keep theirs (the files are unchanged, below)
+    # and the counts continue within one document of 50/25/25.
+    shares = {"train": 0.5, "validation": 0.25, "test": 0.25}
+    for report, docs in ((first, 20), (second, 21)):
+        counts = report["splits"]["every_generation"]
+        assert sum(sum(c.values()) for c in counts.values()) == docs
+        assert all(abs(c[p] - shares[p] * sum(c.values())) < 1 for c in counts.values() for p in shares)
+    assert {r["split"] for r in rows_before.values()} == {"train", "validation", "test"}
     assert second["files"] == 1 and second["docs_in"] == 3 and second["docs_out"] == 1
     after, rows_after = outputs(tmp_path)
     assert {p.name: p.read_bytes() for p in after if p.name in snapshot} == snapshot

@@ -101,3 +101,20 @@ def test_a_missing_flagged_words_file_is_refused_by_name(tmp_path):
     data = Config.from_dict({"data": {"flagged_words": {"zh": str(tmp_path / "none.txt")}}}).data
     with pytest.raises(ValueError, match=r"data.flagged_words\['zh'\]=.*none.txt' does not exist"):
         flagged_words(data)
+
+
+def test_a_missing_or_empty_quality_reference_is_refused_naming_the_field(tmp_path):
+    import pytest
+
+    from actors.shard import reference_model
+    from deepkiln.config import Config
+
+    d = Config().data
+    for ref, message in ((tmp_path / "nope", "no such file"), (tmp_path, "no .* files found")):
+        with pytest.raises(ValueError, match=f"data.quality_reference='{ref}': {message}"):
+            reference_model(d.model_copy(update={"quality_reference": [str(ref)]}))
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        reference_model(d.model_copy(update={"quality_reference": [str(tmp_path / "blank.txt")]}))
+    assert reference_model(d) is None
+

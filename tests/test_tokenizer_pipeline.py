@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from deepkiln.data import TokenWindows
 from deepkiln.tokenizer import EOS_ID, Tokenizer
 from pipelines import tokenizer
 
@@ -16,8 +17,10 @@ def test_tokenizer_stage_trains_and_packs_every_shard(builtin_run):
     tok = Tokenizer.load(out / "tokenizer.model")
     assert index == json.loads((out / "tokens" / "index.json").read_text()) | {"config": index["config"]}
     assert index["dtype"] == "uint16" and index["vocab_size"] == tok.vocab_size <= 2048
-    texts = [t for s in sorted((builtin_run["root"] / "prepare" / "shards").glob("*.parquet"))
-             for t in pq.read_table(s).column("text").to_pylist()]
+    rows = [r for s in sorted((builtin_run["root"] / "prepare" / "shards").glob("*.parquet"))
+            for r in pq.read_table(s, columns=["text", "split"]).to_pylist()]
+    texts = [r["text"] for r in rows]
+    split_of = {r["text"]: r["split"] for r in rows}
     expected = sum(len(tok.encode(t)) + 1 for t in texts)   # + EOS per document
     assert index["total_tokens"] == expected and index["total_docs"] == len(texts)
     total = 0
@@ -27,9 +30,20 @@ def test_tokenizer_stage_trains_and_packs_every_shard(builtin_run):
         assert len(ids) == shard["tokens"] == offsets[-1] and len(offsets) == shard["docs"] + 1
         assert (ids[offsets[1:] - 1] == EOS_ID).all()
         first = ids[offsets[0]:offsets[1] - 1].tolist()
-        assert tok.decode(first) in texts
+        assert split_of[tok.decode(first)] == shard["split"]  # each split's documents in its own files
         total += len(ids)
     assert total == expected
+    # Every split has documents (the tiny preset's 98/1/1 of the built-in corpus); training windows
+    # come from the train files, held-out ones from the validation files, and test is left out.
+    per_split = {p: sum(s["docs"] for s in index["shards"] if s["split"] == p) for p in ("train", "validation", "test")}
+    assert per_split == {p: sum(r["split"] == p for r in rows) for p in per_split} and min(per_split.values()) > 10
+    data = TokenWindows(out / "tokens", 128)
+    train_tokens = sum(s["tokens"] for s in index["shards"] if s["split"] == "train")
+    assert data.val_start == train_tokens and data.n_val == (total - train_tokens - 1 - sum(
+        s["tokens"] for s in index["shards"] if s["split"] == "test")) // 128
+    first_val = data.window(data.n_train)[:-1].tolist()
+    val_files = [s for s in index["shards"] if s["split"] == "validation"]
+    assert first_val == np.fromfile(out / "tokens" / val_files[0]["bin"], dtype=np.uint16)[:128].tolist()
 
 
 def test_tokenizer_stage_needs_prepared_shards(tmp_path):
