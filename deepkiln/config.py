@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deepkiln.model_args import PRESETS, TRAINING_FIELDS, ModelArgs
 from deepkiln.tokenizer import MIN_VOCAB_SIZE
@@ -150,6 +150,11 @@ class DataArgs(Section):
     """LshBucketOwner actors, each owning a slice of the band space."""
     quality: QualityArgs = Field(default_factory=QualityArgs)
     """Rule-based quality filter thresholds."""
+
+    @field_validator("quality_reference", mode="before")
+    @classmethod
+    def _one_reference(cls, value):
+        return [value] if isinstance(value, str) else value  # --data.quality_reference=trusted/ is one path
 
     @model_validator(mode="after")
     def _check(self) -> DataArgs:

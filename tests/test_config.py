@@ -134,6 +134,7 @@ def test_quality_thresholds_are_a_config_section(tmp_path):
 def test_a_perplexity_filter_without_reference_text_is_refused():
     with pytest.raises(ValueError, match="data.max_perplexity_percentile=0.9 needs data.quality_reference"):
         load_config(["--data.max_perplexity_percentile=0.9"])
+    assert load_config(["--data.quality_reference=trusted/"]).data.quality_reference == ["trusted/"]
     with pytest.raises(ValueError, match="data.simhash_distance=5 exceeds data.simhash_max_distance=4"):
         load_config(["--data.simhash_distance=5", "--data.simhash_max_distance=4"])
 
