@@ -38,6 +38,7 @@ def test_real_text_scores_below_shuffled_words_and_random_characters(make, joine
     assert beats_shuffled >= 0.95 * len(held_out) and beats_random >= 0.95 * len(held_out)
 
 
+@pytest.mark.slow  # the built-in corpus's prepare and tokenizer stages, on Ray
 def test_real_english_documentation_scores_below_its_words_shuffled(builtin_run):
     """Python's documentation (the built-in corpus, prepared): trained on some documents, scored on others."""
     texts = [t for shard in sorted((builtin_run["root"] / "prepare" / "shards").glob("*.parquet"))
