@@ -89,17 +89,19 @@ class TrialRank:
 
 
 def train_in_process(cfg: Config) -> None:
-    """pipelines.train's loop as the single rank of this process (a Tune trial of one worker): a
-    gloo group of one, the run's checkpoints in its storage. Saves a worker group's three process
-    starts per trial."""
+    """pipelines.train's loop as the single rank of this process (a Tune trial of one worker, given
+    the GPU Tune reserved for it where the cluster has GPUs): a process group of one (NCCL on a GPU,
+    else gloo), the run's checkpoints in its storage. Saves a worker group's three process starts per
+    trial."""
     import torch.distributed as dist
 
     cfg = absolute(cfg)
     check_inputs(cfg, 1)
-    if not torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")  # DeepSpeed reads them
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a group of one, in memory
+    dist.init_process_group("nccl" if gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)  # in memory
     try:
         train_loop(cfg.to_dict(), TrialRank())
     finally:

@@ -108,8 +108,10 @@ def main(argv=None) -> dict:
     own = t.cpus_per_worker if t.num_workers == 1 else TRIAL_CPUS  # a one-worker trial trains itself
     per_trial = own + (t.num_workers * t.cpus_per_worker if t.num_workers > 1 else 0)
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    # ...on a GPU where the cluster has them, as its worker would (Ray Train reserves a worker's own).
+    reserve = {"CPU": own} | ({"GPU": 1} if t.num_workers == 1 and ray.cluster_resources().get("GPU", 0) >= 1 else {})
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"CPU": own}),
+        tune.with_resources(trial, reserve),
         param_space={"base": base.to_dict(), **space},
         tune_config=tune.TuneConfig(
             metric="val_loss", mode="min", num_samples=tu.num_samples, max_concurrent_trials=concurrent,
