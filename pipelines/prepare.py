@@ -7,9 +7,9 @@
 One ShardOwner actor per shard curates its files; LshBucketOwner actors pair up documents whose
 exact hashes, MinHash LSH band keys or SimHash table keys collide across all shards; candidates are
 verified on their MinHash signatures or SimHash fingerprints and every duplicate cluster keeps its
-lowest id. Output, under
-<run_dir>/<run.name>/prepare/: shards/<gen>-shard-<i>.parquet (id, source, text),
-prepare_report.json, files.json (the file registry). Run again with new files in the input and only
+lowest id; each kept document's train/validation/test split is fixed (deepkiln.splits). Output, under
+<run_dir>/<run.name>/prepare/: shards/<gen>-shard-<i>.parquet (id, source, text, lang, lang_share,
+ppl, ppl_bucket, split), prepare_report.json, files.json (the file registry and the split counts). Run again with new files in the input and only
 those are prepared, deduplicated against everything prepared before (a new generation).
 """
 
