@@ -72,12 +72,13 @@ class ShardOwner:
                 markup.update(found)
                 urls += n
                 lang, share = text.language(clean)
+                words = text.units(clean)  # once: the quality rules, flagged words and the model read them
                 reason = ("language" if d.languages and lang not in d.languages else
-                          text.quality_reason(clean, quality) or self._flagged(clean, lang))
+                          text.quality_reason(clean, quality, words) or self._flagged(clean, lang, words))
                 if reason:
                     drops[reason] += 1
                     continue
-                ppl.append(model.perplexity(clean) if model is not None else None)
+                ppl.append(model.perplexity(clean, words) if model is not None else None)
                 clean, found = text.mask_pii(clean)
                 pii.update(found)
                 ids.append(rec["id"])
@@ -131,12 +132,12 @@ class ShardOwner:
             return np.zeros((0, d.num_perm), np.uint32), np.zeros(0, np.uint64), np.zeros(0, np.int64)
         return tuple(np.concatenate(column) for column in zip(*parts))
 
-    def _flagged(self, clean: str, lang: str) -> str | None:
+    def _flagged(self, clean: str, lang: str, words: list[str]) -> str | None:
         """"flagged_words" when the lists for `lang` (and for every language) cover too much of it."""
         lists = self.flagged.get(lang) or self.flagged.get("*")
         if lists is None:
             return None
-        too_much = text.flagged_ratio(clean, text.units(clean), lists) > self.cfg.data.max_flagged_ratio
+        too_much = text.flagged_ratio(clean, words, lists) > self.cfg.data.max_flagged_ratio
         return "flagged_words" if too_much else None
 
     def _signatures(self) -> np.ndarray:

@@ -22,9 +22,9 @@ from deepkiln.text import units
 BOUNDARY = "\x00"  # the unit before a document's first and after its last
 
 
-def model_units(text: str) -> list[str]:
-    """The units a model sees: text.units, lower-cased."""
-    return [u.lower() for u in units(text)]
+def model_units(text: str, words: list[str] | None = None) -> list[str]:
+    """The units a model sees: text.units (or `words`, where the caller has them already), lower-cased."""
+    return [u.lower() for u in (units(text) if words is None else words)]
 
 
 class KneserNey:
@@ -62,13 +62,14 @@ class KneserNey:
             p = (max(successors.get(w, 0) - self.discount, 0) + self.discount * len(successors) * p) / total
         return p
 
-    def log_likelihood(self, text: str) -> tuple[float, int]:
-        """(natural-log probability of the text's units and its end, number of predictions)."""
-        seq = [BOUNDARY] * (self.order - 1) + model_units(text) + [BOUNDARY]
+    def log_likelihood(self, text: str, words: list[str] | None = None) -> tuple[float, int]:
+        """(natural-log probability of the text's units and its end, number of predictions); `words`:
+        its text.units, where the caller has them already."""
+        seq = [BOUNDARY] * (self.order - 1) + model_units(text, words) + [BOUNDARY]
         n = len(seq) - self.order + 1
         total = sum(math.log(self.prob(tuple(seq[i:i + self.order - 1]), seq[i + self.order - 1])) for i in range(n))
         return total, n
 
-    def perplexity(self, text: str) -> float:
-        total, n = self.log_likelihood(text)
+    def perplexity(self, text: str, words: list[str] | None = None) -> float:
+        total, n = self.log_likelihood(text, words)
         return math.exp(-total / n)

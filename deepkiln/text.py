@@ -281,9 +281,10 @@ QUALITY_RULES = tuple((rule.__name__, rule) for rule in (
     ellipsis_lines, dup_lines, dup_line_chars, top_ngram, dup_ngram))
 
 
-def quality_reason(text: str, args: QualityArgs) -> str | None:
-    """Name of the first rule in QUALITY_RULES that drops `text`, or None to keep it."""
-    words = units(text)
+def quality_reason(text: str, args: QualityArgs, words: list[str] | None = None) -> str | None:
+    """Name of the first rule in QUALITY_RULES that drops `text`, or None to keep it; `words`: its
+    units(text), where the caller has them already."""
+    words = units(text) if words is None else words
     return next((name for name, rule in QUALITY_RULES if rule(text, words, args)), None)
 
 
