@@ -214,20 +214,20 @@ class ShardOwner:
                 "languages": dict(Counter(final.column("lang").to_pylist()).most_common()),
                 "splits": dict(Counter(final.column("split").to_pylist()).most_common())}
 
-    def final_texts(self, split: str | None = None) -> list[str]:
-        """The final shard's texts: all of them, or those of one split (a shard prepared before
-        splits existed is all train)."""
+    def final_texts(self) -> dict[str, list[str]]:
+        """The final shard's texts by split (a shard prepared before splits existed is all train)."""
         table = read_table(self.final_uri)
         if table is None:
             raise ValueError(f"{self.final_uri} is missing: run pipelines.prepare first")
-        if split is None:
-            return table.column("text").to_pylist()
         splits = table.column("split").to_pylist() if "split" in table.column_names else ["train"] * table.num_rows
-        return [t for t, s in zip(table.column("text").to_pylist(), splits) if s == split]
+        by_split = {}
+        for t, s in zip(table.column("text").to_pylist(), splits):
+            by_split.setdefault(s, []).append(t)
+        return by_split
 
     def sample(self, n: int, seed: int) -> list[str]:
         """Up to n documents of the final shard, drawn without replacement, for tokenizer training."""
-        texts = self.final_texts("train")
+        texts = self.final_texts().get("train", [])
         pick = np.random.default_rng(seed).permutation(len(texts))[:n]
         return [texts[i] for i in sorted(pick)]
 
@@ -240,9 +240,9 @@ class ShardOwner:
 
         tok = tokenizer_from_files(tokenizer)
         dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-        entries = []
+        entries, by_split = [], self.final_texts()
         for split in ("train", "validation", "test"):
-            texts = self.final_texts(split)
+            texts = by_split.get(split, [])
             if not texts and split != "train":
                 continue
             stem = self.name if split == "train" else f"{self.name}.{split}"
