@@ -481,7 +481,8 @@ class OnlineArgs(Section):
     """Peak learning rate of an update (constant after a short warmup). On the quickstart's tiny
     model 1e-3 halved the corrected answers' loss gap for +4% held-out perplexity; 3e-3 cost +9%."""
     num_workers: int = Field(1, ge=1)
-    """DeepSpeed ranks (Ray Train workers) of an update."""
+    """DeepSpeed ranks of an update: a Ray Train worker group, or for 1 a Ray task holding one worker's
+    resources (a worker group's process starts cost about 10 s, more than a small update's steps)."""
     max_ppl_increase: float = 0.05
     """Gate: the candidate's held-out perplexity may exceed the serving version's by this fraction at most."""
     max_preference_drop: float = 0.05

@@ -37,13 +37,11 @@ def torch_trainer(loop, loop_config: dict, cfg, *, name: str, storage: str, work
     """A TorchTrainer running `loop(loop_config)` on `workers` DeepSpeed ranks: GPUs and NCCL when
     the cluster has GPUs (a job's driver on a CPU head counts its GPU workers), else gloo on
     train.cpus_per_worker CPUs each; storage `storage`/`name`."""
-    import torch
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    use_gpu = torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1
-    # On CPU workers DeepSpeed is told so (else each rank warns it found no accelerator).
-    env = compute_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
+    use_gpu = uses_gpu()
+    env = rank_env(use_gpu)
     return TorchTrainer(
         _quietly(loop), train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
@@ -55,6 +53,36 @@ def torch_trainer(loop, loop_config: dict, cfg, *, name: str, storage: str, work
                              # stay in its log files; the console keeps the run's own progress.
                              logging_config=LoggingConfig(log_level="WARNING"),
                              worker_runtime_env={"env_vars": env}))
+
+
+def one_rank(fn, *args, cfg, max_retries: int = 1):
+    """`fn(*args)` as the only rank of a process group of one, in a Ray task that holds what one
+    TorchTrainer worker would (train.cpus_per_worker CPUs, a GPU where the cluster has GPUs, the
+    same environment); returns its result. Ray runs it again once if its process dies."""
+    use_gpu = uses_gpu()
+    task = ray.remote(_only_rank).options(num_cpus=cfg.train.cpus_per_worker, num_gpus=int(use_gpu),
+                                          max_retries=max_retries, runtime_env={"env_vars": rank_env(use_gpu)})
+    return ray.get(task.remote(fn, *args))
+
+
+def _only_rank(fn, *args):
+    from deepkiln.trainer import as_only_rank
+
+    return as_only_rank(fn, *args)
+
+
+def uses_gpu() -> bool:
+    """Whether ranks run on GPUs: this process has one, or the cluster (a job's driver on a CPU head
+    counts its GPU workers)."""
+    import torch
+
+    return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def rank_env(use_gpu: bool) -> dict[str, str]:
+    """A rank's environment variables. On CPU DeepSpeed is told so (else each rank warns it found no
+    accelerator)."""
+    return compute_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
 
 
 def _quietly(loop):

@@ -88,24 +88,60 @@ class TrialRank:
         tune.report(metrics)
 
 
-def train_in_process(cfg: Config) -> None:
-    """pipelines.train's loop as the single rank of this process (a Tune trial of one worker, given
-    the GPU Tune reserved for it where the cluster has GPUs): a process group of one (NCCL on a GPU,
-    else gloo), the run's checkpoints in its storage. Saves a worker group's three process starts per
-    trial."""
+class OnlyRank:
+    """The one rank of a job that runs in its own process, without a worker group: an online update
+    of one worker, in a Ray task. Its model goes to `out`, its metrics are returned."""
+    rank, world = 0, 1
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def report(self, metrics: dict, folder: str) -> dict:
+        import shutil
+
+        shutil.rmtree(self.out, ignore_errors=True)  # a retried try's
+        shutil.copytree(Path(folder) / "model", self.out)
+        return metrics
+
+
+class UpdateRank:
+    """A rank of an online update's Ray Train worker group: rank 0's merged model goes to Ray Train."""
+
+    def __init__(self):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def report(self, metrics: dict, folder: str) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None)
+
+
+def as_only_rank(run, *args):
+    """`run(*args)` as the single rank of this process: a process group of one, in memory (NCCL on
+    a GPU, else gloo), with the variables DeepSpeed reads. Saves a worker group's three process
+    starts (controller, synchronisation actor, worker; about 10 s) where one rank is all there is."""
     import torch.distributed as dist
 
-    cfg = absolute(cfg)
-    check_inputs(cfg, 1)
     gpu = torch.cuda.is_available()
     if not gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")  # DeepSpeed reads them
-    dist.init_process_group("nccl" if gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)  # in memory
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("nccl" if gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        train_loop(cfg.to_dict(), TrialRank())
+        return run(*args)
     finally:
         dist.destroy_process_group()
+
+
+def train_in_process(cfg: Config) -> None:
+    """pipelines.train's loop as the single rank of this process (a Tune trial of one worker, given
+    the GPU Tune reserved for it where the cluster has GPUs), the run's checkpoints in its storage."""
+    cfg = absolute(cfg)
+    check_inputs(cfg, 1)
+    as_only_rank(train_loop, cfg.to_dict(), TrialRank())
 
 
 def train_loop(config: dict, rank_of: TrainRank | TrialRank | None = None) -> None:
@@ -252,12 +288,12 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
 
 # -- online updates ---------------------------------------------------------------------------------
 
-def update_loop(config: dict) -> None:
+def update_loop(config: dict, rank_of: UpdateRank | OnlyRank | None = None):
     """One DeepSpeed rank of an online update. Depends only on `config`: the resolved config, the base
     model folder, the encoded feedback examples with their weights, and the base-data cursor. Each
     batch mixes feedback sequences (loss on their labelled tokens, each sequence counting once) with
-    base windows; routers' balancing bias steps after every optimizer step, as in pretraining."""
-    import ray.train
+    base windows; routers' balancing bias steps after every optimizer step, as in pretraining.
+    `rank_of`: where it runs (a Ray Train worker unless told otherwise); returns what its report does."""
     import torch.distributed as dist
 
     from deepkiln.checkpoint import load_model, save_checkpoint
@@ -266,8 +302,8 @@ def update_loop(config: dict) -> None:
 
     cfg = Config.from_dict(config["cfg"])
     on = cfg.online
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    place = rank_of or UpdateRank()
+    rank, world = place.rank, place.world
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.run.seed + config["update"])
     model, base = load_model(config["base"])
@@ -321,7 +357,6 @@ def update_loop(config: dict) -> None:
             save_checkpoint(Path(tmp) / "model", model, {**base.config, "online": on.model_dump()},
                             step=base.manifest.get("step", 0), tokens=base.manifest.get("tokens", 0))
         dist.barrier()
-        checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
-                          "precision": describe(dtype), "feedback_per_batch": n_fb * world,
-                          "base_per_batch": n_base * world}, checkpoint=checkpoint)
+        return place.report({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
+                             "precision": describe(dtype), "feedback_per_batch": n_fb * world,
+                             "base_per_batch": n_base * world, "ranks": world}, tmp)

@@ -71,9 +71,11 @@ def encode_example(tok: Tokenizer, example: dict, max_len: int) -> tuple[list[in
 
 def train_update(cfg: Config, base_model: str, encoded: list, weights: list[float], update: int,
                  base_first: int) -> tuple[dict, str]:
-    """Run the update on Ray Train; returns its metrics and a local folder holding the merged model."""
-    from deepkiln.ray_utils import fit, torch_trainer
-    from deepkiln.trainer import update_loop
+    """Run the update: its ranks on Ray Train, or one rank in a Ray task (online.num_workers=1, the
+    default: a worker group's process starts cost more than a small update's steps). Returns its
+    metrics and a local folder holding the merged model."""
+    from deepkiln.ray_utils import fit, one_rank, torch_trainer
+    from deepkiln.trainer import OnlyRank, update_loop
 
     cfg = absolute(cfg)
     paths = RunPaths.of(cfg)
@@ -81,6 +83,9 @@ def train_update(cfg: Config, base_model: str, encoded: list, weights: list[floa
     paths.remove(os.path.join(storage, name))  # a crashed try of this update
     config = {"cfg": cfg.to_dict(), "base": os.path.abspath(base_model), "update": update, "examples": encoded,
               "weights": weights, "base_first": base_first}
+    if cfg.online.num_workers == 1:  # the storage is the run's, as Ray Train's is: shared on a cluster
+        metrics = one_rank(update_loop, config, OnlyRank(f"{storage}/{name}/model"), cfg=cfg)
+        return metrics, f"{storage}/{name}/model"
     result = fit(torch_trainer(update_loop, config, cfg, name=name, storage=storage, workers=cfg.online.num_workers,
                                max_failures=1))
     out = tempfile.mkdtemp(prefix="deepkiln-update-")
@@ -376,7 +381,7 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
                      "sources": shares(drawn)},
         "buffer": ray.get(buffer.stats.remote()),
         "mix": {"feedback_per_batch": metrics["feedback_per_batch"], "base_per_batch": metrics["base_per_batch"]},
-        "method": on.method, "steps": on.steps, "precision": {"update": metrics["precision"], "gate": describe(compute_dtype(cfg.serve.dtype))},
+        "method": on.method, "ranks": metrics["ranks"], "steps": on.steps, "precision": {"update": metrics["precision"], "gate": describe(compute_dtype(cfg.serve.dtype))},
         "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"],
         "losses": metrics["losses"], "gate": verdict, "published": state["versions"][name]["published"],
         "pruned": pruned,

@@ -176,7 +176,9 @@ def online_update(job, run, out, url, head):
     loader = threading.Thread(target=load)
     loader.start()
     try:
-        done = job("-m", "pipelines.online", *run, "--once", "--online.max_ppl_increase=1.0")
+        # Two ranks on Ray Train (half a CPU each, beside the replica); later updates are one rank in a Ray task.
+        done = job("-m", "pipelines.online", *run, "--once", "--online.max_ppl_increase=1.0", "--online.num_workers=2",
+                   "--train.cpus_per_worker=0.5")
     finally:
         stop.set()
         loader.join()
@@ -188,7 +190,7 @@ def online_update(job, run, out, url, head):
     for f in (p for p in out.rglob("*") if p.is_file()):  # no canary at rest: SQLite files, reports, versions
         data = f.read_bytes()
         assert not [c for c in CANARIES if c.encode() in data], f
-    assert report["mix"] == {"feedback_per_batch": 2, "base_per_batch": 6}
+    assert report["mix"] == {"feedback_per_batch": 2, "base_per_batch": 6} and report["ranks"] == 2
     assert report["loss_last"] < report["loss_first"] and report["buffer"]["unconsumed"] == 0
     assert 0 < report["feedback_to_serving_s"]
     state = json.loads((out / "online" / "state.json").read_text())

@@ -2,6 +2,7 @@
 run killed half-way finishes when run again, reusing the stages it had finished."""
 
 import collections
+import json
 import os
 import re
 import signal
@@ -74,6 +75,8 @@ def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path, capf
         assert out["languages"].startswith("en ")  # Python's documentation
         assert "prepare" not in result["times"] and "train" in result["times"]  # reused, and redone
         assert out["online"].startswith("1 update(s)") and result["url"] in out["endpoint"]
+        update = json.loads((tmp_path / "tiny" / "online" / "updates" / "update-0001.json").read_text())
+        assert update["ranks"] == 1  # one rank, trained in a Ray task
         r = requests.post(f"{result['url']}/v1/completions", timeout=60,
                           json={"model": "deepkiln", "prompt": "The for statement", "max_tokens": 8})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
