@@ -1,6 +1,6 @@
 """The cluster journey against a local `ray start --head` with token auth on, in one story: every
-stage run under `ray job submit` (prepare + tokenizer in one job and train + audit + quantize in
-another, each stage its own driver process; Tune among them, one trial killed and retried from its
+stage run under `ray job submit` (prepare + tokenizer in one job and Tune + train + audit + quantize
+in another, each stage its own driver process; one Tune trial killed and retried from its
 checkpoint), the app started with `serve run ... --non-blocking` as a job, feedback over HTTP, an
 online update published while requests keep flowing (the corrected answers more likely afterwards),
 a candidate trained far too hard refused by the gate, and a rollback; online runs SIGKILLed at each
@@ -82,13 +82,15 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
         assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-3000:] + done.stderr[-3000:]
         return done
 
-    def stages(*names):  # one job, each stage its own driver process, as `ray job submit` runs it
-        job("-c", " && ".join(shlex.join([sys.executable, "-m", f"pipelines.{n}", *run]) for n in names),
-            program="sh")
+    def stages(*commands, **kw):  # one job, each stage its own driver process, as `ray job submit` runs it
+        job("-c", " && ".join(shlex.join([sys.executable, "-m", f"pipelines.{n}", *run, *extra])
+                              for n, *extra in commands), program="sh", **kw)
 
-    stages("prepare", "tokenizer")
-    tune(job, run, out, tmp_path / "kill-once")
-    stages("train", "audit", "quantize")
+    stages(["prepare"], ["tokenizer"])
+    marker = tmp_path / "kill-once"  # armed for the job's Ray workers: a Tune trial's worker meets it first
+    stages(["tune", *TUNE], ["train"], ["audit"], ["quantize"],
+           runtime_env={"env_vars": {"DEEPKILN_KILL_ONCE": str(marker)}})
+    tuned(out, marker)
     assert load_checkpoint(out / "train" / "model").manifest["step"] == 10
     assert json.loads((out / "audit" / "report.json").read_text())["passed"]
 
@@ -112,16 +114,17 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
                        capture_output=True)
 
 
-def tune(job, run, out, marker):
-    """Tune as a job: 2 ASHA trials of one worker each, both at once on 2 CPUs (one wave of process
-    starts). One trial's worker is SIGKILLed once after step 4 (the marker file), before its second
-    report: with tune.grace_period=2 ASHA cannot have stopped it yet, so it is retried
-    (train.max_failures=0 fails the trial itself) and Tune's retry continues it from its checkpoint at
-    step 2."""
-    job("-m", "pipelines.tune", *run, "--train.num_workers=1", "--train.cpus_per_worker=0.95",
-        "--train.max_failures=0", "--train.seq_len=32", "--train.batch_size=16", "--tune.num_samples=2",
-        "--tune.max_steps=8", "--tune.reports=4", "--tune.grace_period=2",
-        runtime_env={"env_vars": {"DEEPKILN_KILL_ONCE": str(marker)}})
+# Tune: 2 ASHA trials of one worker each, both at once on 2 CPUs (one wave of process starts). One
+# trial's worker is SIGKILLed once after step 4 (the marker file), before its second report: with
+# tune.grace_period=2 ASHA cannot have stopped it yet, so it is retried (train.max_failures=0 fails the
+# trial itself) and Tune's retry continues it from its checkpoint at step 2.
+TUNE = ["--train.num_workers=1", "--train.cpus_per_worker=0.95", "--train.max_failures=0", "--train.seq_len=32",
+        "--train.batch_size=16", "--tune.num_samples=2", "--tune.max_steps=8", "--tune.reports=4",
+        "--tune.grace_period=2"]
+
+
+def tuned(out, marker):
+    """What the Tune stage left: both trials, the killed one retried from its checkpoint, best.yaml."""
     assert marker.exists()  # the kill happened (the killed worker disarmed it)
     summary = json.loads((out / "tune" / "tune_summary.json").read_text())
     assert summary["trials"] == 2 and summary["errors"] == 0
