@@ -45,6 +45,26 @@ def paragraph(rng: random.Random, n_words: int = 90) -> str:
     return " ".join(sentences)
 
 
+# Common Chinese words (nouns, verbs, adjectives), for made-up Chinese as `paragraph` makes English.
+ZH_WORDS = ("时间 人们 国家 学校 学生 老师 朋友 家庭 孩子 父亲 母亲 城市 农村 工作 生活 问题 社会 经济 文化 历史 "
+            "科学 技术 语言 文字 音乐 电影 书籍 报纸 新闻 故事 山水 河流 森林 花园 天气 春天 夏天 秋天 冬天 早晨 "
+            "晚上 医生 工人 农民 商店 市场 银行 医院 公园 车站 机场 道路 桥梁 房子 窗户 桌子 椅子 电脑 手机 "
+            "米饭 面条 水果 蔬菜 茶叶 咖啡 衣服 鞋子 帽子 颜色 声音 味道 方法 原因 结果 计划 目标 机会 希望 "
+            "经验 知识 能力 习惯 健康 安全 自由 和平 发展 变化 增加 减少 学习 研究 讨论 决定 准备 参加 访问 "
+            "旅行 休息 帮助 支持 保护 建设 管理 服务 生产 销售 购买 使用 选择 表示 认为 发现 了解 记得 忘记 "
+            "喜欢 相信 美丽 干净 安静 热闹 重要 简单 复杂 困难 容易 快乐 认真 仔细 勇敢 聪明 年轻 古老 新鲜 "
+            "温暖 寒冷 明亮 黑暗 丰富 普通 特别 传统 现代 自然 地方 世界 邻居 船只 星星 月亮 太阳 海洋 草原").split()
+
+
+def zh_paragraph(rng: random.Random, n_words: int = 60) -> str:
+    """Made-up Chinese: sentences of twelve common words, a comma in the middle."""
+    words, sentences = [rng.choice(ZH_WORDS) for _ in range(n_words)], []
+    for i in range(0, n_words, 12):
+        part = words[i:i + 12]
+        sentences.append("".join(part[:6]) + "，" + "".join(part[6:]) + "。")
+    return "".join(sentences)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

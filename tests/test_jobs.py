@@ -27,7 +27,7 @@ from deepkiln.config import load_config
 from deepkiln.evaluate import continuation_logprob
 from deepkiln.model import Gate
 from deepkiln.paths import version_of
-from deepkiln.testing import free_port, paragraph
+from deepkiln.testing import free_port, zh_paragraph
 from deepkiln.tokenizer import EOS_ID, Tokenizer
 from pipelines import online
 from serve.api import source_of
@@ -66,13 +66,15 @@ def app_settings_stand(url):
 
 
 def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candidate_and_rollback(tmp_path, ray_head):
-    # A small raw corpus of the user's (the built-in one goes through the quickstart's test).
+    # A small raw corpus of the user's, Chinese only, through every stage with the tiny preset's
+    # tokenizer and model (the built-in English one goes through the quickstart's test).
     rng = random.Random(0)
     (tmp_path / "raw").mkdir()
-    (tmp_path / "raw" / "docs.jsonl").write_text("".join(json.dumps({"text": paragraph(rng, 60)}) + "\n"
-                                                         for _ in range(300)))
+    docs = [zh_paragraph(rng, 60) for _ in range(300)]
+    (tmp_path / "raw" / "docs.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n"
+                                                         for d in docs), encoding="utf-8")
     run = ["--config", "configs/tiny.yaml", "--run.run_dir", str(tmp_path), "--train.steps=10",
-           "--data.input", str(tmp_path / "raw"), "--tokenizer.vocab_size=512", "--train.eval_every=10",
+           "--data.input", str(tmp_path / "raw"), "--train.eval_every=10",
            "--quant.format=bf16", "--serve.replica_cpus=0.5", "--online.min_feedback=8", "--online.steps=30",
            "--online.lr=3e-3"]
     out = tmp_path / "tiny"
@@ -87,6 +89,7 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
                               for n, *extra in commands), program="sh", **kw)
 
     stages(["prepare"], ["tokenizer"])
+    chinese_kept(out, docs)
     marker = tmp_path / "kill-once"  # armed for the job's Ray workers: a Tune trial's worker meets it first
     stages(["tune", *TUNE], ["train"], ["audit"], ["quantize"],
            runtime_env={"env_vars": {"DEEPKILN_KILL_ONCE": str(marker)}})
@@ -108,10 +111,34 @@ def test_the_journey_as_jobs_with_tune_serving_an_online_update_a_refused_candid
         while not _ok(f"{url}/health"):
             assert time.monotonic() < deadline, "the app never became ready"
             time.sleep(2)
+        chinese_served(url, out)
         online_update(job, run, out, url, ray_head)
     finally:
         subprocess.run([SERVE_CLI, "shutdown", "-y", "--address", ray_head.url], env=ray_head.env, check=True,
                        capture_output=True)
+
+
+def chinese_kept(out, docs):
+    """Every document kept and counted as Chinese; the tokenizer (the tiny preset's vocabulary) keeps
+    every character and gives each document back exactly."""
+    report = json.loads((out / "prepare" / "prepare_report.json").read_text())
+    assert report["languages"] == {"zh": 300}, report["languages"]
+    index = json.loads((out / "tokenizer" / "tokens" / "index.json").read_text())
+    assert index["vocab_size"] == 2048 and index["characters"]["kept_share"] == 1.0, index["characters"]
+    tok = Tokenizer.load(out / "tokenizer" / "tokenizer.model")
+    assert all(tok.decode(tok.encode(d)) == d for d in docs)
+    chars = sorted(set("".join(docs)))
+    assert [tok.decode(tok.encode(c)) for c in chars] == chars
+
+
+def chinese_served(url, out):
+    """The served model takes a Chinese prompt with the run's tokenizer's ids and answers."""
+    tok = Tokenizer.load(out / "tokenizer" / "tokenizer.model")
+    prompt = "春天的早晨，孩子们"
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(tok.encode_prompt(prompt))
+    assert r.json()["usage"]["completion_tokens"] > 0
 
 
 # Tune: 2 ASHA trials of one worker each, both at once on 2 CPUs (one wave of process starts). One
