@@ -297,6 +297,7 @@ def update_loop(config: dict, rank_of: UpdateRank | OnlyRank | None = None):
     import torch.distributed as dist
 
     from deepkiln.checkpoint import load_model, save_checkpoint
+    from deepkiln.faults import kill_once
     from deepkiln.lora import apply_lora, lora_parameters, merge_lora
     from deepkiln.precision import compute_dtype, describe
 
@@ -349,6 +350,8 @@ def update_loop(config: dict, rank_of: UpdateRank | OnlyRank | None = None):
         reduced = loss.detach().clone()
         dist.all_reduce(reduced)
         losses.append(reduced.item() / world)
+        if rank == world - 1 and step + 1 == max(1, on.steps // 2):
+            kill_once()  # no-op unless a kill test armed it
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             model = engine.module

@@ -143,3 +143,23 @@ def test_pruning_keeps_the_served_version_the_rollback_targets_and_the_newest(tm
     online.save_state(cfg, saved)
     with pytest.raises(ValueError, match="--rollback v0001: not a kept version"):
         online.rollback(cfg, "v0001")
+
+
+@pytest.mark.slow
+def test_an_update_whose_rank_is_killed_half_way_is_run_again_to_the_end(served_run, served_copy, ray_local):
+    """An update of one rank (online.num_workers=1) trains in a Ray task: SIGKILLed after half its
+    steps, Ray runs it again, and the update ends with every step and a merged model that loads."""
+    _, argv = served_copy
+    cfg = load_config([*argv, "--online.steps=4"])
+    tok = served_run["tokenizer"]
+    encoded = [online.encode_example(tok, {"completion_id": "cmpl-1", "prompt": "The river", "target": "is wide"}, 64)]
+    ray_local.unlink()  # arm: the rank kills itself once, after step 2
+    try:
+        metrics, model_dir = online.train_update(cfg, RunPaths.of(cfg).train_model, encoded, [1.0], update=1,
+                                                 base_first=0)
+        assert ray_local.exists()  # the kill happened (the killed rank disarmed it)
+    finally:
+        ray_local.touch()  # disarmed whatever happened: no later test's process is killed by it
+    assert metrics["ranks"] == 1 and len(metrics["losses"]) == 4 and all(math.isfinite(x) for x in metrics["losses"])
+    model, ckpt = load_model(model_dir)
+    assert ckpt.config["online"]["steps"] == 4 and sum(p.numel() for p in model.parameters()) > 0
