@@ -59,7 +59,7 @@ from deepkiln.tokenizer import Tokenizer, load_tokenizer
 APP = "deepkiln"  # the Serve application the online loop publishes to (serve/config.yaml, serve.app)
 
 
-# -- the update: DeepSpeed ranks on Ray Train (deepkiln.trainer.update_loop) -------------------------
+# -- the update: DeepSpeed ranks (deepkiln.trainer.update_loop) on Ray Train, or one in a Ray task ------
 
 def encode_example(tok: Tokenizer, example: dict, max_len: int) -> tuple[list[int], list[int]]:
     """A feedback example as (ids, labels): chat completions (ids "chatcmpl-...") keep their prompt
