@@ -121,8 +121,8 @@ class UpdateRank:
 
 def as_only_rank(run, *args):
     """`run(*args)` as the single rank of this process: a process group of one, in memory (NCCL on
-    a GPU, else gloo), with the variables DeepSpeed reads. Saves a worker group's three process
-    starts (controller, synchronisation actor, worker; about 10 s) where one rank is all there is."""
+    a GPU, else gloo), with the variables DeepSpeed reads. Saves a worker group's process starts
+    (Ray Train's controller and helper actors and the worker; about 10 s) where one rank is all there is."""
     import torch.distributed as dist
 
     gpu = torch.cuda.is_available()

@@ -84,8 +84,8 @@ def train_update(cfg: Config, base_model: str, encoded: list, weights: list[floa
     config = {"cfg": cfg.to_dict(), "base": os.path.abspath(base_model), "update": update, "examples": encoded,
               "weights": weights, "base_first": base_first}
     if cfg.online.num_workers == 1:  # the storage is the run's, as Ray Train's is: shared on a cluster
-        metrics = one_rank(update_loop, config, OnlyRank(f"{storage}/{name}/model"), cfg=cfg)
-        return metrics, f"{storage}/{name}/model"
+        model = f"{storage}/{name}/model"
+        return one_rank(update_loop, config, OnlyRank(model), cfg=cfg), model
     result = fit(torch_trainer(update_loop, config, cfg, name=name, storage=storage, workers=cfg.online.num_workers,
                                max_failures=1))
     out = tempfile.mkdtemp(prefix="deepkiln-update-")
@@ -381,7 +381,8 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
                      "sources": shares(drawn)},
         "buffer": ray.get(buffer.stats.remote()),
         "mix": {"feedback_per_batch": metrics["feedback_per_batch"], "base_per_batch": metrics["base_per_batch"]},
-        "method": on.method, "ranks": metrics["ranks"], "steps": on.steps, "precision": {"update": metrics["precision"], "gate": describe(compute_dtype(cfg.serve.dtype))},
+        "method": on.method, "ranks": metrics["ranks"], "steps": on.steps,
+        "precision": {"update": metrics["precision"], "gate": describe(compute_dtype(cfg.serve.dtype))},
         "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"],
         "losses": metrics["losses"], "gate": verdict, "published": state["versions"][name]["published"],
         "pruned": pruned,

@@ -9,8 +9,9 @@ exact hashes, MinHash LSH band keys or SimHash table keys collide across all sha
 verified on their MinHash signatures or SimHash fingerprints and every duplicate cluster keeps its
 lowest id; each kept document's train/validation/test split is fixed (deepkiln.splits). Output, under
 <run_dir>/<run.name>/prepare/: shards/<gen>-shard-<i>.parquet (id, source, text, lang, lang_share,
-ppl, ppl_bucket, split), prepare_report.json, files.json (the file registry and the split counts). Run again with new files in the input and only
-those are prepared, deduplicated against everything prepared before (a new generation).
+ppl, ppl_bucket, split), prepare_report.json, files.json (the file registry and the split counts).
+Run again with new files in the input and only those are prepared, deduplicated against everything
+prepared before (a new generation).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from deepkiln.ray_utils import init_ray
+    from deepkiln.ray_utils import init_ray, uses_gpu
     from deepkiln.trainer import check_inputs
 
     cfg = absolute(load_config(sys.argv[1:] if argv is None else argv))
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     per_trial = own + (t.num_workers * t.cpus_per_worker if t.num_workers > 1 else 0)
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
     # ...on a GPU where the cluster has them, as its worker would (Ray Train reserves a worker's own).
-    reserve = {"CPU": own} | ({"GPU": 1} if t.num_workers == 1 and ray.cluster_resources().get("GPU", 0) >= 1 else {})
+    reserve = {"CPU": own} | ({"GPU": 1} if t.num_workers == 1 and uses_gpu() else {})
     tuner = tune.Tuner(
         tune.with_resources(trial, reserve),
         param_space={"base": base.to_dict(), **space},
