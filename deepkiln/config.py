@@ -11,6 +11,7 @@ dotted key and the value. `cfg.to_dict()` is what gets saved next to every artif
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -471,8 +472,19 @@ class OnlineArgs(Section):
     """Unconsumed feedback examples that trigger an update."""
     max_feedback: int = Field(256, ge=1)
     """Feedback examples one update draws at most."""
-    method: Literal["lora", "full"] = "lora"
-    """Update the model through LoRA adapters (merged afterwards) or all its weights."""
+    method: Literal["lora", "full", "dpo", "kto"] = "lora"
+    """What an update learns from and how: `lora` and `full` fine-tune on corrections and well-rated
+    answers (supervised) through LoRA adapters (merged afterwards) or all weights; `dpo` learns from
+    preference pairs, `kto` from answers labelled desirable or undesirable, through `online.params`."""
+    params: Literal["lora", "full"] = "lora"
+    """The weights a dpo or kto update trains: LoRA adapters (merged afterwards) or all of them."""
+    beta: float = Field(0.1, gt=0)
+    """DPO's and KTO's beta: how far the update may move from the serving version (its reference);
+    smaller lets it move further."""
+    desirable_min: int | None = None
+    """Ratings at or above it label a completion desirable (KTO); unset: those above the scale's middle."""
+    undesirable_max: int | None = None
+    """Ratings at or below it label a completion undesirable (KTO); unset: those below the scale's middle."""
     steps: int = Field(40, ge=1)
     """Optimizer steps per update."""
     batch_size: int = Field(8, ge=1)
@@ -509,6 +521,13 @@ class OnlineArgs(Section):
             raise ValueError(f"online.min_feedback={self.min_feedback} exceeds online.max_feedback={self.max_feedback}")
         if self.batch_size % self.num_workers:
             raise ValueError(f"online.batch_size={self.batch_size} is not divisible by online.num_workers={self.num_workers}")
+        if self.method in ("lora", "full") and "params" in self.model_fields_set and self.params != self.method:
+            raise ValueError(f"online.params={self.params} contradicts online.method={self.method}: a supervised "
+                             "update's method names its weights (online.params is for dpo and kto)")
+        if (self.desirable_min is not None and self.undesirable_max is not None
+                and self.desirable_min <= self.undesirable_max):
+            raise ValueError(f"online.desirable_min={self.desirable_min} must exceed "
+                             f"online.undesirable_max={self.undesirable_max}")
         return self
 
 
@@ -554,6 +573,15 @@ class Config(Section):
                              "Opacus does not support DeepSpeed ZeRO")
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        f, on = self.feedback, self.online
+        for key, cut in (("desirable_min", on.desirable_min), ("undesirable_max", on.undesirable_max)):
+            if cut is not None and not f.rating_min <= cut <= f.rating_max:
+                raise ValueError(f"online.{key}={cut} is outside the rating scale "
+                                 f"feedback.rating_min={f.rating_min}..feedback.rating_max={f.rating_max}")
+        low, high = rating_cuts(f, on)
+        if low >= high:
+            raise ValueError(f"online.undesirable_max ({low}) must be below online.desirable_min ({high}) "
+                             f"on the scale {f.rating_min}..{f.rating_max}")
         if self.tokenizer.vocab_size > m.vocab_size and not m.init:  # an imported model brings its tokenizer
             raise ValueError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}")
         return self
@@ -564,6 +592,15 @@ class Config(Section):
     @classmethod
     def from_dict(cls, data: dict) -> Config:
         return _validate(data)
+
+
+def rating_cuts(scale: FeedbackArgs, online: OnlineArgs) -> tuple[float, float]:
+    """(undesirable_max, desirable_min): ratings at or below the first label a completion undesirable,
+    at or above the second desirable. Unset, they are the ratings below / above the scale's middle."""
+    middle = (scale.rating_min + scale.rating_max) / 2
+    low = online.undesirable_max if online.undesirable_max is not None else math.ceil(middle) - 1
+    high = online.desirable_min if online.desirable_min is not None else math.floor(middle) + 1
+    return low, high
 
 
 def _validate(data: dict) -> Config:

@@ -116,6 +116,19 @@ def meta_model(preset: str) -> Transformer:
         return Transformer(PRESETS[preset])
 
 
+def hf_folder(model: Transformer, out: Path) -> str:
+    """`model` as a transformers folder (weights and config.json, float32), without a tokenizer."""
+    from deepkiln.hf import write_hf_weights
+    from deepkiln.hf_config import hf_config
+    from deepkiln.tokenizer import SPECIAL_TOKENS
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_hf_weights(model, out)
+    eos = [EOS_ID, SPECIAL_TOKENS["<|end|>"]]
+    (out / "config.json").write_text(json.dumps(hf_config(model.args, bos_id=2, eos_id=eos, dtype="float32")))
+    return str(out)
+
+
 def copy_run(argv: list[str], dest: Path) -> list[str]:
     """Copy the run `argv` points at (its --run.run_dir / --run.name folder) under `dest`; returns
     the argv of the copy (same run name), for a test or benchmark that writes into a run."""

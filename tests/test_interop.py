@@ -21,7 +21,7 @@ from deepkiln.engine import Engine, SamplingParams
 from deepkiln.hf import hf_shapes, load_hf_model, write_hf_weights
 from deepkiln.hf_config import hf_config
 from deepkiln.model import PRESETS, Gate, Transformer
-from deepkiln.testing import meta_model
+from deepkiln.testing import hf_folder, meta_model
 from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS
 from pipelines import export
 
@@ -49,13 +49,6 @@ def o1(model: Transformer) -> Transformer:
             if model.args.score_func == "sigmoid":
                 gate.bias.copy_(0.3 * torch.randn(gate.bias.shape, generator=gen))
     return model.eval()
-
-
-def hf_folder(model: Transformer, out) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    write_hf_weights(model, out)
-    (out / "config.json").write_text(json.dumps(hf_config(model.args, bos_id=2, eos_id=END, dtype="float32")))
-    return str(out)
 
 
 def load_hf(folder):
@@ -443,8 +436,8 @@ def test_a_published_model_imports_trains_on_ray_exports_back_and_serves_with_it
                                                         "rating": 5, "correction": "The river runs east."}, timeout=60)
         assert fb.status_code == 200, fb.text
         # The online loop renders chat feedback with the same template, ending at the tokenizer's eos.
-        ids, labels = online.encode_example(tok, {"completion_id": "chatcmpl-1", "prompt": json.dumps(messages),
-                                                  "target": "ok"}, 64)
+        ids, labels = online.encode_answer(tok, {"completion_id": "chatcmpl-1", "prompt": json.dumps(messages)},
+                                           "ok", 64)
         assert ids == [*tok.apply_chat_template(messages), *tok.encode("ok"), tok.eos_id] and labels[-1] == tok.eos_id
         bad = requests.post(f"{url}/v1/chat/completions", json={"model": "deepkiln", "max_tokens": 2,
                                                                  "messages": [{"role": "tool", "content": "x"}]})

@@ -1,0 +1,120 @@
+"""What users prefer, as training signal: preference data from feedback records, and the losses that
+learn from it.
+
+    items = preference_items(record, scale, online)      # the pairs and labels one feedback record gives
+    logps = sequence_logps(model(x).logits, y)           # (B,) log P(completion | prompt)
+    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta)
+    losses, rewards, kl = kto_loss(p, r, p_kl, r_kl, desirable, beta, *kto_weights(n_d, n_u))
+
+A correction gives a pair: the user's answer over the served one, and the user's answer as a desirable
+label. A rating at or above online.desirable_min labels the completion desirable, at or below
+online.undesirable_max undesirable; the middle teaches nothing. Two rated completions of one prompt
+give a ranked pair, its margin the rating difference over the scale's span (a correction's is 1).
+
+The losses follow the papers and TRL's trainers (the tests compare them on the same model and batch):
+DPO (Rafailov et al. 2023, sigmoid loss), KTO (Ethayarajh et al. 2024, with the batch's mismatched
+completions as the KL baseline), Bradley-Terry with a margin for reward models (Llama 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from deepkiln.config import rating_cuts
+from deepkiln.evaluate import IGNORE
+
+
+@dataclass(frozen=True)
+class Pair:
+    """`chosen` preferred over `rejected` as answers to `prompt`; margin in (0, 1]."""
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float
+
+
+@dataclass(frozen=True)
+class Label:
+    """`completion` of `prompt`, desirable or not (KTO's unpaired signal)."""
+    prompt: str
+    completion: str
+    desirable: bool
+
+
+def desirability(rating: int, scale, online) -> bool | None:
+    """True (desirable), False (undesirable), or None (the middle of the scale: no signal)."""
+    low, high = rating_cuts(scale, online)
+    return True if rating >= high else False if rating <= low else None
+
+
+def preference_items(record: dict, scale, online) -> list[Pair | Label]:
+    """What one feedback record teaches on its own (ranked pairs need a second rating: `ranked_pair`)."""
+    items: list[Pair | Label] = []
+    served, correction = record["completion"], record.get("correction")
+    if correction:
+        if correction != served:
+            items.append(Pair(record["prompt"], correction, served, 1.0))
+        items.append(Label(record["prompt"], correction, True))
+    label = desirability(record["rating"], scale, online)
+    if label is not None and served and not (correction and label):  # a corrected answer is no good answer
+        items.append(Label(record["prompt"], served, label))
+    return items
+
+
+def ranked_pair(a: dict, b: dict, scale) -> Pair | None:
+    """The pair two rated completions of the same prompt give: the higher rated one chosen, margin
+    the rating difference over the scale's span; None for equal ratings or equal completions."""
+    if a["prompt"] != b["prompt"] or a["rating"] == b["rating"] or a["completion"] == b["completion"]:
+        return None
+    hi, lo = (a, b) if a["rating"] > b["rating"] else (b, a)
+    return Pair(a["prompt"], hi["completion"], lo["completion"],
+                (hi["rating"] - lo["rating"]) / (scale.rating_max - scale.rating_min))
+
+
+# -- losses -------------------------------------------------------------------------------------------
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log P(labelled tokens) of each row (B,): the sum over the positions whose target is not IGNORE;
+    logits (B, T, V), targets (B, T)."""
+    mask = targets != IGNORE
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return (logp * mask).sum(1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO's sigmoid loss of each pair (B,) and the implicit rewards beta * log(pi / pi_ref) of its
+    chosen and rejected answers (detached). ln 2 where the policy is the reference."""
+    chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    losses = -F.logsigmoid(beta * (chosen - rejected))
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """(desirable_weight, undesirable_weight) so that desirable_weight * n_desirable equals
+    undesirable_weight * n_undesirable, the low end of the band [1, 4/3] the KTO paper recommends."""
+    if not n_desirable or not n_undesirable:
+        return 1.0, 1.0
+    return n_undesirable / n_desirable, 1.0
+
+
+def kto_loss(policy: torch.Tensor, ref: torch.Tensor, policy_kl: torch.Tensor, ref_kl: torch.Tensor,
+             desirable: torch.Tensor, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO's loss of each example (B,), their implicit rewards beta * log(pi / pi_ref), and the KL
+    baseline: the mean log-ratio over the batch's mismatched (prompt, completion) sequences, clamped at
+    0 and not differentiated. `desirable` (B,) bool."""
+    kl = (policy_kl - ref_kl).mean().detach().clamp(min=0)
+    ratio = policy - ref
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return losses, beta * ratio.detach(), kl
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
+                       ) -> torch.Tensor:
+    """A reward model's loss on pairs (B,): -log sigmoid(r_chosen - r_rejected - margin)."""
+    return -F.logsigmoid(chosen - rejected - margin)
