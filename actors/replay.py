@@ -3,9 +3,13 @@
 The buffer ingests feedback records from the FeedbackCollectors' stores (`ingest(source, records)`:
 the records and the source's new offset, the newest `seq` taken, commit in one SQLite transaction, so
 a crash leaves both or neither and a re-ingest from `offset(source)` takes each record exactly once).
-A record becomes an example when there is something to learn from it: a corrected answer (weight 1,
-the user's own target) or a completion rated above the middle of the scale (weight rising with the
-rating). Thumbs down without a correction is counted, not trained on.
+A record becomes a supervised (SFT) example when there is something to imitate: a corrected answer
+(weight 1, the user's own target) or a completion rated above the middle of the scale (weight rising
+with the rating). Beside them the buffer keeps what preference updates learn from
+(deepkiln.preferences): pairs (a correction over the served answer; two rated answers of one prompt,
+the better one chosen) for DPO, and labelled answers (desirable or not, by rating; a correction is
+desirable) for KTO, so a thumbs down teaches a preference update. Each kind is drawn, consumed and
+bounded on its own (`kind=`).
 
 Priority = weight x recency (halving every `online.half_life_s`). `draw(n)` returns up to n examples
 not consumed yet, sampled by priority without replacement (seeded: the same draw after a restart),
@@ -31,17 +35,34 @@ import ray
 from actors.feedback import head_node, transaction
 from deepkiln.config import Config, FeedbackArgs, OnlineArgs
 from deepkiln.paths import RunPaths
+from deepkiln.preferences import Pair, preference_items, ranked_pair
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
     source TEXT NOT NULL, seq INTEGER NOT NULL, completion_id TEXT NOT NULL, prompt TEXT NOT NULL,
     target TEXT NOT NULL, weight REAL NOT NULL, corrected INTEGER NOT NULL, model_version TEXT NOT NULL,
     created REAL NOT NULL, consumed_by INTEGER, client TEXT, PRIMARY KEY (source, seq));
+CREATE TABLE IF NOT EXISTS preferences (
+    source TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, part TEXT NOT NULL, completion_id TEXT NOT NULL,
+    prompt TEXT NOT NULL, chosen TEXT NOT NULL, rejected TEXT, desirable INTEGER, weight REAL NOT NULL,
+    model_version TEXT NOT NULL, created REAL NOT NULL, client TEXT NOT NULL, PRIMARY KEY (source, seq, kind, part));
+CREATE TABLE IF NOT EXISTS ratings (
+    source TEXT NOT NULL, seq INTEGER NOT NULL, prompt TEXT NOT NULL, completion TEXT NOT NULL, rating INTEGER NOT NULL,
+    completion_id TEXT NOT NULL, model_version TEXT NOT NULL, created REAL NOT NULL, client TEXT NOT NULL,
+    PRIMARY KEY (source, seq));
+CREATE INDEX IF NOT EXISTS ratings_by_prompt ON ratings (prompt);
 CREATE TABLE IF NOT EXISTS offsets (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 """
 FIELDS = ["source", "seq", "completion_id", "prompt", "target", "weight", "corrected", "model_version", "created",
           "client"]
+PREFERENCE_FIELDS = ["source", "seq", "kind", "part", "completion_id", "prompt", "chosen", "rejected", "desirable",
+                     "weight", "model_version", "created", "client"]
+RATING_FIELDS = ["source", "seq", "prompt", "completion", "rating", "completion_id", "model_version", "created",
+                 "client"]
+KINDS = ("sft", "pair", "label")
+"""What the buffer holds: supervised examples (SFT: target texts with weights), preference pairs
+(chosen over rejected, DPO), and labelled completions (desirable or not, KTO)."""
 
 
 def example_of(record: dict, scale: FeedbackArgs) -> tuple[str, float, bool] | None:
@@ -52,6 +73,11 @@ def example_of(record: dict, scale: FeedbackArgs) -> tuple[str, float, bool] | N
     if record["rating"] > middle and record["completion"]:
         return record["completion"], (record["rating"] - middle) / (scale.rating_max - middle), False
     return None
+
+
+def key_of(row: dict) -> tuple:
+    """What `commit` takes for a drawn row: (source, seq), and a preference's kind and part."""
+    return (row["source"], row["seq"]) if "target" in row else (row["source"], row["seq"], row["kind"], row["part"])
 
 
 class ReplayBuffer:
@@ -77,14 +103,16 @@ class ReplayBuffer:
         return row[0] if row else 0
 
     def ingest(self, source: str, records: list[dict]) -> dict:
-        """Take `source`'s records newer than its offset. Returns counts: added, not trainable,
-        dropped for capacity."""
+        """Take `source`'s records newer than its offset. Returns counts of supervised examples: added,
+        not trainable (no supervised example: its pairs and labels, if any, are kept), dropped for
+        capacity (pairs and labels dropped are counted in `stats`)."""
         after = self.offset(source)
         added = skipped = 0
         with transaction(self.db):
             for r in sorted(records, key=lambda r: r["seq"]):
                 if r["seq"] <= after:
                     continue  # a retried call, or records the caller fetched twice
+                self._prefer(source, r)
                 example = example_of(r, self.scale)
                 if example is None:
                     skipped += 1
@@ -98,47 +126,92 @@ class ReplayBuffer:
             if records:
                 newest = max(after, max(r["seq"] for r in records))
                 self.db.execute("INSERT OR REPLACE INTO offsets VALUES (?, ?)", (source, newest))
-            dropped = self._evict()
+            dropped = self._evict("sft")
+            for kind in ("pair", "label"):
+                self._count(f"dropped_{kind}s", self._evict(kind))
+            self.db.execute("DELETE FROM ratings WHERE rowid IN (SELECT rowid FROM ratings ORDER BY created DESC "
+                            "LIMIT -1 OFFSET ?)", (self.args.buffer_size,))
             for name, n in (("ingested", added), ("not_trainable", skipped), ("dropped", dropped)):
                 self._count(name, n)
         return {"added": added, "not_trainable": skipped, "dropped": dropped}
 
+    def _prefer(self, source: str, r: dict) -> None:
+        """The record's preference pairs and labels (deepkiln.preferences), and the ranked pairs its
+        rating makes with earlier ratings of the same prompt (the newest online.buffer_size kept)."""
+        client = r.get("client") or "anonymous"
+        rows = []
+        for item in preference_items(r, self.scale, self.args):
+            if isinstance(item, Pair):
+                rows.append(("pair", "correction", item.chosen, item.rejected, None, item.margin))
+            else:
+                rows.append(("label", "correction" if item.completion == r.get("correction") else "served",
+                             item.completion, None, int(item.desirable), 1.0))
+        if r["completion"]:
+            cur = self.db.execute(f"SELECT {', '.join(RATING_FIELDS)} FROM ratings WHERE prompt = ?", (r["prompt"],))
+            for other in (dict(zip(RATING_FIELDS, row)) for row in cur.fetchall()):
+                pair = ranked_pair(r, other, self.scale)
+                if pair is not None:
+                    rows.append(("pair", f"{other['source']}:{other['seq']}", pair.chosen, pair.rejected, None,
+                                 pair.margin))
+            self.db.execute(f"INSERT OR IGNORE INTO ratings ({', '.join(RATING_FIELDS)}) VALUES "
+                            f"({', '.join('?' * len(RATING_FIELDS))})",
+                            (source, r["seq"], r["prompt"], r["completion"], r["rating"], r["completion_id"],
+                             r["model_version"], r["created"], client))
+        self.db.executemany(f"INSERT OR IGNORE INTO preferences ({', '.join(PREFERENCE_FIELDS)}) VALUES "
+                            f"({', '.join('?' * len(PREFERENCE_FIELDS))})",
+                            [(source, r["seq"], kind, part, r["completion_id"], r["prompt"], chosen, rejected,
+                              desirable, weight, r["model_version"], r["created"], client)
+                             for kind, part, chosen, rejected, desirable, weight in rows])
+
     def _count(self, name: str, n: int) -> None:
         self.db.execute("INSERT INTO counts VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET n = n + ?", (name, n, n))
 
-    def _evict(self) -> int:
-        """Drop the lowest-priority unconsumed examples beyond the capacity."""
-        rows = self._unconsumed()
+    def _evict(self, kind: str) -> int:
+        """Drop the lowest-priority unconsumed rows of `kind` beyond the capacity."""
+        rows = self._unconsumed(kind)
         extra = len(rows) - self.args.buffer_size
         if extra <= 0:
             return 0
         order = np.argsort(self._priorities(rows), kind="stable")[:extra]
-        self.db.executemany("DELETE FROM examples WHERE source = ? AND seq = ?",
-                            [(rows[i]["source"], rows[i]["seq"]) for i in order])
+        self._delete(kind, [key_of(rows[i]) for i in order])
         return extra
 
-    def _unconsumed(self) -> list[dict]:
-        cur = self.db.execute(f"SELECT {', '.join(FIELDS)} FROM examples WHERE consumed_by IS NULL "
-                              "ORDER BY source, seq")
-        return [dict(zip(FIELDS, r)) for r in cur]
+    def _delete(self, kind: str, keys: list[tuple]) -> None:
+        if kind == "sft":
+            self.db.executemany("DELETE FROM examples WHERE source = ? AND seq = ?", keys)
+        else:
+            self.db.executemany("DELETE FROM preferences WHERE source = ? AND seq = ? AND kind = ? AND part = ?", keys)
+
+    def _unconsumed(self, kind: str = "sft") -> list[dict]:
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {KINDS}")
+        if kind == "sft":
+            cur = self.db.execute(f"SELECT {', '.join(FIELDS)} FROM examples WHERE consumed_by IS NULL "
+                                  "ORDER BY source, seq")
+            return [dict(zip(FIELDS, r)) for r in cur]
+        cur = self.db.execute(f"SELECT {', '.join(PREFERENCE_FIELDS)} FROM preferences WHERE kind = ? "
+                              "ORDER BY source, seq, part", (kind,))
+        return [dict(zip(PREFERENCE_FIELDS, r)) for r in cur]
 
     def _priorities(self, rows: list[dict], now: float | None = None) -> np.ndarray:
         now = time.time() if now is None else now
         age = np.array([max(0.0, now - r["created"]) for r in rows])
         return np.array([r["weight"] for r in rows]) * 0.5 ** (age / self.args.half_life_s)
 
-    def size(self) -> int:
-        return self.db.execute("SELECT count(*) FROM examples WHERE consumed_by IS NULL").fetchone()[0]
+    def size(self, kind: str = "sft") -> int:
+        """Unconsumed rows of `kind` (one of KINDS)."""
+        return len(self._unconsumed(kind))
 
-    def unconsumed(self) -> list[dict]:
-        """Every example not consumed yet, by source and seq."""
-        return self._unconsumed()
+    def unconsumed(self, kind: str = "sft") -> list[dict]:
+        """Every row of `kind` not consumed yet, by source and seq."""
+        return self._unconsumed(kind)
 
-    def draw(self, n: int, seed: int = 0, now: float | None = None, max_share: float = 1.0) -> list[dict]:
-        """Up to n unconsumed examples, sampled by priority without replacement (Efraimidis-Spirakis
+    def draw(self, n: int, seed: int = 0, now: float | None = None, max_share: float = 1.0,
+             kind: str = "sft") -> list[dict]:
+        """Up to n unconsumed rows of `kind`, sampled by priority without replacement (Efraimidis-Spirakis
         keys u^(1/p)), at most max(1, floor(max_share * n)) from one client (the rest of a client's
         wait for later draws); the same arguments over the same contents give the same draw."""
-        rows = self._unconsumed()
+        rows = self._unconsumed(kind)
         if not rows:
             return []
         p = np.maximum(self._priorities(rows, now), 1e-12)
@@ -153,20 +226,24 @@ class ReplayBuffer:
                     break
         return out
 
-    def commit(self, keys: list[tuple[str, int]], update: int) -> int:
-        """The examples (source, seq) were consumed by update number `update`: deleted (counted), so
-        the buffer holds only what waits, however many updates ran; idempotent."""
+    def commit(self, keys: list[tuple], update: int, kind: str = "sft") -> int:
+        """The rows of `kind` (their `key_of`) were consumed by update number `update`: deleted
+        (counted), so the buffer holds only what waits, however many updates ran; idempotent.
+        Returns how many rows of `kind` wait."""
         with transaction(self.db):
             before = self.db.total_changes
-            self.db.executemany("DELETE FROM examples WHERE source = ? AND seq = ?", keys)
-            self._count("consumed", self.db.total_changes - before)
-        return self.size()
+            self._delete(kind, keys)
+            self._count("consumed" if kind == "sft" else f"consumed_{kind}s", self.db.total_changes - before)
+        return self.size(kind)
 
     def stats(self) -> dict:
         counts = dict(self.db.execute("SELECT name, n FROM counts").fetchall())
         corrected = self.db.execute("SELECT count(*) FROM examples WHERE consumed_by IS NULL AND corrected = 1"
                                     ).fetchone()[0]
         return {"unconsumed": self.size(), "unconsumed_corrected": corrected, "consumed": counts.get("consumed", 0),
+                "unconsumed_pairs": self.size("pair"), "unconsumed_labels": self.size("label"),
+                **{f"{what}_{k}s": counts.get(f"{what}_{k}s", 0) for what in ("consumed", "dropped")
+                   for k in ("pair", "label")},
                 "capacity": self.args.buffer_size, **{k: counts.get(k, 0) for k in ("ingested", "not_trainable", "dropped")},
                 "offsets": dict(self.db.execute("SELECT source, seq FROM offsets").fetchall())}
 

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from actors.replay import ReplayBuffer, example_of
+from actors.replay import ReplayBuffer, example_of, key_of
 from deepkiln.config import FeedbackArgs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +41,27 @@ def test_ingest_takes_each_record_once_and_offsets_move_with_it(tmp_path):
     assert buf.offset("c0") == 6 and buf.offset("c1") == 0 and buf.size() == 5
     assert buf.ingest("c1", [record(1, correction="x")])["added"] == 1  # sources are separate
     assert buf.stats()["offsets"] == {"c0": 6, "c1": 1}
+
+
+def test_pairs_and_labels_are_kept_beside_sft_examples_and_consumed_on_their_own(tmp_path):
+    buf = ReplayBuffer(str(tmp_path / "replay.sqlite"))
+    same = {"prompt": "shared prompt"}
+    buf.ingest("c0", [record(1, rating=1, correction="fixed"), record(2, rating=1),   # thumbs down alone
+                      record(3, rating=5, completion="great") | same, record(4, rating=2, completion="weak") | same,
+                      record(5, rating=3, completion="so-so") | same])
+    pairs = {(p["chosen"], p["rejected"], p["part"]) for p in buf.unconsumed("pair")}
+    assert pairs == {("fixed", "an answer", "correction"), ("great", "weak", "c0:3"), ("great", "so-so", "c0:3"),
+                     ("so-so", "weak", "c0:4")}
+    labels = {(lab["seq"], lab["chosen"], lab["desirable"]) for lab in buf.unconsumed("label")}
+    assert labels == {(1, "fixed", 1), (1, "an answer", 0), (2, "an answer", 0), (3, "great", 1), (4, "weak", 0)}
+    assert buf.size() == 2  # the correction and the 5: the supervised examples are as before
+    drawn = buf.draw(10, seed=0, kind="pair")
+    assert len(drawn) == 4 and buf.commit([key_of(p) for p in drawn], 1, kind="pair") == 0
+    assert buf.size() == 2 and buf.size("label") == 5
+    stats = buf.stats()
+    assert stats["consumed_pairs"] == 4 and stats["consumed"] == 0 and stats["unconsumed_labels"] == 5
+    with pytest.raises(ValueError, match="kind='pairs'"):
+        buf.draw(1, kind="pairs")
 
 
 def test_capacity_drops_the_lowest_priority_first(tmp_path):
