@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from deepkiln.config import Config
 from deepkiln.evaluate import mean_loss, pad_rows, sequence_losses, windows
 from deepkiln.paths import RunPaths, absolute
+from deepkiln.preferences import dpo_loss, kto_loss, kto_weights, sequence_logps
 from deepkiln.training import (STATE, build_engine, deepspeed_config, initialize, is_complete, lr_at, plot_losses,
                                seq_len_at, train_step, update_expert_bias)
 
@@ -133,7 +135,12 @@ def as_only_rank(run, *args):
     try:
         return run(*args)
     finally:
-        dist.destroy_process_group()
+        # Through DeepSpeed when it ran: it also drops its own references to the group, which a later
+        # rank in this process (Ray reuses a task's worker process) would otherwise find dead.
+        if "deepspeed.comm" in sys.modules and sys.modules["deepspeed.comm"].is_initialized():
+            sys.modules["deepspeed.comm"].destroy_process_group()
+        else:
+            dist.destroy_process_group()
 
 
 def train_in_process(cfg: Config) -> None:
@@ -290,10 +297,15 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
 
 def update_loop(config: dict, rank_of: UpdateRank | OnlyRank | None = None):
     """One DeepSpeed rank of an online update. Depends only on `config`: the resolved config, the base
-    model folder, the encoded feedback examples with their weights, and the base-data cursor. Each
-    batch mixes feedback sequences (loss on their labelled tokens, each sequence counting once) with
-    base windows; routers' balancing bias steps after every optimizer step, as in pretraining.
-    `rank_of`: where it runs (a Ray Train worker unless told otherwise); returns what its report does."""
+    model folder, the encoded feedback examples, and the base-data cursor. The examples are, by
+    online.method: supervised rows (ids, labels) with `weights` (lora, full: loss on their labelled
+    tokens, each sequence counting once); pairs (chosen row, rejected row) for dpo; (row, mismatched
+    row, desirable) for kto, the mismatched row (the prompt with another example's answer) feeding the
+    KL baseline. Each batch mixes them with base windows, each sequence or pair counting once; routers'
+    balancing bias steps after every optimizer step, as in pretraining. For dpo and kto the reference
+    is the model as loaded (the serving version): its log-probabilities of every example this rank
+    draws are computed once, before the first step. `rank_of`: where it runs (a Ray Train worker
+    unless told otherwise); returns what its report does."""
     import torch.distributed as dist
 
     from deepkiln.checkpoint import load_model, save_checkpoint
@@ -308,7 +320,8 @@ def update_loop(config: dict, rank_of: UpdateRank | OnlyRank | None = None):
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.run.seed + config["update"])
     model, base = load_model(config["base"])
-    if on.method == "lora":
+    lora = (on.method if on.method in ("lora", "full") else on.params) == "lora"
+    if lora:
         apply_lora(model, cfg.lora)
         params = lora_parameters(model)
     else:
@@ -319,47 +332,104 @@ def update_loop(config: dict, rank_of: UpdateRank | OnlyRank | None = None):
     engine = initialize(model, params, lr=on.lr, weight_decay=0.0, schedule=lambda s: min(1.0, (s + 1) / warmup),
                         ds_config=deepspeed_config(batch_size=on.batch_size, micro_batch=micro, grad_accum=1,
                                                    grad_clip=cfg.train.grad_clip, dtype=dtype,
-                                                   zero_stage=cfg.train.zero_stage if on.method == "full" else 0))
+                                                   zero_stage=0 if lora else cfg.train.zero_stage))
     examples, weights = config["examples"], config["weights"]
     n_fb = min(micro, max(1, round(micro * on.feedback_fraction))) if examples and on.feedback_fraction else 0
     n_base = micro - n_fb
     data = windows(cfg) if n_base else None
     orders: dict[int, np.ndarray] = {}
-    losses = []
-    for step in range(on.steps):
-        rows, w = [], []
-        for j in range(n_fb):  # an epoch over the examples is a seeded permutation: no repeats inside it
-            g = (step * world + rank) * n_fb + j
-            epoch, k = divmod(g, len(examples))
+
+    def picks(step: int) -> list[int]:
+        """The examples of this rank's batch at `step`: an epoch over them is a seeded permutation."""
+        out = []
+        for j in range(n_fb):
+            epoch, k = divmod((step * world + rank) * n_fb + j, len(examples))
             order = orders.setdefault(epoch, np.random.default_rng((cfg.run.seed, config["update"], epoch))
                                       .permutation(len(examples)))
-            rows.append(examples[order[k]])
-            w.append(weights[order[k]])
+            out.append(int(order[k]))
+        return out
+
+    preference = on.method in ("dpo", "kto")
+    ref = reference_logps(engine, examples, sorted({i for s in range(on.steps) for i in picks(s)}), micro) \
+        if preference and n_fb else {}
+    desirable_w, undesirable_w = kto_weights(sum(e[2] for e in examples), sum(not e[2] for e in examples)) \
+        if on.method == "kto" else (1.0, 1.0)
+    losses, curves = [], {"preference_loss": [], "reward_chosen": [], "reward_rejected": [], "kl": []}
+    for step in range(on.steps):
+        idx = picks(step)
+        base_rows = []
         if n_base:
             x, y = data.train_batch(config["base_first"] + (step * world + rank) * n_base, n_base)
-            full = torch.cat([x, y[:, -1:]], dim=1).tolist()   # every token is a target
-            rows += [(ids, ids) for ids in full]
-            w += [1.0] * n_base
-        x, y = pad_rows(rows)
-        per_seq = sequence_losses(engine(x).logits, y)
-        weight = torch.tensor(w)
-        loss = (per_seq * weight).sum() / weight.sum()
+            base_rows = [(ids, ids) for ids in torch.cat([x, y[:, -1:]], dim=1).tolist()]  # every token a target
+        if not preference:
+            x, y = pad_rows([examples[i] for i in idx] + base_rows)
+            per_seq = sequence_losses(engine(x).logits, y)
+            weight = torch.tensor([weights[i] for i in idx] + [1.0] * n_base)
+            loss = (per_seq * weight).sum() / weight.sum()
+            stats = torch.zeros(4)
+        else:
+            firsts = [examples[i][0] for i in idx]
+            seconds = [examples[i][1] for i in idx] if on.method == "dpo" else []
+            x, y = pad_rows(firsts + seconds + base_rows)
+            logits = engine(x).logits
+            n, m = len(firsts), len(firsts) + len(seconds)
+            logps = sequence_logps(logits[:m], y[:m])
+            if on.method == "dpo":
+                pref, chosen, rejected = dpo_loss(logps[:n], logps[n:], torch.tensor([ref[i][0] for i in idx]),
+                                                  torch.tensor([ref[i][1] for i in idx]), on.beta)
+                kl = torch.zeros(())
+            else:
+                with torch.no_grad():  # the KL baseline is not differentiated (KTO; TRL's trainer alike)
+                    kx, ky = pad_rows([examples[i][1] for i in idx])
+                    policy_kl = sequence_logps(engine(kx).logits, ky)
+                good = torch.tensor([bool(examples[i][2]) for i in idx])
+                pref, rewards, kl = kto_loss(logps, torch.tensor([ref[i][0] for i in idx]), policy_kl,
+                                             torch.tensor([ref[i][1] for i in idx]), good, on.beta,
+                                             desirable_w, undesirable_w)
+                chosen, rejected = rewards[good], rewards[~good]
+            lm = sequence_losses(logits[m:], y[m:]).sum() if n_base else torch.zeros(())
+            loss = (pref.sum() + lm) / (n + n_base)
+            mean = lambda t: t.float().mean() if t.numel() else torch.tensor(float("nan"))  # noqa: E731
+            stats = torch.stack([pref.mean().detach(), mean(chosen), mean(rejected), kl.float()])
         engine.backward(loss)
         engine.step()
         update_expert_bias(engine.module)
-        reduced = loss.detach().clone()
+        reduced = torch.cat([loss.detach().reshape(1), stats])
         dist.all_reduce(reduced)
-        losses.append(reduced.item() / world)
+        reduced = (reduced / world).tolist()
+        losses.append(reduced[0])
+        if preference:
+            for key, value in zip(curves, reduced[1:]):
+                curves[key].append(value)
         if rank == world - 1 and step + 1 == max(1, on.steps // 2):
             kill_once()  # no-op unless a kill test armed it
     with tempfile.TemporaryDirectory() as tmp:
         if rank == 0:
             model = engine.module
-            if on.method == "lora":
+            if lora:
                 merge_lora(model)
             save_checkpoint(Path(tmp) / "model", model, {**base.config, "online": on.model_dump()},
                             step=base.manifest.get("step", 0), tokens=base.manifest.get("tokens", 0))
         dist.barrier()
-        return place.report({"losses": losses, "loss_first": losses[0], "loss_last": losses[-1],
-                             "precision": describe(dtype), "feedback_per_batch": n_fb * world,
-                             "base_per_batch": n_base * world, "ranks": world}, tmp)
+        metrics = {"losses": losses, "loss_first": losses[0], "loss_last": losses[-1], "precision": describe(dtype),
+                   "feedback_per_batch": n_fb * world, "base_per_batch": n_base * world, "ranks": world}
+        if preference:
+            metrics["curves"] = curves
+            if on.method == "kto":
+                metrics["kto_weights"] = {"desirable": desirable_w, "undesirable": undesirable_w}
+        return place.report(metrics, tmp)
+
+
+@torch.no_grad()
+def reference_logps(engine, examples: list, used: list[int], batch: int) -> dict[int, tuple[float, float]]:
+    """The reference's log-probabilities of each used preference example's two rows (DPO: chosen and
+    rejected; KTO: the answer and the mismatched one), in batches of `batch` rows, before any step:
+    the model is still the one loaded."""
+    rows = [(i, k) for i in used for k in (0, 1)]
+    out: dict[int, list[float]] = {i: [0.0, 0.0] for i in used}
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        x, y = pad_rows([examples[i][k] for i, k in chunk])
+        for (i, k), lp in zip(chunk, sequence_logps(engine(x).logits, y).tolist()):
+            out[i][k] = lp
+    return {i: (a, b) for i, (a, b) in out.items()}

@@ -61,12 +61,40 @@ APP = "deepkiln"  # the Serve application the online loop publishes to (serve/co
 
 # -- the update: DeepSpeed ranks (deepkiln.trainer.update_loop) on Ray Train, or one in a Ray task ------
 
-def encode_example(tok: Tokenizer, example: dict, max_len: int) -> tuple[list[int], list[int]]:
-    """A feedback example as (ids, labels): chat completions (ids "chatcmpl-...") keep their prompt
-    as JSON messages and render with the chat template."""
+KIND = {"lora": "sft", "full": "sft", "dpo": "pair", "kto": "label"}
+"""The replay buffer's kind of example each online.method learns from."""
+
+
+def encode_answer(tok: Tokenizer, example: dict, answer: str, max_len: int) -> tuple[list[int], list[int]]:
+    """`answer` to the example's prompt as (ids, labels), labels on the answer: chat completions (ids
+    "chatcmpl-...") keep their prompt as JSON messages and render with the chat template."""
     chat = example["completion_id"].startswith("chatcmpl-")
     prompt = json.loads(example["prompt"]) if chat else example["prompt"]
-    return tok.render_example(prompt, example["target"], max_len)
+    return tok.render_example(prompt, answer, max_len)
+
+
+def encode_examples(tok: Tokenizer, drawn: list[dict], method: str, max_len: int) -> list:
+    """What trainer.update_loop takes for `method`: supervised rows; (chosen, rejected) rows (dpo);
+    (row, mismatched row, desirable) (kto: the mismatched row answers the prompt with the next
+    example's answer, for the KL baseline)."""
+    if KIND[method] == "sft":
+        return [encode_answer(tok, e, e["target"], max_len) for e in drawn]
+    if method == "dpo":
+        return [(encode_answer(tok, e, e["chosen"], max_len), encode_answer(tok, e, e["rejected"], max_len))
+                for e in drawn]
+    return [(encode_answer(tok, e, e["chosen"], max_len),
+             encode_answer(tok, e, drawn[(i + 1) % len(drawn)]["chosen"], max_len), bool(e["desirable"]))
+            for i, e in enumerate(drawn)]
+
+
+def favoured(method: str, encoded: list) -> tuple[list, list]:
+    """The rows an update should make likelier and those it should make less likely: the supervised
+    targets (and nothing); the chosen and rejected answers; the desirable and undesirable ones."""
+    if KIND[method] == "sft":
+        return encoded, []
+    if method == "dpo":
+        return [c for c, _ in encoded], [r for _, r in encoded]
+    return [row for row, _, good in encoded if good], [row for row, _, good in encoded if not good]
 
 
 def train_update(cfg: Config, base_model: str, encoded: list, weights: list[float], update: int,
@@ -125,32 +153,40 @@ def preference_pairs(cfg: Config, tok: Tokenizer, data: TokenWindows) -> list[tu
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, encoded: list) -> dict:
-    """Held-out perplexity, preference accuracy, and the mean loss on the feedback targets."""
+def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, good: list, bad: list) -> dict:
+    """Held-out perplexity, preference accuracy, the mean loss on the feedback's favoured rows (`good`:
+    targets, chosen or desirable answers) and, with disfavoured rows (`bad`), the mean loss on them."""
     model.eval()
     prefs = [continuation_logprob(model, p, c) > continuation_logprob(model, p, r) for p, c, r in pairs]
-    target = [sequence_losses(model(x).logits, y).item() for x, y in (pad_rows([e]) for e in encoded)]
-    return {"perplexity": perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches),
-            "preference_accuracy": sum(prefs) / max(1, len(prefs)),
-            "feedback_target_loss": sum(target) / max(1, len(target))}
+
+    def loss(rows):
+        return sum(sequence_losses(model(x).logits, y).item() for x, y in (pad_rows([e]) for e in rows)) / len(rows)
+
+    figures = {"perplexity": perplexity(model, data, cfg.train.batch_size, cfg.train.eval_batches),
+               "preference_accuracy": sum(prefs) / max(1, len(prefs)),
+               "feedback_target_loss": loss(good) if good else 0.0}
+    if bad:
+        figures["disfavoured_loss"] = loss(bad)
+    return figures
 
 
 def judge(cfg: Config, served_artifact: str, candidate_model: str, candidate_artifact: str, data: TokenWindows,
-          pairs: list, encoded: list) -> dict:
+          pairs: list, good: list, bad: list) -> dict:
     """The gate's verdict on the candidate's quantized artifact (what publishing would serve) against
     the served artifact, both loaded as Serve loads them; the candidate's unquantized figures are
     reported beside them (`candidate_unquantized`), so a broken quantization shows as such."""
     from deepkiln.quantize import load_quantized
 
     dtype = compute_dtype(cfg.serve.dtype)
-    served = evaluate(cfg, load_quantized(served_artifact, dtype)[0], data, pairs, encoded)
+    served = evaluate(cfg, load_quantized(served_artifact, dtype)[0], data, pairs, good, bad)
     try:
         candidate = load_quantized(candidate_artifact, dtype)[0]
     except (ValueError, OSError, RuntimeError) as e:  # what Serve would fail to load is refused here
         return {"passed": False, "reasons": [f"the candidate's artifact {candidate_artifact} does not load: {e}"],
                 "current": served, "candidate": None, "candidate_unquantized": None}
-    verdict = gate(cfg, served, evaluate(cfg, candidate, data, pairs, encoded))
-    verdict["candidate_unquantized"] = evaluate(cfg, load_model(candidate_model, dtype=dtype)[0], data, pairs, encoded)
+    verdict = gate(cfg, served, evaluate(cfg, candidate, data, pairs, good, bad))
+    verdict["candidate_unquantized"] = evaluate(cfg, load_model(candidate_model, dtype=dtype)[0], data, pairs, good,
+                                                bad)
     return verdict
 
 
@@ -167,6 +203,13 @@ def gate(cfg: Config, current: dict, candidate: dict) -> dict:
     if candidate["preference_accuracy"] < floor:
         reasons.append(f"preference accuracy {candidate['preference_accuracy']:.3f} is below {floor:.3f} (the serving "
                        f"version's {current['preference_accuracy']:.3f} - online.max_preference_drop={on.max_preference_drop})")
+    if "disfavoured_loss" in current:  # a preference update must widen the gap it was asked to widen
+        gap = {side: f["disfavoured_loss"] - f["feedback_target_loss"] for side, f in
+               (("current", current), ("candidate", candidate))}
+        if not gap["candidate"] > gap["current"]:
+            reasons.append(f"the feedback's disfavoured answers are not less likely than its favoured ones by more "
+                           f"than before: loss gap {gap['candidate']:.3f} against the serving version's "
+                           f"{gap['current']:.3f}")
     return {"passed": not reasons, "reasons": reasons, "current": current, "candidate": candidate}
 
 
@@ -315,6 +358,33 @@ def poll(cfg: Config, buffer, collectors) -> dict:
     return totals
 
 
+KIND_NAMES = {"sft": "examples", "pair": "pairs", "label": "labelled answers"}
+
+
+def feedback_counts(drawn: list[dict], kind: str) -> dict[str, int]:
+    """What an update's examples were: corrected or rated (sft); from corrections or rankings (pairs);
+    desirable or not (labels)."""
+    if kind == "sft":
+        return {"corrected": sum(e["corrected"] for e in drawn), "rated": sum(not e["corrected"] for e in drawn)}
+    if kind == "pair":
+        return {"corrections": sum(e["part"] == "correction" for e in drawn),
+                "ranked": sum(e["part"] != "correction" for e in drawn)}
+    good = sum(bool(e["desirable"]) for e in drawn)
+    return {"desirable": good, "undesirable": len(drawn) - good}
+
+
+def preference_figures(metrics: dict) -> dict:
+    """A preference update's curves for its report, a step per entry: its preference loss, the mean
+    implicit reward (beta * log pi/pi_ref) of chosen/desirable and rejected/undesirable answers, their
+    margin, and KTO's KL baseline; None where a batch had no answer of that kind. Empty for SFT."""
+    if "curves" not in metrics:
+        return {}
+    curves = {k: [None if math.isnan(v) else v for v in values] for k, values in metrics["curves"].items()}
+    curves["margin"] = [None if c is None or r is None else c - r
+                        for c, r in zip(curves["reward_chosen"], curves["reward_rejected"])]
+    return {"curves": curves, **({"kto_weights": metrics["kto_weights"]} if "kto_weights" in metrics else {})}
+
+
 def shares(drawn: list[dict]) -> dict[str, float]:
     """Each client's share of an update's examples (online.max_share_per_source bounds it)."""
     counts = Counter(e["client"] for e in drawn)
@@ -325,17 +395,21 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     """One update from the buffer's best examples: train, gate, and publish if it passes."""
     import ray
 
+    from actors.replay import key_of
+
     on = cfg.online
     update = state["updates"] + 1
     started = time.time()
-    drawn = ray.get(buffer.draw.remote(on.max_feedback, cfg.run.seed + update, None, on.max_share_per_source))
+    kind = KIND[on.method]
+    drawn = ray.get(buffer.draw.remote(on.max_feedback, cfg.run.seed + update, None, on.max_share_per_source, kind))
     paths = RunPaths.of(cfg)
     current = state["versions"][state["current"]]
     tokenizer = tokenizer_of(cfg, current["artifact"])  # the served version's: the ids its model knows
     tok = load_tokenizer(tokenizer)
-    encoded = [encode_example(tok, e, cfg.model.max_seq_len) for e in drawn]
+    encoded = encode_examples(tok, drawn, on.method, cfg.model.max_seq_len)
     weights = [e["weight"] for e in drawn]
-    print(f"online: update {update}: {len(drawn)} feedback examples on {state['current']}", flush=True)
+    print(f"online: update {update} ({on.method}): {len(drawn)} feedback {KIND_NAMES[kind]} on {state['current']}",
+          flush=True)
     timings = {}
     mark = time.perf_counter()
     metrics, model_dir = train_update(cfg, current["model"], encoded, weights, update, state["base_cursor"])
@@ -355,7 +429,7 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     timings["quantize_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     data = windows(cfg)
     verdict = judge(cfg, current["artifact"], str(folder / "model"), artifact, data,
-                    preference_pairs(cfg, tok, data), encoded)
+                    preference_pairs(cfg, tok, data), *favoured(on.method, encoded))
     timings["gate_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     # The update is recorded before its examples are consumed and before Serve hears of it: a crash
     # after this point never redoes it, and never deletes a folder the state names.
@@ -365,7 +439,7 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     state["base_cursor"] += on.steps * metrics["base_per_batch"]
     save_state(cfg, state)
     kill_at("recorded")
-    ray.get(buffer.commit.remote([(e["source"], e["seq"]) for e in drawn], update))
+    ray.get(buffer.commit.remote([key_of(e) for e in drawn], update, kind))
     kill_at("consumed")
     published_at = None
     if verdict["passed"] and on.publish and serve_version(cfg, state, name):
@@ -376,15 +450,15 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     newest = max(e["created"] for e in drawn)
     report = {
         "update": update, "version": name, "parent": state["versions"][name]["parent"], "serving": state["current"],
-        "feedback": {"examples": len(drawn), "corrected": sum(e["corrected"] for e in drawn),
-                     "rated": sum(not e["corrected"] for e in drawn), "mean_weight": float(np.mean(weights)),
-                     "sources": shares(drawn)},
+        "feedback": {"examples": len(drawn), "kind": kind, **feedback_counts(drawn, kind),
+                     "mean_weight": float(np.mean(weights)), "sources": shares(drawn)},
         "buffer": ray.get(buffer.stats.remote()),
         "mix": {"feedback_per_batch": metrics["feedback_per_batch"], "base_per_batch": metrics["base_per_batch"]},
         "method": on.method, "ranks": metrics["ranks"], "steps": on.steps,
         "precision": {"update": metrics["precision"], "gate": describe(compute_dtype(cfg.serve.dtype))},
         "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"],
-        "losses": metrics["losses"], "gate": verdict, "published": state["versions"][name]["published"],
+        "losses": metrics["losses"], **preference_figures(metrics),
+        "gate": verdict, "published": state["versions"][name]["published"],
         "pruned": pruned,
         "seconds": round(time.time() - started, 1), "timings": timings,
         "feedback_to_serving_s": round(published_at - newest, 1) if published_at else None,
@@ -437,12 +511,17 @@ def _record_metrics(report: dict) -> None:
             loss=Gauge("deepkiln_online_update_loss", "last training loss of the newest update"),
             serving=Gauge("deepkiln_online_serving_update", "update number of the version served"),
             latency=Gauge("deepkiln_online_feedback_to_serving_s", "seconds from the newest feedback to serving"),
+            margin=Gauge("deepkiln_online_update_margin", "last reward margin of the newest preference update "
+                         "(chosen or desirable minus rejected or undesirable, beta * log pi/pi_ref)"),
             updates=Counter("deepkiln_online_updates", "updates by outcome", tag_keys=("outcome",)))
     _GAUGES["buffer"].set(report["buffer"]["unconsumed"])
     _GAUGES["loss"].set(report["loss_last"])
     _GAUGES["serving"].set(int(report["serving"][1:]))
     if report["feedback_to_serving_s"] is not None:
         _GAUGES["latency"].set(report["feedback_to_serving_s"])
+    margins = [m for m in report.get("curves", {}).get("margin", []) if m is not None]
+    if margins:
+        _GAUGES["margin"].set(margins[-1])
     outcome = "published" if report["published"] else "passed" if report["gate"]["passed"] else "rejected"
     _GAUGES["updates"].inc(tags={"outcome": outcome})
 
@@ -469,11 +548,11 @@ def main(argv=None) -> dict:
     while True:
         state = load_state(cfg)
         counts = poll(cfg, buffer, sources)
-        waiting = ray.get(buffer.size.remote())
+        waiting = ray.get(buffer.size.remote(KIND[cfg.online.method]))
         if counts["added"] or opts.once:
-            print(f"online: {counts['added']} new feedback examples ({counts['not_trainable']} not trainable, "
-                  f"{counts['dropped']} dropped); {waiting} waiting, {cfg.online.min_feedback} start an update",
-                  flush=True)
+            print(f"online: {counts['added']} new supervised examples ({counts['not_trainable']} records without "
+                  f"one, {counts['dropped']} dropped); {waiting} {KIND_NAMES[KIND[cfg.online.method]]} wait for "
+                  f"{cfg.online.method}, {cfg.online.min_feedback} start an update", flush=True)
         if waiting >= cfg.online.min_feedback:
             last = run_update(cfg, buffer, state)
         if opts.once:

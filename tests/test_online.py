@@ -33,14 +33,14 @@ def tok(tmp_path_factory):
 
 
 def test_examples_label_only_the_answer_and_its_stop(tok):
-    ids, labels = online.encode_example(tok, {"completion_id": "cmpl-1", "prompt": "The river", "target": "is wide"}, 64)
+    ids, labels = online.encode_answer(tok, {"completion_id": "cmpl-1", "prompt": "The river"}, "is wide", 64)
     prompt, target = [BOS_ID, *tok.encode("The river")], tok.encode("is wide")
     assert ids == prompt + target + [EOS_ID] and labels == [-100] * len(prompt) + target + [EOS_ID]
-    chat = {"completion_id": "chatcmpl-1", "prompt": json.dumps([{"role": "user", "content": "Hi"}]), "target": "Hello"}
-    ids, labels = online.encode_example(tok, chat, 64)
+    chat = {"completion_id": "chatcmpl-1", "prompt": json.dumps([{"role": "user", "content": "Hi"}])}
+    ids, labels = online.encode_answer(tok, chat, "Hello", 64)
     assert ids[:len(ids) - len(tok.encode("Hello")) - 1] == tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert labels[-1] == SPECIAL_TOKENS["<|end|>"] and labels.count(-100) == len(ids) - len(tok.encode("Hello")) - 1
-    assert len(online.encode_example(tok, {**chat, "target": "word " * 100}, 16)[0]) == 16
+    assert len(online.encode_answer(tok, chat, "word " * 100, 16)[0]) == 16
 
 
 def test_each_sequence_counts_once_whatever_its_length():
@@ -74,6 +74,42 @@ def test_a_user_preference_set_is_read_and_a_bad_line_is_named(tok, tmp_path):
         online.preference_pairs(load_config([f"--online.preference_set={bad}"]), tok, data=None)
 
 
+def preference_rows(method: str, n: int = 6) -> list[dict]:
+    """Buffer rows: the same good answer over (or desirable beside) the same bad one, for n prompts."""
+    good, bad = "is wide and slow and calm", "road the the road"
+    if method == "dpo":
+        return [{"completion_id": f"cmpl-{i}", "prompt": f"The river {i}", "chosen": good, "rejected": bad}
+                for i in range(n)]
+    return [{"completion_id": f"cmpl-{i}", "prompt": f"The river {i}", "chosen": good if i % 2 else bad,
+             "desirable": i % 2} for i in range(n)]
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_preference_update_starts_at_its_reference_and_widens_the_margin(served_run, tmp_path, method):
+    from unittest import mock
+
+    from deepkiln.paths import absolute
+    from deepkiln.trainer import OnlyRank, as_only_rank, update_loop
+
+    cfg = absolute(load_config([*served_run["argv"], f"--online.method={method}", "--online.steps=6",
+                                "--online.batch_size=4", "--online.feedback_fraction=0.5"]))
+    encoded = online.encode_examples(served_run["tokenizer"], preference_rows(method), method, 64)
+    config = {"cfg": cfg.to_dict(), "base": RunPaths.of(cfg).train_model, "update": 1, "examples": encoded,
+              "weights": [1.0] * len(encoded), "base_first": 0}
+    with mock.patch.dict("os.environ"):  # the rank's variables stay in the rank
+        metrics = as_only_rank(update_loop, config, OnlyRank(str(tmp_path / "model")))
+    curves = online.preference_figures(metrics)["curves"]
+    # At the first step the policy is the reference: every implicit reward is 0, DPO's loss is ln 2,
+    # KTO's half the example weights' mean (KL baseline 0).
+    assert curves["reward_chosen"][0] == pytest.approx(0, abs=1e-5)
+    assert curves["margin"][0] == pytest.approx(0, abs=1e-5)
+    if method == "dpo":
+        assert curves["preference_loss"][0] == pytest.approx(math.log(2), abs=1e-6)
+    margins = [m for m in curves["margin"] if m is not None]
+    assert margins[-1] > 0.05, curves
+    load_model(tmp_path / "model")  # the merged model is whole
+
+
 def test_the_first_run_needs_the_earlier_stages(tmp_path):
     with pytest.raises(ValueError, match="run pipelines.train and pipelines.quantize first"):
         online.load_state(load_config(["--run.run_dir", str(tmp_path)]))
@@ -96,11 +132,11 @@ def test_the_gate_judges_the_quantized_artifact_it_would_publish(served_run, tmp
     paths = RunPaths.of(cfg)
     data = windows(cfg)
     pairs = online.preference_pairs(cfg, served_run["tokenizer"], data)
-    encoded = [online.encode_example(served_run["tokenizer"], {"completion_id": "cmpl-1", "prompt": "The river",
-                                                                "target": "is wide"}, 64)]
+    encoded = [online.encode_answer(served_run["tokenizer"], {"completion_id": "cmpl-1", "prompt": "The river"},
+                                    "is wide", 64)]
 
     def judge(candidate):
-        return online.judge(cfg, paths.artifact, paths.train_model, candidate, data, pairs, encoded)
+        return online.judge(cfg, paths.artifact, paths.train_model, candidate, data, pairs, encoded, [])
 
     fine = judge(_candidate(cfg, tmp_path / "fine"))  # the served artifact's twin passes
     assert fine["passed"] and fine["candidate"]["perplexity"] == pytest.approx(fine["current"]["perplexity"])
@@ -152,7 +188,7 @@ def test_an_update_whose_rank_is_killed_half_way_is_run_again_to_the_end(served_
     _, argv = served_copy
     cfg = load_config([*argv, "--online.steps=4"])
     tok = served_run["tokenizer"]
-    encoded = [online.encode_example(tok, {"completion_id": "cmpl-1", "prompt": "The river", "target": "is wide"}, 64)]
+    encoded = [online.encode_answer(tok, {"completion_id": "cmpl-1", "prompt": "The river"}, "is wide", 64)]
     ray_local.unlink()  # arm: the rank kills itself once, after step 2
     try:
         metrics, model_dir = online.train_update(cfg, RunPaths.of(cfg).train_model, encoded, [1.0], update=1,
