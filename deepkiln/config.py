@@ -531,6 +531,20 @@ class OnlineArgs(Section):
         return self
 
 
+class RewardArgs(Section):
+    pairs: str = ""
+    """jsonl of {"prompt", "chosen", "rejected"} (and an optional "margin" >= 0) a reward model learns
+    from beside the feedback's pairs and labels; empty: the feedback alone."""
+    steps: int = Field(100, ge=1)
+    """Optimizer steps of pipelines.reward."""
+    batch_size: int = Field(8, ge=1)
+    """Pairs (and as many labelled answers, when there are) per step."""
+    lr: float = Field(1e-4, gt=0)
+    """Learning rate of the backbone; the score head learns at 10x."""
+    holdout_fraction: float = Field(0.2, ge=0, lt=1)
+    """Share of prompts (with all their pairs) held out to measure pair accuracy."""
+
+
 class Config(Section):
     run: RunArgs = Field(default_factory=RunArgs)
     data: DataArgs = Field(default_factory=DataArgs)
@@ -545,6 +559,7 @@ class Config(Section):
     serve: ServeArgs = Field(default_factory=ServeArgs)
     feedback: FeedbackArgs = Field(default_factory=FeedbackArgs)
     online: OnlineArgs = Field(default_factory=OnlineArgs)
+    reward: RewardArgs = Field(default_factory=RewardArgs)
 
     @model_validator(mode="before")
     @classmethod

@@ -13,7 +13,7 @@ Serve replicas); URIs (s3://, gs://) stay as they are.
     <root>/train/{model/, train_summary.json, progress.jsonl, tensorboard/, loss.png, ray/}
     <root>/tune/  <root>/dp_finetune/{model/, report.json, state/}  <root>/audit/report.json
     <root>/quantize/{bf16,int8,nf4}/, report.json   <root>/feedback/collector-<i>.sqlite
-    <root>/online/{state.json, replay.sqlite, versions/vNNNN/, updates/update-NNNN.json, ray/}
+    <root>/online/{state.json, replay.sqlite, versions/vNNNN/, updates/update-NNNN.json, rewards/rNNNN/, ray/}
 """
 
 from __future__ import annotations
@@ -121,6 +121,10 @@ class RunPaths:
 
     def update_report(self, update: int) -> str:
         return f"{self.root}/online/updates/update-{update:04d}.json"
+
+    def reward(self, name: str) -> str:
+        """A reward model version (pipelines.reward): rNNNN."""
+        return f"{self.root}/online/rewards/{name}"
 
 
 def _tokenizer_file(cfg: Config) -> str:

@@ -18,13 +18,17 @@ completions as the KL baseline), Bradley-Terry with a margin for reward models (
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from deepkiln.config import rating_cuts
 from deepkiln.evaluate import IGNORE
+from deepkiln.model import Transformer
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,15 @@ def ranked_pair(a: dict, b: dict, scale) -> Pair | None:
                 (hi["rating"] - lo["rating"]) / (scale.rating_max - scale.rating_min))
 
 
+def encode_answer(tok, example: dict, answer: str, max_len: int) -> tuple[list[int], list[int]]:
+    """`answer` to a feedback example's prompt as (ids, labels), labels on the answer and its stop:
+    chat completions (ids "chatcmpl-...") keep their prompt as JSON messages and render with the chat
+    template."""
+    chat = example.get("completion_id", "").startswith("chatcmpl-")
+    prompt = json.loads(example["prompt"]) if chat else example["prompt"]
+    return tok.render_example(prompt, answer, max_len)
+
+
 # -- losses -------------------------------------------------------------------------------------------
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -118,3 +131,34 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
                        ) -> torch.Tensor:
     """A reward model's loss on pairs (B,): -log sigmoid(r_chosen - r_rejected - margin)."""
     return -F.logsigmoid(chosen - rejected - margin)
+
+
+# -- the reward model ---------------------------------------------------------------------------------
+
+class RewardModel(nn.Module):
+    """A scalar reward per sequence: a language model's final-normed hidden state at the sequence's
+    last token, through a linear head. The backbone's output head becomes the identity (its `logits`
+    are then the hidden states); everything else is the Transformer as trained."""
+
+    def __init__(self, backbone: Transformer):
+        super().__init__()
+        backbone.head = nn.Identity()
+        self.backbone = backbone
+        self.score = nn.Linear(backbone.args.dim, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T), last (B,): the position of each row's last token -> rewards (B,)."""
+        h = self.backbone(tokens, logits_at=last).logits[:, 0]  # (B, dim)
+        return self.score(h.float())[:, 0]
+
+
+def load_reward(path: str | Path) -> tuple[RewardModel, dict]:
+    """A reward model version written by pipelines.reward, and its config."""
+    from deepkiln.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    model = RewardModel(Transformer(ckpt.model_args))
+    model.load_state_dict(ckpt.state_dict, strict=True)
+    return model.eval(), ckpt.config

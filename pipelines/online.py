@@ -54,6 +54,7 @@ from deepkiln.evaluate import continuation_logprob, pad_rows, perplexity, sequen
 from deepkiln.faults import kill_at
 from deepkiln.paths import RunPaths, absolute, tokenizer_files, tokenizer_of
 from deepkiln.precision import compute_dtype, describe
+from deepkiln.preferences import encode_answer
 from deepkiln.tokenizer import Tokenizer, load_tokenizer
 
 APP = "deepkiln"  # the Serve application the online loop publishes to (serve/config.yaml, serve.app)
@@ -63,14 +64,6 @@ APP = "deepkiln"  # the Serve application the online loop publishes to (serve/co
 
 KIND = {"lora": "sft", "full": "sft", "dpo": "pair", "kto": "label"}
 """The replay buffer's kind of example each online.method learns from."""
-
-
-def encode_answer(tok: Tokenizer, example: dict, answer: str, max_len: int) -> tuple[list[int], list[int]]:
-    """`answer` to the example's prompt as (ids, labels), labels on the answer: chat completions (ids
-    "chatcmpl-...") keep their prompt as JSON messages and render with the chat template."""
-    chat = example["completion_id"].startswith("chatcmpl-")
-    prompt = json.loads(example["prompt"]) if chat else example["prompt"]
-    return tok.render_example(prompt, answer, max_len)
 
 
 def encode_examples(tok: Tokenizer, drawn: list[dict], method: str, max_len: int) -> list:

@@ -21,6 +21,7 @@ from deepkiln.engine import Engine, SamplingParams
 from deepkiln.hf import hf_shapes, load_hf_model, write_hf_weights
 from deepkiln.hf_config import hf_config
 from deepkiln.model import PRESETS, Gate, Transformer
+from deepkiln.preferences import encode_answer
 from deepkiln.testing import hf_folder, meta_model
 from deepkiln.tokenizer import EOS_ID, SPECIAL_TOKENS
 from pipelines import export
@@ -387,7 +388,7 @@ def test_a_published_model_imports_trains_on_ray_exports_back_and_serves_with_it
 
     from deepkiln.testing import free_port, make_bpe_tokenizer, paragraph
     from deepkiln.tokenizer import load_tokenizer
-    from pipelines import dp_finetune, online, quantize, tokenizer, train
+    from pipelines import dp_finetune, quantize, tokenizer, train
     from serve.app import build
 
     rng = random.Random(0)
@@ -436,7 +437,7 @@ def test_a_published_model_imports_trains_on_ray_exports_back_and_serves_with_it
                                                         "rating": 5, "correction": "The river runs east."}, timeout=60)
         assert fb.status_code == 200, fb.text
         # The online loop renders chat feedback with the same template, ending at the tokenizer's eos.
-        ids, labels = online.encode_answer(tok, {"completion_id": "chatcmpl-1", "prompt": json.dumps(messages)},
+        ids, labels = encode_answer(tok, {"completion_id": "chatcmpl-1", "prompt": json.dumps(messages)},
                                            "ok", 64)
         assert ids == [*tok.apply_chat_template(messages), *tok.encode("ok"), tok.eos_id] and labels[-1] == tok.eos_id
         bad = requests.post(f"{url}/v1/chat/completions", json={"model": "deepkiln", "max_tokens": 2,

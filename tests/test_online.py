@@ -14,6 +14,7 @@ from deepkiln.checkpoint import load_model, save_checkpoint
 from deepkiln.config import QuantArgs, load_config
 from deepkiln.evaluate import pad_rows, sequence_losses, windows
 from deepkiln.paths import RunPaths
+from deepkiln.preferences import encode_answer
 from deepkiln.quantize import apply_quantization, quantized_layers
 from deepkiln.testing import paragraph
 from deepkiln.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
@@ -33,14 +34,14 @@ def tok(tmp_path_factory):
 
 
 def test_examples_label_only_the_answer_and_its_stop(tok):
-    ids, labels = online.encode_answer(tok, {"completion_id": "cmpl-1", "prompt": "The river"}, "is wide", 64)
+    ids, labels = encode_answer(tok, {"completion_id": "cmpl-1", "prompt": "The river"}, "is wide", 64)
     prompt, target = [BOS_ID, *tok.encode("The river")], tok.encode("is wide")
     assert ids == prompt + target + [EOS_ID] and labels == [-100] * len(prompt) + target + [EOS_ID]
     chat = {"completion_id": "chatcmpl-1", "prompt": json.dumps([{"role": "user", "content": "Hi"}])}
-    ids, labels = online.encode_answer(tok, chat, "Hello", 64)
+    ids, labels = encode_answer(tok, chat, "Hello", 64)
     assert ids[:len(ids) - len(tok.encode("Hello")) - 1] == tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert labels[-1] == SPECIAL_TOKENS["<|end|>"] and labels.count(-100) == len(ids) - len(tok.encode("Hello")) - 1
-    assert len(online.encode_answer(tok, chat, "word " * 100, 16)[0]) == 16
+    assert len(encode_answer(tok, chat, "word " * 100, 16)[0]) == 16
 
 
 def test_each_sequence_counts_once_whatever_its_length():
@@ -132,7 +133,7 @@ def test_the_gate_judges_the_quantized_artifact_it_would_publish(served_run, tmp
     paths = RunPaths.of(cfg)
     data = windows(cfg)
     pairs = online.preference_pairs(cfg, served_run["tokenizer"], data)
-    encoded = [online.encode_answer(served_run["tokenizer"], {"completion_id": "cmpl-1", "prompt": "The river"},
+    encoded = [encode_answer(served_run["tokenizer"], {"completion_id": "cmpl-1", "prompt": "The river"},
                                     "is wide", 64)]
 
     def judge(candidate):
@@ -188,7 +189,7 @@ def test_an_update_whose_rank_is_killed_half_way_is_run_again_to_the_end(served_
     _, argv = served_copy
     cfg = load_config([*argv, "--online.steps=4"])
     tok = served_run["tokenizer"]
-    encoded = [online.encode_answer(tok, {"completion_id": "cmpl-1", "prompt": "The river"}, "is wide", 64)]
+    encoded = [encode_answer(tok, {"completion_id": "cmpl-1", "prompt": "The river"}, "is wide", 64)]
     ray_local.unlink()  # arm: the rank kills itself once, after step 2
     try:
         metrics, model_dir = online.train_update(cfg, RunPaths.of(cfg).train_model, encoded, [1.0], update=1,
