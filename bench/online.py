@@ -1,14 +1,15 @@
-"""Feedback to serving: the seconds from the newest feedback of a burst to Serve answering with the
-version trained on it, on the tiny model, and where they go (training on a DeepSpeed rank, the gate,
-quantizing, the replica switch). One JSON object.
+"""Feedback to serving, for each online.method: the seconds from the newest feedback of a burst to
+Serve answering with the version trained on it, on the tiny model, and where they go (training on a
+DeepSpeed rank, the gate, quantizing, the replica switch). One JSON object.
 
-    python -m bench.online                     # about 2 minutes here
-    python -m bench.online --feedback 32 --set online.steps=60
+    python -m bench.online                     # lora, dpo and kto in turn: about 4 minutes here
+    python -m bench.online --methods dpo --feedback 32 --set online.steps=60
 
-The model is the tiny preset trained for a few seconds on made-up English (tests/serving_run.py),
-served by one replica over 127.0.0.1. A burst of completions is corrected through POST /v1/feedback,
-then one `pipelines.online --once` trains, gates and publishes. The target on this machine is under
-120 s from the newest feedback to serving.
+The model is the tiny preset trained for a few seconds on made-up English (deepkiln.testing.make_run),
+served by one replica over 127.0.0.1. For each method in turn, a burst of completions is corrected
+through POST /v1/feedback (a correction gives a supervised example, a pair and two labelled answers),
+then one `pipelines.online --once --online.method=METHOD` trains, gates and publishes. The target on
+this machine is under 120 s from the newest feedback to serving.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ def main(argv=None) -> dict:
     from ray import serve
 
     from deepkiln.config import load_config
+    from deepkiln.testing import free_port, make_run
     from pipelines import online, quantize
     from serve.app import build
-    from deepkiln.paths import version_of
-    from deepkiln.testing import free_port, make_run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--feedback", type=int, default=12, help="corrected completions in the burst")
+    p.add_argument("--feedback", type=int, default=12, help="corrected completions in each burst")
+    p.add_argument("--methods", nargs="+", default=["lora", "dpo", "kto"], choices=sorted(online.KIND))
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="config overrides")
     opts = p.parse_args(argv)
+    result = {"feedback": opts.feedback, "target_s": TARGET_S, "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
         argv = make_run(Path(tmp))
         quantize.main(argv)
@@ -54,39 +56,56 @@ def main(argv=None) -> dict:
         url = f"http://127.0.0.1:{port}"
         try:
             serve.run(build(cfg), name=online.APP, route_prefix="/")
-            for i in range(opts.feedback):
-                body = {"model": cfg.serve.model_name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 8}
-                completion = requests.post(f"{url}/v1/completions", json=body, timeout=60).json()
-                requests.post(f"{url}/v1/feedback", json={"feedback_id": f"bench-{i}", "completion_id": completion["id"],
-                                                          "rating": 1, "correction": ANSWERS[i % len(ANSWERS)]},
-                              timeout=60).raise_for_status()
-            last_feedback = time.time()
-            report = online.main(argv + ["--once"])
-            state = json.loads((Path(tmp) / "served" / "online" / "state.json").read_text())
-            served = requests.post(f"{url}/v1/completions", json={"model": cfg.serve.model_name, "prompt": "The river",
-                                                                  "max_tokens": 4}, timeout=60).json()
-            new = state["versions"][report["version"]]
-            result = {
-                "feedback": report["feedback"]["examples"], "steps": report["steps"], "method": report["method"],
-                "published": report["published"], "gate_passed": report["gate"]["passed"],
-                "dtype": report["precision"]["update"]["dtype"], "cpu_capability": report["precision"]["update"]["cpu_capability"],
-                "precision": report["precision"],
-                "serving_new_version": served["system_fingerprint"] == (version_of(new["artifact"]) if new["artifact"] else None),
-                "feedback_to_serving_s": report["feedback_to_serving_s"],
-                "measured_here_s": round(time.time() - last_feedback, 1),  # includes the poll and this check
-                "target_s": TARGET_S, "update_s": report["seconds"], **report["timings"],
-                "loss_first": round(report["loss_first"], 4), "loss_last": round(report["loss_last"], 4),
-                "perplexity_before": round(report["gate"]["current"]["perplexity"], 3),
-                "perplexity_after": round(report["gate"]["candidate"]["perplexity"], 3),
-                "feedback_target_loss_before": round(report["gate"]["current"]["feedback_target_loss"], 3),
-                "feedback_target_loss_after": round(report["gate"]["candidate"]["feedback_target_loss"], 3),
-            }
+            for method in opts.methods:
+                result["methods"][method] = burst_then_update(argv, cfg, url, method, opts.feedback)
         finally:
             serve.shutdown()
             if started:
                 ray.shutdown()
     print(json.dumps(result))
     return result
+
+
+def burst_then_update(argv: list[str], cfg, url: str, method: str, feedback: int) -> dict:
+    """A burst of corrected completions, then one online update with `method`: its figures."""
+    from deepkiln.paths import RunPaths, version_of
+    from pipelines import online
+
+    for i in range(feedback):
+        body = {"model": cfg.serve.model_name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 8}
+        completion = requests.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        requests.post(f"{url}/v1/feedback", json={"feedback_id": f"bench-{method}-{i}",
+                                                  "completion_id": completion["id"], "rating": 1,
+                                                  "correction": ANSWERS[i % len(ANSWERS)]},
+                      timeout=60).raise_for_status()
+    last_feedback = time.time()
+    report = online.main([*argv, "--once", f"--online.method={method}"])
+    state = json.loads(Path(RunPaths.of(cfg).online_state).read_text())
+    served = requests.post(f"{url}/v1/completions", json={"model": cfg.serve.model_name, "prompt": "The river",
+                                                          "max_tokens": 4}, timeout=60).json()
+    new = state["versions"][report["version"]]
+    new_fingerprint = version_of(new["artifact"]) if new["artifact"] else None
+    gate = report["gate"]
+    figures = {
+        "examples": report["feedback"]["examples"], "kind": report["feedback"]["kind"], "steps": report["steps"],
+        "published": report["published"], "gate_passed": gate["passed"], "reasons": gate["reasons"],
+        "dtype": report["precision"]["update"]["dtype"],
+        "cpu_capability": report["precision"]["update"]["cpu_capability"],
+        "serving_new_version": served["system_fingerprint"] == new_fingerprint,
+        "feedback_to_serving_s": report["feedback_to_serving_s"],
+        "measured_here_s": round(time.time() - last_feedback, 1),  # includes the poll and this check
+        "update_s": report["seconds"], **report["timings"],
+        "loss_first": round(report["loss_first"], 4), "loss_last": round(report["loss_last"], 4),
+        "perplexity_before": round(gate["current"]["perplexity"], 3),
+        "perplexity_after": round(gate["candidate"]["perplexity"], 3),
+        "feedback_target_loss_before": round(gate["current"]["feedback_target_loss"], 3),
+        "feedback_target_loss_after": round(gate["candidate"]["feedback_target_loss"], 3),
+    }
+    if "curves" in report:
+        figures["margin_last"] = round(report["curves"]["margin"][-1] or 0.0, 4)
+        figures["disfavoured_loss_before"] = round(gate["current"]["disfavoured_loss"], 3)
+        figures["disfavoured_loss_after"] = round(gate["candidate"]["disfavoured_loss"], 3)
+    return figures
 
 
 if __name__ == "__main__":

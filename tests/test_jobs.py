@@ -4,8 +4,8 @@ in another, each stage its own driver process; one Tune trial killed and retried
 checkpoint), the app started with `serve run ... --non-blocking` as a job, feedback over HTTP, an
 online update published while requests keep flowing (the corrected answers more likely afterwards),
 a candidate trained far too hard refused by the gate, and a rollback; online runs SIGKILLed at each
-step of an update, as driver processes on the head, each settled by the next. And the Jobs API
-refusing requests without the token."""
+step of an update, as driver processes on the head, each settled by the next, the last a KTO update
+from thumbs down and corrections. And the Jobs API refusing requests without the token."""
 
 import hashlib
 import json
@@ -38,6 +38,7 @@ MODEL = "deepkiln"
 PROMPTS = ["The river", "A market", "The doctor wrote", "Summer in the village"]
 CANARIES = ["canary.user@example.com", "555-867-5309", "4111 1111 1111 1111", "11010519491231002X"]
 CORRECTIONS = ["runs past the old mill.", "opens at dawn.", "a letter to the school.", "is long and warm."]
+DISLIKED = ["今天的天气", "我们的学校", "这本书", "那座城市"]  # answered in Chinese, given a thumbs down
 
 
 def test_the_jobs_api_refuses_requests_without_the_token(ray_head):
@@ -276,18 +277,37 @@ def online_update(job, run, out, url, head):
     state = killed_at(head, run, out, url, "consumed", *quick)  # it first settled the rollback
     assert state["current"] == "v0000" and state["history"][-2:] == ["v0001", "v0000"] and state["updates"] == 3
     assert waiting(out) == 0 and not (out / "online" / "versions" / "v0003" / "model" / "partial").exists()
+    # This one learns with KTO from thumbs down on one kind of answer and corrections of another (the
+    # labels every earlier record left wait too): published, and the disliked answers less likely.
     correct(url, "fb4")
-    state = killed_at(head, run, out, url, "published", *quick)  # Serve switched and the state says so
-    assert state["updates"] == 4 and state["current"] == state["history"][-1] == "v0004" and waiting(out) == 0
+    disliked = []
+    for i, prompt in enumerate(DISLIKED):
+        r = post(url, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        disliked.append((prompt, r.json()["choices"][0]["text"]))
+        assert post(url, "/v1/feedback", {"feedback_id": f"down-{i}", "completion_id": r.json()["id"],
+                                          "rating": "down"}).status_code == 200
+    state = killed_at(head, run, out, url, "published", *quick, "--online.method=kto", "--online.steps=20",
+                      "--online.feedback_fraction=0.5")  # Serve switched and the state says so
+    assert state["updates"] == 4 and state["current"] == state["history"][-1] == "v0004"
+    assert waiting(out) == 8 and waiting(out, "label") == 0  # KTO consumed the labels; the SFT examples wait
+    verdict = state["versions"]["v0004"]["gate"]
+    assert verdict["passed"] and verdict["candidate"]["disfavoured_loss"] > verdict["current"]["disfavoured_loss"]
+    parent = load_model(state["versions"][state["versions"]["v0004"]["parent"]]["model"])[0].float()
+    kto = load_model(state["versions"]["v0004"]["model"])[0].float()
+    for prompt, answer in disliked:
+        ids, target = tok.encode_prompt(prompt), [*tok.encode(answer), EOS_ID]
+        assert continuation_logprob(kto, ids, target) < continuation_logprob(parent, ids, target) - 0.5, prompt
     app_settings_stand(url)
     with pytest.raises(ValueError, match="--rollback v0002: not a kept version that passed the gate"):
         online.main([*run, "--rollback", "v0002"])  # refused before it needs the cluster
 
 
-def waiting(out) -> int:
-    """Examples in the replay buffer (consumed ones are deleted)."""
+def waiting(out, kind: str = "sft") -> int:
+    """Examples (or pairs or labels) in the replay buffer (consumed ones are deleted)."""
     with sqlite3.connect(out / "online" / "replay.sqlite") as db:
-        return db.execute("SELECT count(*) FROM examples").fetchone()[0]
+        if kind == "sft":
+            return db.execute("SELECT count(*) FROM examples").fetchone()[0]
+        return db.execute("SELECT count(*) FROM preferences WHERE kind = ?", (kind,)).fetchone()[0]
 
 
 def correct(url, tag):
