@@ -472,12 +472,13 @@ class OnlineArgs(Section):
     """Unconsumed feedback examples that trigger an update."""
     max_feedback: int = Field(256, ge=1)
     """Feedback examples one update draws at most."""
-    method: Literal["lora", "full", "dpo", "kto"] = "lora"
+    method: Literal["lora", "full", "dpo", "kto", "grpo"] = "lora"
     """What an update learns from and how: `lora` and `full` fine-tune on corrections and well-rated
     answers (supervised) through LoRA adapters (merged afterwards) or all weights; `dpo` learns from
-    preference pairs, `kto` from answers labelled desirable or undesirable, through `online.params`."""
+    preference pairs, `kto` from answers labelled desirable or undesirable, `grpo` from its own
+    answers to the feedback's prompts scored by rewards, through `online.params`."""
     params: Literal["lora", "full"] = "lora"
-    """The weights a dpo or kto update trains: LoRA adapters (merged afterwards) or all of them."""
+    """The weights a dpo, kto or grpo update trains: LoRA adapters (merged afterwards) or all of them."""
     beta: float = Field(0.1, gt=0)
     """DPO's and KTO's beta: how far the update may move from the serving version (its reference);
     smaller lets it move further."""
@@ -485,6 +486,27 @@ class OnlineArgs(Section):
     """Ratings at or above it label a completion desirable (KTO); unset: those above the scale's middle."""
     undesirable_max: int | None = None
     """Ratings at or below it label a completion undesirable (KTO); unset: those below the scale's middle."""
+    group_size: int = Field(4, ge=2)
+    """GRPO: answers sampled per prompt; each is judged against its group's mean reward."""
+    max_new_tokens: int = Field(32, ge=1)
+    """GRPO: longest sampled answer, in tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """GRPO: sampling temperature of the rollouts."""
+    iterations: int = Field(2, ge=1)
+    """GRPO: optimizer steps on each rollout (the probability ratio to the rollout's policy moves from 1
+    after the first)."""
+    clip: float = Field(0.2, gt=0, lt=1)
+    """GRPO: the probability ratio is clipped to [1 - clip, 1 + clip] in the surrogate objective."""
+    kl_coef: float = Field(0.04, ge=0)
+    """GRPO: weight of the KL penalty to the serving version (the reference)."""
+    reward_model: str = "latest"
+    """GRPO: the reward model scoring the rollouts: a folder written by pipelines.reward, `latest` (the
+    run's newest, if any), or empty for none (then online.rule_rewards alone)."""
+    rule_rewards: list[Literal["short", "stop"]] = []
+    """GRPO: rule-based rewards added to the reward model's: `short` (1 - length / max_new_tokens),
+    `stop` (1 when the answer ends with its stop token rather than at the length limit)."""
+    prompts: str = ""
+    """GRPO: a file of prompts (one per line, or jsonl with "prompt") rolled out beside the feedback's."""
     steps: int = Field(40, ge=1)
     """Optimizer steps per update."""
     batch_size: int = Field(8, ge=1)
@@ -672,7 +694,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
         else:
             # Lists and mappings come as YAML flow syntax ("[a, b]"); scalars stay strings and are cast
             # by the declared field type, so "1e-3" is a float and "on" is not silently a bool.
-            _set_dotted(overrides, key, yaml.safe_load(value) if value[:1] in "[{" else value)
+            _set_dotted(overrides, key, yaml.safe_load(value) if value.startswith(("[", "{")) else value)
         i += 1
     return path, overrides
 

@@ -157,6 +157,9 @@ class Gate(nn.Module):
         self.register_buffer("counts", torch.zeros(args.n_routed_experts, dtype=torch.long), persistent=False)
         self.counting = True
         """Off while activation checkpointing recomputes the block: each token is counted once."""
+        self.replay: torch.Tensor | None = None
+        """Expert ids (N, K) to route to instead of choosing, set from outside: GRPO replays the
+        rollout's choices in its training forwards (deepkiln.preferences.replayed_routes)."""
 
     def forward(self, x):
         """x (N, D) -> weights (N, K) in x's dtype, expert ids (N, K), affinities (N, E) fp32."""
@@ -173,7 +176,7 @@ class Gate(nn.Module):
             keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(
                 1, rank.topk(a.n_limited_groups, dim=-1).indices, True)
             biased = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
-        idx = biased.topk(a.n_activated_experts, dim=-1).indices     # (N, K)
+        idx = biased.topk(a.n_activated_experts, dim=-1).indices if self.replay is None else self.replay  # (N, K)
         weights = scores.gather(1, idx)
         if a.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)

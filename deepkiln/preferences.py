@@ -18,6 +18,7 @@ completions as the KL baseline), Bradley-Terry with a margin for reward models (
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,7 +134,95 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     return -F.logsigmoid(chosen - rejected - margin)
 
 
+# -- GRPO ---------------------------------------------------------------------------------------------
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log P of each target token (B, T), 0 where the target is IGNORE; logits (B, T, V)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return logp * (targets != IGNORE)
+
+
+def group_advantages(rewards: torch.Tensor, group: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages (N,): each reward less its group's mean, over the group's standard deviation
+    (unbiased, as TRL's); groups are consecutive runs of `group` completions of one prompt."""
+    r = rewards.float().view(-1, group)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).flatten()
+
+
+def grpo_loss(logps: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip: float, kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's loss (DeepSeekMath, eq. 3): per token the clipped surrogate of the probability ratio to
+    the rollout's policy times the sequence's advantage, less kl_coef x the k3 estimate of KL to the
+    reference; averaged over each completion's tokens, then over completions. logps, old, ref, mask
+    (B, T); advantages (B,). Returns the loss and (detached) the mean ratio, the share of tokens
+    clipped and the mean KL."""
+    ratio = torch.exp(logps - old)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    kl = torch.exp(ref - logps) - (ref - logps) - 1
+    per_token = -(surrogate - kl_coef * kl)
+    mask = mask.float()
+    loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    n = mask.sum().clamp(min=1)
+    clipped = ((ratio - 1).abs() > clip).float()
+    return loss, {"ratio": ((ratio * mask).sum() / n).detach(), "clipped": ((clipped * mask).sum() / n).detach(),
+                  "kl": ((kl * mask).sum() / n).detach()}
+
+
+@contextlib.contextmanager
+def recorded_routes(model: nn.Module):
+    """Record the expert ids every router of `model` chooses in the forwards inside the block:
+    yields {gate: ids (N, K)} (the last forward's), for `replayed_routes`."""
+    from deepkiln.model import Gate
+
+    routes: dict = {}
+    hooks = [m.register_forward_hook(lambda gate, _, out: routes.__setitem__(gate, out[1].detach()))
+             for m in model.modules() if isinstance(m, Gate)]
+    try:
+        yield routes
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def replayed_routes(routes: dict):
+    """Every recorded router routes to its recorded experts in the forwards inside the block (the
+    same token layout as when recorded): GRPO's update then sees the routing its rollout saw."""
+    for gate, ids in routes.items():
+        gate.replay = ids
+    try:
+        yield
+    finally:
+        for gate in routes:
+            gate.replay = None
+
+
+def rule_rewards(rules: list[str], completions: list[list[int]], stopped: list[bool], max_tokens: int) -> torch.Tensor:
+    """Rule-based rewards (N,), summed over `rules`: "short" (1 - length / max_tokens: shorter
+    answers preferred), "stop" (1 when the answer ended with a stop token, not at the length limit)."""
+    total = torch.zeros(len(completions))
+    for rule in rules:
+        if rule == "short":
+            total += torch.tensor([1 - len(c) / max_tokens for c in completions])
+        elif rule == "stop":
+            total += torch.tensor([float(s) for s in stopped])
+        else:
+            raise ValueError(f"online.rule_rewards: {rule!r} is not a rule (short, stop)")
+    return total
+
+
 # -- the reward model ---------------------------------------------------------------------------------
+
+def reward_inputs(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A RewardModel's inputs: right-padded token rows (B, T) and each row's last position (B,)."""
+    from deepkiln.tokenizer import PAD_ID
+
+    x = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        x[i, :len(ids)] = torch.tensor(ids)
+    return x, torch.tensor([len(ids) - 1 for ids in rows])
+
 
 class RewardModel(nn.Module):
     """A scalar reward per sequence: a language model's final-normed hidden state at the sequence's

@@ -1,7 +1,8 @@
-"""The Ray Train worker functions: pretraining ranks (`train_loop`, run by pipelines.train and by Tune
-trials) and online-update ranks (`update_loop`, run by pipelines.online), and the TorchTrainer that
-runs the first. Each worker is a DeepSpeed rank built by deepkiln.training. Ray is imported inside
-the functions, so importing the library stays Ray-free.
+"""The pretraining ranks (`train_loop`, run by pipelines.train as Ray Train workers and by Tune trials
+in their own process), the TorchTrainer that runs them, and `as_only_rank`, which runs a rank as the
+only one of its process (Tune trials, online updates of one rank: deepkiln.update). Each worker is a
+DeepSpeed rank built by deepkiln.training. Ray is imported inside the functions, so importing the
+library stays Ray-free.
 
 Pretraining: every train.checkpoint_every steps and at the end every rank saves its DeepSpeed state,
 all pass a barrier, and only then is the checkpoint reported to Ray Train, with a consolidated
@@ -17,15 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from deepkiln.config import Config
-from deepkiln.evaluate import mean_loss, pad_rows, sequence_losses, windows
+from deepkiln.evaluate import mean_loss, windows
 from deepkiln.paths import RunPaths, absolute
-from deepkiln.preferences import dpo_loss, kto_loss, kto_weights, sequence_logps
-from deepkiln.training import (STATE, build_engine, deepspeed_config, initialize, is_complete, lr_at, plot_losses,
-                               seq_len_at, train_step, update_expert_bias)
+from deepkiln.training import STATE, build_engine, is_complete, lr_at, plot_losses, seq_len_at, train_step
 
 TAG = "deepspeed"  # DeepSpeed checkpoint tag inside every reported checkpoint
 
@@ -88,37 +86,6 @@ class TrialRank:
         for old in sorted(parent.glob("checkpoint_*"))[:-cfg.train.keep_checkpoints]:
             shutil.rmtree(old)
         tune.report(metrics)
-
-
-class OnlyRank:
-    """The one rank of a job that runs in its own process, without a worker group: an online update
-    of one worker, in a Ray task. Its model goes to `out`, its metrics are returned."""
-    rank, world = 0, 1
-
-    def __init__(self, out: str):
-        self.out = out
-
-    def report(self, metrics: dict, folder: str) -> dict:
-        import shutil
-
-        shutil.rmtree(self.out, ignore_errors=True)  # a retried try's
-        shutil.copytree(Path(folder) / "model", self.out)
-        return metrics
-
-
-class UpdateRank:
-    """A rank of an online update's Ray Train worker group: rank 0's merged model goes to Ray Train."""
-
-    def __init__(self):
-        import ray.train
-
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-
-    def report(self, metrics: dict, folder: str) -> None:
-        import ray.train
-
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if self.rank == 0 else None)
 
 
 def as_only_rank(run, *args):
@@ -291,145 +258,3 @@ def make_trainer(cfg: Config, callbacks: list | None = None):
     return torch_trainer(train_loop, cfg.to_dict(), cfg, name=cfg.run.name, storage=paths.train_ray,
                          workers=t.num_workers, max_failures=t.max_failures, keep=t.keep_checkpoints,
                          callbacks=callbacks)
-
-
-# -- online updates ---------------------------------------------------------------------------------
-
-def update_loop(config: dict, rank_of: UpdateRank | OnlyRank | None = None):
-    """One DeepSpeed rank of an online update. Depends only on `config`: the resolved config, the base
-    model folder, the encoded feedback examples, and the base-data cursor. The examples are, by
-    online.method: supervised rows (ids, labels) with `weights` (lora, full: loss on their labelled
-    tokens, each sequence counting once); pairs (chosen row, rejected row) for dpo; (row, mismatched
-    row, desirable) for kto, the mismatched row (the prompt with another example's answer) feeding the
-    KL baseline. Each batch mixes them with base windows, each sequence or pair counting once; routers'
-    balancing bias steps after every optimizer step, as in pretraining. For dpo and kto the reference
-    is the model as loaded (the serving version): its log-probabilities of every example this rank
-    draws are computed once, before the first step. `rank_of`: where it runs (a Ray Train worker
-    unless told otherwise); returns what its report does."""
-    import torch.distributed as dist
-
-    from deepkiln.checkpoint import load_model, save_checkpoint
-    from deepkiln.faults import kill_once
-    from deepkiln.lora import apply_lora, lora_parameters, merge_lora
-    from deepkiln.precision import compute_dtype, describe
-
-    cfg = Config.from_dict(config["cfg"])
-    on = cfg.online
-    place = rank_of or UpdateRank()
-    rank, world = place.rank, place.world
-    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    torch.manual_seed(cfg.run.seed + config["update"])
-    model, base = load_model(config["base"])
-    lora = (on.method if on.method in ("lora", "full") else on.params) == "lora"
-    if lora:
-        apply_lora(model, cfg.lora)
-        params = lora_parameters(model)
-    else:
-        params = list(model.parameters())
-    micro = on.batch_size // world
-    dtype = compute_dtype(cfg.train.dtype)
-    warmup = max(1, on.steps // 10)
-    engine = initialize(model, params, lr=on.lr, weight_decay=0.0, schedule=lambda s: min(1.0, (s + 1) / warmup),
-                        ds_config=deepspeed_config(batch_size=on.batch_size, micro_batch=micro, grad_accum=1,
-                                                   grad_clip=cfg.train.grad_clip, dtype=dtype,
-                                                   zero_stage=0 if lora else cfg.train.zero_stage))
-    examples, weights = config["examples"], config["weights"]
-    n_fb = min(micro, max(1, round(micro * on.feedback_fraction))) if examples and on.feedback_fraction else 0
-    n_base = micro - n_fb
-    data = windows(cfg) if n_base else None
-    orders: dict[int, np.ndarray] = {}
-
-    def picks(step: int) -> list[int]:
-        """The examples of this rank's batch at `step`: an epoch over them is a seeded permutation."""
-        out = []
-        for j in range(n_fb):
-            epoch, k = divmod((step * world + rank) * n_fb + j, len(examples))
-            order = orders.setdefault(epoch, np.random.default_rng((cfg.run.seed, config["update"], epoch))
-                                      .permutation(len(examples)))
-            out.append(int(order[k]))
-        return out
-
-    preference = on.method in ("dpo", "kto")
-    ref = reference_logps(engine, examples, sorted({i for s in range(on.steps) for i in picks(s)}), micro) \
-        if preference and n_fb else {}
-    desirable_w, undesirable_w = kto_weights(sum(e[2] for e in examples), sum(not e[2] for e in examples)) \
-        if on.method == "kto" else (1.0, 1.0)
-    losses, curves = [], {"preference_loss": [], "reward_chosen": [], "reward_rejected": [], "kl": []}
-    for step in range(on.steps):
-        idx = picks(step)
-        base_rows = []
-        if n_base:
-            x, y = data.train_batch(config["base_first"] + (step * world + rank) * n_base, n_base)
-            base_rows = [(ids, ids) for ids in torch.cat([x, y[:, -1:]], dim=1).tolist()]  # every token a target
-        if not preference:
-            x, y = pad_rows([examples[i] for i in idx] + base_rows)
-            per_seq = sequence_losses(engine(x).logits, y)
-            weight = torch.tensor([weights[i] for i in idx] + [1.0] * n_base)
-            loss = (per_seq * weight).sum() / weight.sum()
-            stats = torch.zeros(4)
-        else:
-            firsts = [examples[i][0] for i in idx]
-            seconds = [examples[i][1] for i in idx] if on.method == "dpo" else []
-            x, y = pad_rows(firsts + seconds + base_rows)
-            logits = engine(x).logits
-            n, m = len(firsts), len(firsts) + len(seconds)
-            logps = sequence_logps(logits[:m], y[:m])
-            if on.method == "dpo":
-                pref, chosen, rejected = dpo_loss(logps[:n], logps[n:], torch.tensor([ref[i][0] for i in idx]),
-                                                  torch.tensor([ref[i][1] for i in idx]), on.beta)
-                kl = torch.zeros(())
-            else:
-                with torch.no_grad():  # the KL baseline is not differentiated (KTO; TRL's trainer alike)
-                    kx, ky = pad_rows([examples[i][1] for i in idx])
-                    policy_kl = sequence_logps(engine(kx).logits, ky)
-                good = torch.tensor([bool(examples[i][2]) for i in idx])
-                pref, rewards, kl = kto_loss(logps, torch.tensor([ref[i][0] for i in idx]), policy_kl,
-                                             torch.tensor([ref[i][1] for i in idx]), good, on.beta,
-                                             desirable_w, undesirable_w)
-                chosen, rejected = rewards[good], rewards[~good]
-            lm = sequence_losses(logits[m:], y[m:]).sum() if n_base else torch.zeros(())
-            loss = (pref.sum() + lm) / (n + n_base)
-            mean = lambda t: t.float().mean() if t.numel() else torch.tensor(float("nan"))  # noqa: E731
-            stats = torch.stack([pref.mean().detach(), mean(chosen), mean(rejected), kl.float()])
-        engine.backward(loss)
-        engine.step()
-        update_expert_bias(engine.module)
-        reduced = torch.cat([loss.detach().reshape(1), stats])
-        dist.all_reduce(reduced)
-        reduced = (reduced / world).tolist()
-        losses.append(reduced[0])
-        if preference:
-            for key, value in zip(curves, reduced[1:]):
-                curves[key].append(value)
-        if rank == world - 1 and step + 1 == max(1, on.steps // 2):
-            kill_once()  # no-op unless a kill test armed it
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            model = engine.module
-            if lora:
-                merge_lora(model)
-            save_checkpoint(Path(tmp) / "model", model, {**base.config, "online": on.model_dump()},
-                            step=base.manifest.get("step", 0), tokens=base.manifest.get("tokens", 0))
-        dist.barrier()
-        metrics = {"losses": losses, "loss_first": losses[0], "loss_last": losses[-1], "precision": describe(dtype),
-                   "feedback_per_batch": n_fb * world, "base_per_batch": n_base * world, "ranks": world}
-        if preference:
-            metrics["curves"] = curves
-            if on.method == "kto":
-                metrics["kto_weights"] = {"desirable": desirable_w, "undesirable": undesirable_w}
-        return place.report(metrics, tmp)
-
-
-@torch.no_grad()
-def reference_logps(engine, examples: list, used: list[int], batch: int) -> dict[int, tuple[float, float]]:
-    """The reference's log-probabilities of each used preference example's two rows (DPO: chosen and
-    rejected; KTO: the answer and the mismatched one), in batches of `batch` rows, before any step:
-    the model is still the one loaded."""
-    rows = [(i, k) for i in used for k in (0, 1)]
-    out: dict[int, list[float]] = {i: [0.0, 0.0] for i in used}
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        x, y = pad_rows([examples[i][k] for i, k in chunk])
-        for (i, k), lp in zip(chunk, sequence_logps(engine(x).logits, y).tolist()):
-            out[i][k] = lp
-    return {i: (a, b) for i, (a, b) in out.items()}

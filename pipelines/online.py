@@ -60,16 +60,17 @@ from deepkiln.tokenizer import Tokenizer, load_tokenizer
 APP = "deepkiln"  # the Serve application the online loop publishes to (serve/config.yaml, serve.app)
 
 
-# -- the update: DeepSpeed ranks (deepkiln.trainer.update_loop) on Ray Train, or one in a Ray task ------
+# -- the update: DeepSpeed ranks (deepkiln.update.update_loop) on Ray Train, or one in a Ray task -------
 
-KIND = {"lora": "sft", "full": "sft", "dpo": "pair", "kto": "label"}
-"""The replay buffer's kind of example each online.method learns from."""
+KIND = {"lora": "sft", "full": "sft", "dpo": "pair", "kto": "label", "grpo": "label"}
+"""The replay buffer's kind of example each online.method learns from (GRPO: the labelled answers'
+prompts)."""
 
 
 def encode_examples(tok: Tokenizer, drawn: list[dict], method: str, max_len: int) -> list:
-    """What trainer.update_loop takes for `method`: supervised rows; (chosen, rejected) rows (dpo);
-    (row, mismatched row, desirable) (kto: the mismatched row answers the prompt with the next
-    example's answer, for the KL baseline)."""
+    """What deepkiln.update.update_loop takes for `method` (but grpo: `rollout_prompts`): supervised
+    rows; (chosen, rejected) rows (dpo); (row, mismatched row, desirable) (kto: the mismatched row
+    answers the prompt with the next example's answer, for the KL baseline)."""
     if KIND[method] == "sft":
         return [encode_answer(tok, e, e["target"], max_len) for e in drawn]
     if method == "dpo":
@@ -80,30 +81,82 @@ def encode_examples(tok: Tokenizer, drawn: list[dict], method: str, max_len: int
             for i, e in enumerate(drawn)]
 
 
+def rollout_prompts(tok: Tokenizer, drawn: list[dict], max_len: int) -> list[tuple[list[int], int]]:
+    """GRPO's prompts, each once: (prompt ids, the stop id its answers end with), the prompt cut from
+    the left to leave room for the answers."""
+    seen, out = set(), []
+    for e in drawn:
+        key = (e["prompt"], e["completion_id"].startswith("chatcmpl-"))
+        if key not in seen:
+            seen.add(key)
+            ids = encode_answer(tok, e, "", 1 << 30)[0]  # the prompt, then its stop token
+            out.append((ids[:-1][-max_len:], ids[-1]))
+    return out
+
+
+def read_prompts(path: str) -> list[dict]:
+    """online.prompts: one prompt a line, or jsonl of {"prompt"}; as buffer rows (plain prompts)."""
+    raw = read_bytes(path)
+    if raw is None:
+        raise ValueError(f"online.prompts={path!r} does not exist")
+    rows = []
+    for i, line in enumerate(raw.decode().splitlines()):
+        if line.strip():
+            prompt = json.loads(line).get("prompt") if line.lstrip().startswith("{") else line
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"online.prompts line {i + 1}: field 'prompt' is missing or not text")
+            rows.append({"prompt": prompt, "completion_id": f"prompt-{i + 1}"})
+    return rows
+
+
+def reward_model_of(cfg: Config) -> str | None:
+    """The reward model GRPO scores with (online.reward_model): a folder, the run's newest, or None."""
+    on = cfg.online
+    if on.reward_model == "latest":
+        root = Path(RunPaths.of(cfg).reward("r0000")).parent
+        done = sorted(p for p in root.glob("r[0-9][0-9][0-9][0-9]") if (p / "manifest.json").is_file()) \
+            if root.is_dir() else []
+        found = str(done[-1]) if done else None
+    elif on.reward_model:
+        if not Path(on.reward_model, "manifest.json").is_file():
+            raise ValueError(f"online.reward_model={on.reward_model!r} is not a reward model folder "
+                             "(written by pipelines.reward)")
+        found = on.reward_model
+    else:
+        found = None
+    if found is None and not on.rule_rewards:
+        raise ValueError("online.method=grpo needs a reward: train one with pipelines.reward (online.reward_model="
+                         f"{on.reward_model!r} found none) or name online.rule_rewards")
+    return found
+
+
 def favoured(method: str, encoded: list) -> tuple[list, list]:
     """The rows an update should make likelier and those it should make less likely: the supervised
-    targets (and nothing); the chosen and rejected answers; the desirable and undesirable ones."""
+    targets (and nothing); the chosen and rejected answers; the desirable and undesirable ones; for
+    GRPO none (its gate samples answers)."""
     if KIND[method] == "sft":
         return encoded, []
+    if method == "grpo":
+        return [], []
     if method == "dpo":
         return [c for c, _ in encoded], [r for _, r in encoded]
     return [row for row, _, good in encoded if good], [row for row, _, good in encoded if not good]
 
 
 def train_update(cfg: Config, base_model: str, encoded: list, weights: list[float], update: int,
-                 base_first: int) -> tuple[dict, str]:
+                 base_first: int, reward_model: str | None = None) -> tuple[dict, str]:
     """Run the update: its ranks on Ray Train, or one rank in a Ray task (online.num_workers=1, the
     default: a worker group's process starts cost more than a small update's steps). Returns its
     metrics and a local folder holding the merged model."""
     from deepkiln.ray_utils import fit, one_rank, torch_trainer
-    from deepkiln.trainer import OnlyRank, update_loop
+    from deepkiln.update import OnlyRank, update_loop
 
     cfg = absolute(cfg)
     paths = RunPaths.of(cfg)
     storage, name = f"{paths.stage('online')}/ray", f"update-{update:04d}"
     paths.remove(os.path.join(storage, name))  # a crashed try of this update
     config = {"cfg": cfg.to_dict(), "base": os.path.abspath(base_model), "update": update, "examples": encoded,
-              "weights": weights, "base_first": base_first}
+              "weights": weights, "base_first": base_first, "reward_model": reward_model}
     if cfg.online.num_workers == 1:  # the storage is the run's, as Ray Train's is: shared on a cluster
         model = f"{storage}/{name}/model"
         return one_rank(update_loop, config, OnlyRank(model), cfg=cfg), model
@@ -146,9 +199,11 @@ def preference_pairs(cfg: Config, tok: Tokenizer, data: TokenWindows) -> list[tu
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, good: list, bad: list) -> dict:
+def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, good: list, bad: list,
+             rollouts: tuple | None = None) -> dict:
     """Held-out perplexity, preference accuracy, the mean loss on the feedback's favoured rows (`good`:
-    targets, chosen or desirable answers) and, with disfavoured rows (`bad`), the mean loss on them."""
+    targets, chosen or desirable answers) and, with disfavoured rows (`bad`), the mean loss on them;
+    with `rollouts` (GRPO's prompts, reward model folder) the mean reward of the model's greedy answers."""
     model.eval()
     prefs = [continuation_logprob(model, p, c) > continuation_logprob(model, p, r) for p, c, r in pairs]
 
@@ -160,26 +215,33 @@ def evaluate(cfg: Config, model, data: TokenWindows, pairs: list, good: list, ba
                "feedback_target_loss": loss(good) if good else 0.0}
     if bad:
         figures["disfavoured_loss"] = loss(bad)
+    if rollouts:
+        from deepkiln.preferences import load_reward
+        from deepkiln.update import sampled_reward
+
+        prompts, reward_model = rollouts
+        figures["sampled_reward"] = sampled_reward(model, prompts, cfg,
+                                                   load_reward(reward_model)[0] if reward_model else None)
     return figures
 
 
 def judge(cfg: Config, served_artifact: str, candidate_model: str, candidate_artifact: str, data: TokenWindows,
-          pairs: list, good: list, bad: list) -> dict:
+          pairs: list, good: list, bad: list, rollouts: tuple | None = None) -> dict:
     """The gate's verdict on the candidate's quantized artifact (what publishing would serve) against
     the served artifact, both loaded as Serve loads them; the candidate's unquantized figures are
     reported beside them (`candidate_unquantized`), so a broken quantization shows as such."""
     from deepkiln.quantize import load_quantized
 
     dtype = compute_dtype(cfg.serve.dtype)
-    served = evaluate(cfg, load_quantized(served_artifact, dtype)[0], data, pairs, good, bad)
+    served = evaluate(cfg, load_quantized(served_artifact, dtype)[0], data, pairs, good, bad, rollouts)
     try:
         candidate = load_quantized(candidate_artifact, dtype)[0]
     except (ValueError, OSError, RuntimeError) as e:  # what Serve would fail to load is refused here
         return {"passed": False, "reasons": [f"the candidate's artifact {candidate_artifact} does not load: {e}"],
                 "current": served, "candidate": None, "candidate_unquantized": None}
-    verdict = gate(cfg, served, evaluate(cfg, candidate, data, pairs, good, bad))
+    verdict = gate(cfg, served, evaluate(cfg, candidate, data, pairs, good, bad, rollouts))
     verdict["candidate_unquantized"] = evaluate(cfg, load_model(candidate_model, dtype=dtype)[0], data, pairs, good,
-                                                bad)
+                                                bad, rollouts)
     return verdict
 
 
@@ -196,6 +258,10 @@ def gate(cfg: Config, current: dict, candidate: dict) -> dict:
     if candidate["preference_accuracy"] < floor:
         reasons.append(f"preference accuracy {candidate['preference_accuracy']:.3f} is below {floor:.3f} (the serving "
                        f"version's {current['preference_accuracy']:.3f} - online.max_preference_drop={on.max_preference_drop})")
+    if "sampled_reward" in current and not candidate["sampled_reward"] >= current["sampled_reward"]:
+        reasons.append("the mean reward of greedy answers to the update's prompts fell: "
+                       f"{candidate['sampled_reward']:.4f} against the serving version's "
+                       f"{current['sampled_reward']:.4f}")
     if "disfavoured_loss" in current:  # a preference update must widen the gap it was asked to widen
         gap = {side: f["disfavoured_loss"] - f["feedback_target_loss"] for side, f in
                (("current", current), ("candidate", candidate))}
@@ -367,14 +433,17 @@ def feedback_counts(drawn: list[dict], kind: str) -> dict[str, int]:
 
 
 def preference_figures(metrics: dict) -> dict:
-    """A preference update's curves for its report, a step per entry: its preference loss, the mean
-    implicit reward (beta * log pi/pi_ref) of chosen/desirable and rejected/undesirable answers, their
-    margin, and KTO's KL baseline; None where a batch had no answer of that kind. Empty for SFT."""
+    """A preference update's curves for its report, a step per entry: its preference loss; for DPO
+    and KTO the mean implicit reward (beta * log pi/pi_ref) of chosen/desirable and rejected/undesirable
+    answers, their margin, and KTO's KL baseline (None where a batch had no answer of that kind); for
+    GRPO the rollout's mean reward, the mean probability ratio, the share of tokens clipped and the KL
+    to the reference. Empty for SFT."""
     if "curves" not in metrics:
         return {}
     curves = {k: [None if math.isnan(v) else v for v in values] for k, values in metrics["curves"].items()}
-    curves["margin"] = [None if c is None or r is None else c - r
-                        for c, r in zip(curves["reward_chosen"], curves["reward_rejected"])]
+    if "reward_chosen" in curves:
+        curves["margin"] = [None if c is None or r is None else c - r
+                            for c, r in zip(curves["reward_chosen"], curves["reward_rejected"])]
     return {"curves": curves, **({"kto_weights": metrics["kto_weights"]} if "kto_weights" in metrics else {})}
 
 
@@ -399,13 +468,21 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     current = state["versions"][state["current"]]
     tokenizer = tokenizer_of(cfg, current["artifact"])  # the served version's: the ids its model knows
     tok = load_tokenizer(tokenizer)
-    encoded = encode_examples(tok, drawn, on.method, cfg.model.max_seq_len)
+    rollouts, reward_model = None, None
+    if on.method == "grpo":
+        reward_model = reward_model_of(cfg)
+        extra = read_prompts(on.prompts) if on.prompts else []
+        encoded = rollout_prompts(tok, drawn + extra, cfg.model.max_seq_len - on.max_new_tokens - 1)
+        rollouts = (encoded, reward_model)
+    else:
+        encoded = encode_examples(tok, drawn, on.method, cfg.model.max_seq_len)
     weights = [e["weight"] for e in drawn]
     print(f"online: update {update} ({on.method}): {len(drawn)} feedback {KIND_NAMES[kind]} on {state['current']}",
           flush=True)
     timings = {}
     mark = time.perf_counter()
-    metrics, model_dir = train_update(cfg, current["model"], encoded, weights, update, state["base_cursor"])
+    metrics, model_dir = train_update(cfg, current["model"], encoded, weights, update, state["base_cursor"],
+                                      reward_model)
     timings["train_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     name = f"v{update:04d}"
     if name in state["versions"]:
@@ -422,7 +499,7 @@ def run_update(cfg: Config, buffer, state: dict) -> dict:
     timings["quantize_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     data = windows(cfg)
     verdict = judge(cfg, current["artifact"], str(folder / "model"), artifact, data,
-                    preference_pairs(cfg, tok, data), *favoured(on.method, encoded))
+                    preference_pairs(cfg, tok, data), *favoured(on.method, encoded), rollouts)
     timings["gate_s"], mark = round(time.perf_counter() - mark, 1), time.perf_counter()
     # The update is recorded before its examples are consumed and before Serve hears of it: a crash
     # after this point never redoes it, and never deletes a folder the state names.

@@ -35,8 +35,8 @@ from deepkiln.config import Config, load_config
 from deepkiln.corpus import read_bytes, write_atomic
 from deepkiln.paths import RunPaths, tokenizer_files, tokenizer_of
 from deepkiln.preferences import (Label, Pair, RewardModel, bradley_terry_loss, encode_answer, preference_items,
-                                  ranked_pair)
-from deepkiln.tokenizer import PAD_ID, load_tokenizer
+                                  ranked_pair, reward_inputs)
+from deepkiln.tokenizer import load_tokenizer
 
 
 def serving(cfg: Config) -> tuple[str, str]:
@@ -92,14 +92,6 @@ def held_out(prompt: str, fraction: float) -> bool:
     return zlib.crc32(b"deepkiln-reward:" + prompt.encode()) % 10_000 < fraction * 10_000
 
 
-def batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded token rows (B, T) and the position of each row's last token (B,)."""
-    x = torch.full((len(rows), max(map(len, rows))), PAD_ID, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        x[i, :len(ids)] = torch.tensor(ids)
-    return x, torch.tensor([len(ids) - 1 for ids in rows])
-
-
 @torch.no_grad()
 def pair_accuracy(model: RewardModel, pairs: list[tuple[list[int], list[int], float]], size: int) -> float | None:
     """Share of pairs whose chosen answer the model scores above the rejected one (None: no pairs)."""
@@ -109,7 +101,7 @@ def pair_accuracy(model: RewardModel, pairs: list[tuple[list[int], list[int], fl
     right = 0
     for start in range(0, len(pairs), size):
         chunk = pairs[start:start + size]
-        r = model(*batch([c for c, _, _ in chunk] + [r for _, r, _ in chunk]))
+        r = model(*reward_inputs([c for c, _, _ in chunk] + [r for _, r, _ in chunk]))
         right += (r[:len(chunk)] > r[len(chunk):]).sum().item()
     model.train()
     return right / len(pairs)
@@ -151,7 +143,7 @@ def main(argv=None) -> dict:
         pairs = rng.sample(train["pairs"], min(a.batch_size, len(train["pairs"])))
         n = len(pairs)
         labels = rng.sample(train["labels"], min(a.batch_size, len(train["labels"])))
-        r = model(*batch([c for c, _, _ in pairs] + [r for _, r, _ in pairs] + [x for x, _ in labels]))
+        r = model(*reward_inputs([c for c, _, _ in pairs] + [r for _, r, _ in pairs] + [x for x, _ in labels]))
         loss = bradley_terry_loss(r[:n], r[n:2 * n], torch.tensor([m for _, _, m in pairs])).mean()
         if labels:
             loss = loss + F.binary_cross_entropy_with_logits(r[2 * n:], torch.tensor([y for _, y in labels]))

@@ -32,6 +32,7 @@ def test_yaml_scientific_notation_is_cast_to_float(tmp_path):
 def test_cli_space_separated_and_list_values():
     cfg = load_config(["--train.steps", "12", "--quant.keep=[head, gate]"])
     assert cfg.train.steps == 12 and cfg.quant.keep == ["head", "gate"]
+    assert load_config(["--online.reward_model="]).online.reward_model == ""  # an empty text, not null
 
 
 @pytest.mark.parametrize("argv, key", [
@@ -80,6 +81,11 @@ def test_wrong_type_names_key_and_value():
     (["--run.name=/home/user"], r"run\.name='/home/user' must be a single folder name"),
     (["--run.name=../x"], r"run\.name='\.\./x' must be a single folder name"),
     (["--data.quality.min_units=5000"], r"data\.quality\.min_units=5000 exceeds data\.quality\.max_units=2048"),
+    (["--online.params=full"], r"online\.params=full contradicts online\.method=lora"),
+    (["--online.desirable_min=9"], r"online\.desirable_min=9 is outside the rating scale"),
+    (["--online.desirable_min=2"], r"online\.undesirable_max \(2\) must be below online\.desirable_min \(2\)"),
+    (["--online.rule_rewards=[long]"], r"online\.rule_rewards\.0: Input should be 'short' or 'stop'"),
+    (["--online.method=grpo", "--online.group_size=1"], r"online\.group_size=1 must be >= 2"),
 ])
 def test_impossible_combinations_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):

@@ -90,7 +90,8 @@ def test_a_preference_update_starts_at_its_reference_and_widens_the_margin(serve
     from unittest import mock
 
     from deepkiln.paths import absolute
-    from deepkiln.trainer import OnlyRank, as_only_rank, update_loop
+    from deepkiln.trainer import as_only_rank
+    from deepkiln.update import OnlyRank, update_loop
 
     cfg = absolute(load_config([*served_run["argv"], f"--online.method={method}", "--online.steps=6",
                                 "--online.batch_size=4", "--online.feedback_fraction=0.5"]))
@@ -109,6 +110,33 @@ def test_a_preference_update_starts_at_its_reference_and_widens_the_margin(serve
     margins = [m for m in curves["margin"] if m is not None]
     assert margins[-1] > 0.05, curves
     load_model(tmp_path / "model")  # the merged model is whole
+
+
+def test_grpo_with_a_rule_reward_makes_the_sampled_answers_score_higher(served_run, tmp_path):
+    from unittest import mock
+
+    from deepkiln.paths import absolute
+    from deepkiln.trainer import as_only_rank
+    from deepkiln.update import OnlyRank, sample, score, update_loop
+
+    cfg = absolute(load_config([*served_run["argv"], "--online.method=grpo", "--online.rule_rewards=[short]",
+                                "--online.reward_model=", "--online.steps=8", "--online.max_new_tokens=16",
+                                "--online.feedback_fraction=1.0", "--online.lr=5e-3"]))
+    rows = [{"completion_id": f"cmpl-{i}", "prompt": paragraph(__import__("random").Random(i), 4)} for i in range(4)]
+    prompts = online.rollout_prompts(served_run["tokenizer"], rows, 64)
+    config = {"cfg": cfg.to_dict(), "base": RunPaths.of(cfg).train_model, "update": 1, "examples": prompts,
+              "weights": [1.0] * len(prompts), "base_first": 0, "reward_model": None}
+    with mock.patch.dict("os.environ"):
+        metrics = as_only_rank(update_loop, config, OnlyRank(str(tmp_path / "model")))
+    curves = metrics["curves"]
+    assert curves["ratio"][0] == 1.0 and curves["clipped"][0] == 0.0  # the first pass on each rollout
+    assert len(curves["reward"]) == 8 and all(0 <= r <= 1 for r in curves["reward"])
+
+    def mean_score(model):  # the same prompts and seeds: 8 sampled answers each
+        return score(sample(model, prompts, cfg, 8, 1.0, seed=123), cfg, None).mean().item()
+
+    before, after = mean_score(load_model(RunPaths.of(cfg).train_model)[0]), mean_score(load_model(tmp_path / "model")[0])
+    assert after > before + 0.05, (before, after, curves["reward"])
 
 
 def test_the_first_run_needs_the_earlier_stages(tmp_path):

@@ -12,8 +12,9 @@ import torch
 from deepkiln.config import FeedbackArgs, OnlineArgs
 from deepkiln.evaluate import IGNORE, pad_rows
 from deepkiln.model import PRESETS, Transformer
-from deepkiln.preferences import (Label, Pair, bradley_terry_loss, dpo_loss, kto_loss, kto_weights, preference_items,
-                                  ranked_pair, sequence_logps)
+from deepkiln.preferences import (Label, Pair, bradley_terry_loss, dpo_loss, group_advantages, grpo_loss, kto_loss,
+                                  kto_weights, preference_items, ranked_pair, recorded_routes, replayed_routes,
+                                  sequence_logps, token_logps)
 
 SCALE, ONLINE = FeedbackArgs(), OnlineArgs()
 BETA = 0.1
@@ -198,3 +199,49 @@ def test_kto_loss_equals_trls_on_the_same_exported_model_and_batch(exported):
     losses, _, baseline = kto_loss(main[0], main[1], kl[0], kl[1], torch.tensor(labels), BETA, w_d, w_u)
     assert baseline.item() > 0  # the KL term takes part
     assert losses.mean().item() == pytest.approx(theirs, abs=1e-4)
+
+
+# -- GRPO -------------------------------------------------------------------------------------------
+
+def test_grpo_advantages_sum_to_zero_in_each_group_and_rank_within_it():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5, -1.0, 4.0, 0.0, 2.0])
+    adv = group_advantages(rewards, 4).view(3, 4)
+    assert torch.allclose(adv.sum(1), torch.zeros(3), atol=1e-5)
+    assert adv[0].argsort().tolist() == [0, 1, 2, 3] and torch.equal(adv[1], torch.zeros(4))  # a tie teaches nothing
+    with pytest.raises(RuntimeError):
+        group_advantages(rewards[:10], 4)  # not whole groups
+
+
+def test_with_the_rollouts_routes_replayed_the_ratio_is_exactly_one_and_routing_stays_put():
+    model = tiny(3)
+    rows = [(p + c, [IGNORE] * len(p) + c) for p, c, _ in planted_pairs(6, seed=4)]
+    x, y = pad_rows(rows)
+    with torch.no_grad(), recorded_routes(model) as routes:  # the rollout's forward (eval mode)
+        old = token_logps(model(x).logits, y)
+    routes = dict(routes)
+    model.train()
+    with replayed_routes(routes):  # the first pass of the update: the same policy, the same routes
+        logps = token_logps(model(x).logits, y)
+    loss, stats = grpo_loss(logps, old, old, torch.ones(len(rows)), y != IGNORE, clip=0.2, kl_coef=0.04)
+    assert torch.equal(logps, old) and stats["ratio"].item() == 1.0 and stats["kl"].item() == 0.0
+    loss.backward()
+    with torch.no_grad():  # the policy moves: its own routing drifts, the replayed one does not
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        with recorded_routes(model) as free:
+            model(x)
+        with replayed_routes(routes), recorded_routes(model) as replayed:
+            model(x)
+    assert all(torch.equal(replayed[g], routes[g]) for g in routes)
+    assert any(not torch.equal(free[g], routes[g]) for g in routes)
+
+
+def test_grpo_clips_the_ratio_on_the_side_the_advantage_pushes():
+    old = torch.zeros(2, 3)
+    logps = torch.tensor([[0.5, 0.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)  # ratios e^0.5, e^-0.5
+    mask = torch.tensor([[1, 0, 0], [1, 0, 0]])
+    loss, stats = grpo_loss(logps, old, logps.detach(), torch.tensor([1.0, -1.0]), mask, clip=0.2, kl_coef=0.0)
+    loss.backward()
+    # Both ratios are beyond the clip in the advantage's direction: no gradient flows.
+    assert torch.equal(logps.grad, torch.zeros(2, 3)) and stats["clipped"].item() == 1.0
+    assert loss.item() == pytest.approx(-(1.2 * 1 + 0.8 * -1) / 2)

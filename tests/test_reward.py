@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from deepkiln.preferences import load_reward
+from deepkiln.preferences import load_reward, reward_inputs
 from deepkiln.testing import paragraph
 from pipelines import reward
 
@@ -34,7 +34,7 @@ def test_a_reward_model_learns_the_preferred_style_on_held_out_prompts(served_co
     good, bad = ([*tok.encode_prompt("The river"), *tok.encode(f"is wide. {end}")]
                  for end in ("Thank you, friend.", "No, go away."))
     with torch.no_grad():
-        scores = model(*reward.batch([good, bad]))
+        scores = model(*reward_inputs([good, bad]))
     assert scores[0] > scores[1]
     again = reward.main([*argv, f"--reward.pairs={tmp_path / 'pairs.jsonl'}", "--reward.steps=1"])
     assert again["version"] == "r0002"  # a new version, the first one kept
