@@ -543,9 +543,9 @@ class OnlineArgs(Section):
             raise ValueError(f"online.min_feedback={self.min_feedback} exceeds online.max_feedback={self.max_feedback}")
         if self.batch_size % self.num_workers:
             raise ValueError(f"online.batch_size={self.batch_size} is not divisible by online.num_workers={self.num_workers}")
-        if self.method in ("lora", "full") and "params" in self.model_fields_set and self.params != self.method:
-            raise ValueError(f"online.params={self.params} contradicts online.method={self.method}: a supervised "
-                             "update's method names its weights (online.params is for dpo and kto)")
+        if self.method == "lora" and self.params == "full":  # (params=lora is the default: method=full wins)
+            raise ValueError("online.params=full contradicts online.method=lora: a supervised update's method "
+                             "names its weights (online.method=full; online.params is for dpo, kto and grpo)")
         if (self.desirable_min is not None and self.undesirable_max is not None
                 and self.desirable_min <= self.undesirable_max):
             raise ValueError(f"online.desirable_min={self.desirable_min} must exceed "
@@ -611,6 +611,9 @@ class Config(Section):
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         f, on = self.feedback, self.online
+        if on.method == "grpo" and on.params == "full" and t.zero_stage == 3:
+            raise ValueError("online.method=grpo with online.params=full needs train.zero_stage below 3: its rollouts "
+                             "sample from a whole copy of the weights")
         for key, cut in (("desirable_min", on.desirable_min), ("undesirable_max", on.undesirable_max)):
             if cut is not None and not f.rating_min <= cut <= f.rating_max:
                 raise ValueError(f"online.{key}={cut} is outside the rating scale "

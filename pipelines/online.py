@@ -102,7 +102,10 @@ def read_prompts(path: str) -> list[dict]:
     rows = []
     for i, line in enumerate(raw.decode().splitlines()):
         if line.strip():
-            prompt = json.loads(line).get("prompt") if line.lstrip().startswith("{") else line
+            try:
+                prompt = json.loads(line).get("prompt") if line.lstrip().startswith("{") else line
+            except ValueError as e:
+                raise ValueError(f"online.prompts line {i + 1} is not JSON: {e}") from None
             if not isinstance(prompt, str) or not prompt:
                 raise ValueError(f"online.prompts line {i + 1}: field 'prompt' is missing or not text")
             rows.append({"prompt": prompt, "completion_id": f"prompt-{i + 1}"})

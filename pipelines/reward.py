@@ -76,7 +76,12 @@ def user_pairs(path: str) -> list[tuple[Pair, str]]:
     for i, line in enumerate(raw.decode().splitlines()):
         if not line.strip():
             continue
-        r = json.loads(line)
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"reward.pairs line {i + 1} is not JSON: {e}") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"reward.pairs line {i + 1}: expected an object with prompt, chosen and rejected")
         missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(r.get(k), str)]
         if missing:
             raise ValueError(f"reward.pairs line {i + 1}: field {missing[0]!r} is missing or not text")

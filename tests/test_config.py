@@ -86,6 +86,7 @@ def test_wrong_type_names_key_and_value():
     (["--online.desirable_min=2"], r"online\.undesirable_max \(2\) must be below online\.desirable_min \(2\)"),
     (["--online.rule_rewards=[long]"], r"online\.rule_rewards\.0: Input should be 'short' or 'stop'"),
     (["--online.method=grpo", "--online.group_size=1"], r"online\.group_size=1 must be >= 2"),
+    (["--online.method=grpo", "--online.params=full", "--train.zero_stage=3"], r"needs train\.zero_stage below 3"),
 ])
 def test_impossible_combinations_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -99,8 +100,10 @@ def test_model_preset_then_field_overrides(tmp_path):
     assert cfg.model.vocab_size == PRESETS["small"].vocab_size
 
 
-def test_round_trip_through_json(tmp_path):
-    cfg = load_config(["--model.preset=small", "--train.lr=1e-4", "--quant.format=int8"])
+@pytest.mark.parametrize("method", ["lora", "full", "dpo", "kto", "grpo"])
+def test_round_trip_through_json(tmp_path, method):
+    # A rank rebuilds its config from the driver's dict: every online.method must survive it.
+    cfg = load_config(["--model.preset=small", "--train.lr=1e-4", "--quant.format=int8", f"--online.method={method}"])
     save_config(cfg, tmp_path / "config.json")
     back = Config.from_dict(json.loads((tmp_path / "config.json").read_text()))
     assert back == cfg

@@ -216,7 +216,7 @@ def online_update(job, run, out, url, head):
     assert "serving v0001" in done.stdout, done.stdout[-3000:]
     report = json.loads((out / "online" / "updates" / "update-0001.json").read_text())
     assert report["gate"]["passed"] and report["published"], report["gate"]
-    assert report["feedback"] == {"examples": 13, "corrected": 13, "rated": 0, "mean_weight": 1.0,
+    assert report["feedback"] == {"examples": 13, "kind": "sft", "corrected": 13, "rated": 0, "mean_weight": 1.0,
                                   "sources": {source_of(hashlib.sha256(KEY.encode()).hexdigest()): 1.0}}
     for f in (p for p in out.rglob("*") if p.is_file()):  # no canary at rest: SQLite files, reports, versions
         data = f.read_bytes()

@@ -15,7 +15,8 @@ from deepkiln.config import QuantArgs, load_config
 from deepkiln.evaluate import pad_rows, sequence_losses, windows
 from deepkiln.paths import RunPaths
 from deepkiln.preferences import encode_answer
-from deepkiln.quantize import apply_quantization, quantized_layers
+from deepkiln.precision import compute_dtype
+from deepkiln.quantize import apply_quantization, load_quantized, quantized_layers
 from deepkiln.testing import paragraph
 from deepkiln.tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, Tokenizer
 from pipelines import online
@@ -112,7 +113,7 @@ def test_a_preference_update_starts_at_its_reference_and_widens_the_margin(serve
     load_model(tmp_path / "model")  # the merged model is whole
 
 
-def test_grpo_with_a_rule_reward_makes_the_sampled_answers_score_higher(served_run, tmp_path):
+def test_grpo_with_a_rule_reward_makes_the_served_versions_sampled_answers_score_higher(served_run, tmp_path):
     from unittest import mock
 
     from deepkiln.paths import absolute
@@ -132,10 +133,13 @@ def test_grpo_with_a_rule_reward_makes_the_sampled_answers_score_higher(served_r
     assert curves["ratio"][0] == 1.0 and curves["clipped"][0] == 0.0  # the first pass on each rollout
     assert len(curves["reward"]) == 8 and all(0 <= r <= 1 for r in curves["reward"])
 
-    def mean_score(model):  # the same prompts and seeds: 8 sampled answers each
+    def mean_score(artifact):  # as Serve loads and samples it; the same prompts and seeds: 8 answers each
+        model = load_quantized(artifact, compute_dtype(cfg.serve.dtype))[0]
         return score(sample(model, prompts, cfg, 8, 1.0, seed=123), cfg, None).mean().item()
 
-    before, after = mean_score(load_model(RunPaths.of(cfg).train_model)[0]), mean_score(load_model(tmp_path / "model")[0])
+    tokenizer = served_run["root"] / "served" / "tokenizer" / "tokenizer.model"
+    new = online.quantize_version(cfg, str(tmp_path / "model"), tmp_path / "artifact", str(tokenizer))
+    before, after = mean_score(RunPaths.of(cfg).artifact), mean_score(new)
     assert after > before + 0.05, (before, after, curves["reward"])
 
 

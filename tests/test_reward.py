@@ -46,6 +46,9 @@ def test_pairs_a_reward_model_cannot_use_are_refused_by_line_and_field(served_co
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
     with pytest.raises(ValueError, match="line 1: field 'rejected'"):
         reward.main([*argv, f"--reward.pairs={bad}"])
+    bad.write_text("\n" + '{"prompt": "p", "chosen": ' + "\n")
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        reward.main([*argv, f"--reward.pairs={bad}"])
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "margin": -1}) + "\n")
     with pytest.raises(ValueError, match="margin=-1 must be a number >= 0"):
         reward.main([*argv, f"--reward.pairs={bad}"])
