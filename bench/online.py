@@ -2,14 +2,16 @@
 Serve answering with the version trained on it, on the tiny model, and where they go (training on a
 DeepSpeed rank, the gate, quantizing, the replica switch). One JSON object.
 
-    python -m bench.online                     # lora, dpo and kto in turn: about 4 minutes here
+    python -m bench.online                     # lora, dpo, kto and grpo in turn: about 5 minutes here
     python -m bench.online --methods dpo --feedback 32 --set online.steps=60
 
 The model is the tiny preset trained for a few seconds on made-up English (deepkiln.testing.make_run),
 served by one replica over 127.0.0.1. For each method in turn, a burst of completions is corrected
 through POST /v1/feedback (a correction gives a supervised example, a pair and two labelled answers),
-then one `pipelines.online --once --online.method=METHOD` trains, gates and publishes. The target on
-this machine is under 120 s from the newest feedback to serving.
+then one `pipelines.online --once --online.method=METHOD` trains the first version (v0000, served
+again by a rollback before each method but the first), gates and publishes (GRPO with the
+rule reward `short` unless --set names online.rule_rewards). The target on this machine is under
+120 s from the newest feedback to serving.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--feedback", type=int, default=12, help="corrected completions in each burst")
-    p.add_argument("--methods", nargs="+", default=["lora", "dpo", "kto"], choices=sorted(online.KIND))
+    p.add_argument("--methods", nargs="+", default=["lora", "dpo", "kto", "grpo"], choices=sorted(online.KIND))
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="config overrides")
     opts = p.parse_args(argv)
     result = {"feedback": opts.feedback, "target_s": TARGET_S, "methods": {}}
@@ -56,7 +58,9 @@ def main(argv=None) -> dict:
         url = f"http://127.0.0.1:{port}"
         try:
             serve.run(build(cfg), name=online.APP, route_prefix="/")
-            for method in opts.methods:
+            for i, method in enumerate(opts.methods):
+                if i:  # every method updates the same first version (its feedback includes the earlier bursts)
+                    online.main([*argv, "--rollback", "v0000"])
                 result["methods"][method] = burst_then_update(argv, cfg, url, method, opts.feedback)
         finally:
             serve.shutdown()
@@ -79,7 +83,9 @@ def burst_then_update(argv: list[str], cfg, url: str, method: str, feedback: int
                                                   "correction": ANSWERS[i % len(ANSWERS)]},
                       timeout=60).raise_for_status()
     last_feedback = time.time()
-    report = online.main([*argv, "--once", f"--online.method={method}"])
+    # GRPO needs a reward: the rule preferring short answers unless --set names one (no reward model here).
+    extra = ["--online.rule_rewards=[short]"] if method == "grpo" and not cfg.online.rule_rewards else []
+    report = online.main([*argv, "--once", f"--online.method={method}", *extra])
     state = json.loads(Path(RunPaths.of(cfg).online_state).read_text())
     served = requests.post(f"{url}/v1/completions", json={"model": cfg.serve.model_name, "prompt": "The river",
                                                           "max_tokens": 4}, timeout=60).json()
@@ -101,10 +107,15 @@ def burst_then_update(argv: list[str], cfg, url: str, method: str, feedback: int
         "feedback_target_loss_before": round(gate["current"]["feedback_target_loss"], 3),
         "feedback_target_loss_after": round(gate["candidate"]["feedback_target_loss"], 3),
     }
-    if "curves" in report:
-        figures["margin_last"] = round(report["curves"]["margin"][-1] or 0.0, 4)
+    curves = report.get("curves", {})
+    if "margin" in curves:  # dpo, kto
+        figures["margin_last"] = next((round(m, 4) for m in reversed(curves["margin"]) if m is not None), None)
         figures["disfavoured_loss_before"] = round(gate["current"]["disfavoured_loss"], 3)
         figures["disfavoured_loss_after"] = round(gate["candidate"]["disfavoured_loss"], 3)
+    if "sampled_reward" in gate["current"]:  # grpo
+        figures["rollout_reward_first"], figures["rollout_reward_last"] = curves["reward"][0], curves["reward"][-1]
+        figures["sampled_reward_before"] = round(gate["current"]["sampled_reward"], 4)
+        figures["sampled_reward_after"] = round(gate["candidate"]["sampled_reward"], 4)
     return figures
 
 

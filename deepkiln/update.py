@@ -154,7 +154,9 @@ def update_loop(config: dict, rank_of: UpdateRank | OnlyRank | None = None):
             else:
                 with torch.no_grad():  # the KL baseline is not differentiated (KTO; TRL's trainer alike)
                     kx, ky = pad_rows([examples[i][1] for i in idx])
+                    engine.eval()  # its tokens are not routed for training: the routers do not count them
                     policy_kl = sequence_logps(engine(kx).logits, ky)
+                    engine.train()
                 good = torch.tensor([bool(examples[i][2]) for i in idx])
                 pref, rewards, figures["kl"] = kto_loss(logps, refs[0], policy_kl, refs[1], good, on.beta,
                                                         desirable_w, undesirable_w)
@@ -219,11 +221,13 @@ def reference_logps(engine, examples: list, used: list[int], batch: int) -> dict
     the model is still the one loaded."""
     rows = [(i, k) for i in used for k in (0, 1)]
     out: dict[int, list[float]] = {i: [0.0, 0.0] for i in used}
+    engine.eval()  # the routers count no tokens for these forwards; the logits are as in training mode
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
         x, y = pad_rows([examples[i][k] for i, k in chunk])
         for (i, k), lp in zip(chunk, sequence_logps(engine(x).logits, y).tolist()):
             out[i][k] = lp
+    engine.train()
     return {i: (a, b) for i, (a, b) in out.items()}
 
 

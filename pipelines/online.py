@@ -586,15 +586,19 @@ def _record_metrics(report: dict) -> None:
             latency=Gauge("deepkiln_online_feedback_to_serving_s", "seconds from the newest feedback to serving"),
             margin=Gauge("deepkiln_online_update_margin", "last reward margin of the newest preference update "
                          "(chosen or desirable minus rejected or undesirable, beta * log pi/pi_ref)"),
+            reward=Gauge("deepkiln_online_update_reward", "last reward of the newest preference update: the chosen "
+                         "or desirable answers' implicit reward (dpo, kto), the rollouts' mean reward (grpo)"),
             updates=Counter("deepkiln_online_updates", "updates by outcome", tag_keys=("outcome",)))
     _GAUGES["buffer"].set(report["buffer"]["unconsumed"])
     _GAUGES["loss"].set(report["loss_last"])
     _GAUGES["serving"].set(int(report["serving"][1:]))
     if report["feedback_to_serving_s"] is not None:
         _GAUGES["latency"].set(report["feedback_to_serving_s"])
-    margins = [m for m in report.get("curves", {}).get("margin", []) if m is not None]
-    if margins:
-        _GAUGES["margin"].set(margins[-1])
+    curves = report.get("curves", {})
+    for gauge, key in (("margin", "margin"), ("reward", "reward_chosen"), ("reward", "reward")):
+        values = [v for v in curves.get(key, []) if v is not None]
+        if values:
+            _GAUGES[gauge].set(values[-1])
     outcome = "published" if report["published"] else "passed" if report["gate"]["passed"] else "rejected"
     _GAUGES["updates"].inc(tags={"outcome": outcome})
 
