@@ -617,6 +617,10 @@ def main(argv=None) -> dict:
     cfg = load_config(rest)
     if opts.rollback is not None:
         return rollback(cfg, opts.rollback or None)
+    if cfg.online.method == "grpo":  # what GRPO needs is there before any update waits for it
+        reward_model_of(cfg)
+        if cfg.online.prompts:
+            read_prompts(cfg.online.prompts)
     init_ray()
     torch.set_num_threads(os.cpu_count() or 1)
     buffer, sources = replay_buffer(cfg), collectors(cfg)

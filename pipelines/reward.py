@@ -44,6 +44,9 @@ def serving(cfg: Config) -> tuple[str, str]:
     paths = RunPaths.of(cfg)
     raw = read_bytes(paths.online_state)
     if raw is None:
+        for what, path in (("the final model", paths.final_model), ("the quantized artifact", paths.artifact)):
+            if not Path(path, "manifest.json").is_file():
+                raise ValueError(f"{what} {path} is missing: run pipelines.train and pipelines.quantize first")
         return paths.final_model, paths.artifact
     state = json.loads(raw)
     version = state["versions"][state["current"]]

@@ -148,6 +148,17 @@ def test_the_first_run_needs_the_earlier_stages(tmp_path):
         online.load_state(load_config(["--run.run_dir", str(tmp_path)]))
 
 
+def test_grpo_without_a_reward_or_with_a_bad_prompt_file_is_refused_before_it_starts(tmp_path):
+    run = ["--run.run_dir", str(tmp_path), "--online.method=grpo"]
+    with pytest.raises(ValueError, match="online.method=grpo needs a reward: train one with pipelines.reward"):
+        online.main([*run, "--once"])
+    with pytest.raises(ValueError, match="online.reward_model='nowhere' is not a reward model folder"):
+        online.main([*run, "--once", "--online.reward_model=nowhere"])
+    (tmp_path / "prompts.jsonl").write_text('plain prompt\n{"prompt": 3}\n')
+    with pytest.raises(ValueError, match="online.prompts line 2: field 'prompt' is missing or not text"):
+        online.main([*run, "--once", "--online.rule_rewards=[short]", f"--online.prompts={tmp_path / 'prompts.jsonl'}"])
+
+
 def _candidate(cfg, out, spoil_model=None, spoil_artifact=None) -> str:
     """The run's model quantized to nf4 as an update's candidate, spoilt before or after quantizing."""
     model, ckpt = load_model(RunPaths.of(cfg).train_model)

@@ -54,6 +54,8 @@ def test_pairs_a_reward_model_cannot_use_are_refused_by_line_and_field(served_co
         reward.main([*argv, f"--reward.pairs={bad}"])
     with pytest.raises(ValueError, match="no preference pair to train on"):
         reward.main(argv)  # no feedback yet, no pairs of the user's
+    with pytest.raises(ValueError, match="run pipelines.train and pipelines.quantize first"):
+        reward.main(["--run.run_dir", str(tmp_path / "nothing")])
 
 
 def test_the_feedback_stores_give_correction_and_ranked_pairs_and_labels(served_copy):
