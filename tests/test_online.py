@@ -5,6 +5,8 @@ tests/test_jobs.py."""
 
 import json
 import math
+import random
+import time
 from pathlib import Path
 
 import pytest
@@ -123,7 +125,7 @@ def test_grpo_with_a_rule_reward_makes_the_served_versions_sampled_answers_score
     cfg = absolute(load_config([*served_run["argv"], "--online.method=grpo", "--online.rule_rewards=[short]",
                                 "--online.reward_model=", "--online.steps=8", "--online.max_new_tokens=16",
                                 "--online.feedback_fraction=1.0", "--online.lr=5e-3"]))
-    rows = [{"completion_id": f"cmpl-{i}", "prompt": paragraph(__import__("random").Random(i), 4)} for i in range(4)]
+    rows = [{"completion_id": f"cmpl-{i}", "prompt": paragraph(random.Random(i), 4)} for i in range(4)]
     prompts = online.rollout_prompts(served_run["tokenizer"], rows, 64)
     config = {"cfg": cfg.to_dict(), "base": RunPaths.of(cfg).train_model, "update": 1, "examples": prompts,
               "weights": [1.0] * len(prompts), "base_first": 0, "reward_model": None}
@@ -141,6 +143,45 @@ def test_grpo_with_a_rule_reward_makes_the_served_versions_sampled_answers_score
     new = online.quantize_version(cfg, str(tmp_path / "model"), tmp_path / "artifact", str(tokenizer))
     before, after = mean_score(RunPaths.of(cfg).artifact), mean_score(new)
     assert after > before + 0.05, (before, after, curves["reward"])
+
+
+@pytest.mark.slow
+def test_grpo_from_feedback_scored_by_the_newest_reward_model_passes_its_gate(served_copy, ray_local):
+    """The driver's side of GRPO: labelled answers in the replay buffer give its prompts, the newest
+    reward model (pipelines.reward, from the feedback's pairs) and a rule score the rollouts on a
+    one-rank update, the gate samples greedy answers from both artifacts, and the report carries
+    the curves (not published: no Serve app here)."""
+    import ray
+
+    from actors.replay import replay_buffer
+    from pipelines import reward
+
+    _, argv = served_copy
+    run = [*argv, "--online.method=grpo", "--online.rule_rewards=[short]", "--online.steps=4",
+           "--online.max_new_tokens=8", "--online.min_feedback=4", "--online.publish=false", "--reward.steps=5"]
+    cfg = load_config(run)
+    rng = random.Random(0)
+    records = [{"seq": i + 1, "completion_id": f"cmpl-{i // 2}", "prompt": paragraph(rng, 4) if i % 2 == 0 else None,
+                "completion": ["a calm wide river", "road road road road"][i % 2], "rating": [5, 1][i % 2],
+                "correction": None, "model_version": "v0000", "created": time.time(), "client": "anonymous"}
+               for i in range(8)]
+    for i in range(1, 8, 2):
+        records[i]["prompt"] = records[i - 1]["prompt"]  # two rated answers of each prompt: a ranked pair
+    buffer = replay_buffer(cfg)
+    ray.get(buffer.ingest.remote("collector-0", records))
+    (Path(served_copy[0]) / "pairs.jsonl").write_text("".join(
+        json.dumps({"prompt": r["prompt"], "chosen": "a calm wide river", "rejected": "road road road road"}) + "\n"
+        for r in records[::2]))
+    made = reward.main([*run, f"--reward.pairs={served_copy[0] / 'pairs.jsonl'}", "--reward.holdout_fraction=0"])
+    report = online.run_update(cfg, buffer, online.load_state(cfg))
+    assert report["method"] == "grpo" and report["feedback"]["kind"] == "label" and report["feedback"]["examples"] == 8
+    verdict = report["gate"]
+    assert verdict["passed"], verdict["reasons"]
+    assert verdict["candidate"]["sampled_reward"] >= verdict["current"]["sampled_reward"]
+    curves = report["curves"]
+    assert curves["ratio"][0] == 1.0 and len(curves["reward"]) == 4 and not report["published"]
+    assert ray.get(buffer.size.remote("label")) == 0  # consumed
+    assert made["version"] == "r0001" and online.reward_model_of(cfg) == made["path"]
 
 
 def test_the_first_run_needs_the_earlier_stages(tmp_path):
