@@ -11,8 +11,8 @@ serve.host:serve.port) -> feedback (simulated users correct a few answers with h
 online (one update, gated and published). A stage whose output is already there is reused; a stage
 killed half-way left no output behind (each writes it last, atomically), so running again finishes
 the job. The end is a summary table: time per stage, data kept, losses, perplexity per format,
-epsilon when DP ran, the audit's verdict, the endpoint with a sample completion, and the curl and
-openai commands to try it.
+epsilon when DP ran, the audit's verdict, the endpoint with a sample completion in each of the
+built-in corpus's languages (English and Chinese), and the curl and openai commands to try it.
 """
 
 from __future__ import annotations
@@ -110,7 +110,11 @@ def run_stage(stage: str, cfg: Config, argv: list[str], url: str | None) -> dict
     raise AssertionError(stage)
 
 
-def summary_rows(cfg: Config, times: dict, url: str | None, sample: str) -> list[tuple[str, str]]:
+SAMPLES = {"sample": "The for statement", "sample (zh)": "床前明月光，"}
+"""What the summary asks the served model: the built-in corpus's two languages (Python's docs, Tang poems)."""
+
+
+def summary_rows(cfg: Config, times: dict, url: str | None, samples: dict[str, str]) -> list[tuple[str, str]]:
     def have(stage):
         marker = done_marker(cfg, stage)
         return marker is not None and marker.is_file()
@@ -147,7 +151,8 @@ def summary_rows(cfg: Config, times: dict, url: str | None, sample: str) -> list
         state = read_json(done_marker(cfg, "online"))
         rows.append(("online", f"{state['updates']} update(s); serving {state['current']}"))
     if url:
-        rows += [("endpoint", f"{url}/v1 (model {cfg.serve.model_name!r})"), ("sample", " ".join(sample.split()))]
+        rows += [("endpoint", f"{url}/v1 (model {cfg.serve.model_name!r})"),
+                 *((name, " ".join(text.split())) for name, text in samples.items())]
     return rows
 
 
@@ -184,7 +189,7 @@ def main(argv=None) -> dict:
     stages = [s for s in STAGES if s != "dp_finetune" or cfg.privacy.enabled]
     redo_from = 0 if opts.fresh else stages.index(opts.redo) if opts.redo else len(stages)
     init_ray()
-    times, results, url, sample = {}, {}, None, ""
+    times, results, url = {}, {}, None
     for i, stage in enumerate(stages):
         marker = done_marker(cfg, stage)
         if marker is not None and marker.is_file() and i < redo_from:
@@ -201,11 +206,12 @@ def main(argv=None) -> dict:
         if stage == "audit" and not results[stage]["passed"]:
             raise SystemExit(f"quickstart: the audit gate failed ({'; '.join(results[stage]['reasons'])}); "
                              f"see {RunPaths.of(cfg).done('audit')}. Not serving this model.")
-    sample = "The for statement" + complete(url, cfg, "The for statement", max_tokens=32, temperature=0.8, top_p=0.95,
-                                            seed=cfg.run.seed)["choices"][0]["text"]
-    rows = summary_rows(cfg, times, url, sample)
+    samples = {name: prompt + complete(url, cfg, prompt, max_tokens=32, temperature=0.8, top_p=0.95,
+                                       seed=cfg.run.seed)["choices"][0]["text"] for name, prompt in SAMPLES.items()}
+    rows = summary_rows(cfg, times, url, samples)
     print_summary(rows, cfg, url)
-    result = {"times": times, "url": url, "sample": sample, "summary": dict(rows), "results": results}
+    result = {"times": times, "url": url, "sample": samples["sample"], "sample_zh": samples["sample (zh)"],
+              "summary": dict(rows), "results": results}
     if opts.keep_serving:
         print(f"serving at {url}/v1; Ctrl-C stops it", flush=True)
         try:

@@ -81,6 +81,10 @@ def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path, capf
                           json={"model": "deepkiln", "prompt": "The for statement", "max_tokens": 8})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
         assert result["sample"].startswith("The for statement")
+        # The built-in corpus is bilingual (Tang poems beside Python's docs): a Chinese prompt is answered.
+        assert re.search(r"(^|, )zh \d", out["languages"]), out["languages"]
+        assert result["sample_zh"].startswith(quickstart.SAMPLES["sample (zh)"])
+        assert out["sample (zh)"] and len(result["sample_zh"]) > len(quickstart.SAMPLES["sample (zh)"])
 
         again = quickstart.main(argv)  # everything reused but the endpoint
         assert set(again["times"]) == {"serve"} and again["summary"]["online"] == out["online"]
