@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(PY) -m pipelines.quickstart --config configs/tiny.yaml --keep-serving
 
+# Two pytest-xdist workers: one runs every test that needs Ray (one cluster at a time, in order), the
+# other the Ray-free tests beside it (tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) -m bench.model

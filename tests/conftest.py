@@ -1,12 +1,19 @@
 """Session fixtures: each artifact the suite needs is built once (a local Ray, the built-in corpus's
 token shards, a small trained and quantized run) and copied for tests that write into it. Tests that
 need a Ray cluster of their own (a `ray start --head` with token auth, a quickstart's own local Ray)
-run last, after the session's Ray is shut down: one cluster is alive at a time."""
+run last, after the session's Ray is shut down: one cluster is alive at a time.
+
+Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) every test that needs a Ray cluster is in
+one group, "ray", which one worker runs in the order above; the Ray-free tests run beside it on the
+other worker with one torch thread each, in the cores the Ray tests leave idle while processes start
+and requests wait."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,21 +28,57 @@ from tests.ray_cluster import RAY_CLI, Head
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 LAST = ("own_ray", "ray_head")  # fixtures of tests that run with a Ray of their own, in this order
+NICE = 10  # the Ray-free worker's niceness under pytest-xdist: the CPU it gets is what the Ray tests leave
+RAY = ("ray_local", *LAST)  # a test that uses one of these (directly or through another fixture) needs Ray
 
 
+def needs_ray(item) -> bool:
+    return any(f in RAY for f in getattr(item, "fixturenames", ()))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     """Tests with a cluster of their own go last, the `ray start --head` ones at the very end (a
-    stable sort: the order is otherwise the files')."""
+    stable sort: the order is otherwise the files'); every test that needs Ray joins the "ray" group."""
     def rank(item) -> int:
         names = getattr(item, "fixturenames", ())
         return max((i + 1 for i, f in enumerate(LAST) if f in names), default=0)
 
     items.sort(key=rank)
+    for item in items:
+        if needs_ray(item):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Under pytest-xdist, before the test's fixtures are built (a session fixture's build is the
+    heaviest part of some tests): the Ray tests must be grouped, and a Ray-free test's worker yields
+    to the Ray worker: one torch thread, niced, so it takes only the CPU the Ray tests leave idle."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    if needs_ray(item):  # ungrouped, Ray tests would run on both workers: two clusters on two cores
+        assert item.nodeid.endswith("@ray"), (
+            "Under pytest-xdist the Ray tests need `--dist loadgroup` (as `make test` runs it) and a pytest "
+            "whose node ids xdist can group (below 9.2, see pytest-xdist#1386)")
+    else:
+        torch.set_num_threads(1)
+        os.setpriority(os.PRIO_PROCESS, 0, max(NICE, os.getpriority(os.PRIO_PROCESS, 0)))
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed(request):
     torch.manual_seed(0)
+    beside_ray = "PYTEST_XDIST_WORKER" in os.environ and not needs_ray(request.node)
+    had_ray = _ray_up()
+    yield
+    # A Ray-free test that started Ray (e.g. an actor call without the ray_local fixture) would run a
+    # second cluster beside the Ray worker's: a test that needs Ray must say so.
+    assert not beside_ray or had_ray or not _ray_up(), f"{request.node.nodeid} started Ray: give it ray_local"
+
+
+def _ray_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 @pytest.fixture
@@ -99,16 +142,26 @@ def builtin_run(ray_local, tmp_path_factory):
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory):
     """deepkiln.testing.make_run (a tokenizer and the tiny model trained briefly on made-up English)
-    quantized to bf16, int8 and nf4 by pipelines.quantize, once. Read-only: tests that write into a
-    run take `served_copy`."""
+    quantized to bf16, int8 and nf4 by pipelines.quantize, once per session: under pytest-xdist the
+    first worker to need it builds it in the session's shared temp folder while the other waits on
+    a file lock. Read-only: tests that write into a run take `served_copy`."""
+    from filelock import FileLock
+
     from deepkiln.tokenizer import Tokenizer
-    from deepkiln.testing import make_run
+    from deepkiln.testing import make_run, run_args
     from pipelines import quantize
 
-    root = tmp_path_factory.mktemp("served")
-    argv = make_run(root)
-    report = quantize.main(argv)
-    return {"root": root, "argv": argv, "report": report,
+    if "PYTEST_XDIST_WORKER" in os.environ:  # <basetemp>/popen-gwN: its parent is this session's
+        root = tmp_path_factory.getbasetemp().parent / "served"
+    else:
+        root = tmp_path_factory.mktemp("served")
+    done = root / "quantize_report.json"
+    with FileLock(f"{root}.lock"):
+        if not done.is_file():
+            root.mkdir(exist_ok=True)
+            make_run(root)
+            done.write_text(json.dumps(quantize.main(run_args(root, "served"))))
+    return {"root": root, "argv": run_args(root, "served"), "report": json.loads(done.read_text()),
             "tokenizer": Tokenizer.load(root / "served" / "tokenizer" / "tokenizer.model")}
 
 
