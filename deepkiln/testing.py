@@ -109,6 +109,17 @@ def make_run(root: Path, name: str = "served") -> list[str]:
     return argv
 
 
+def unigram_entropy(tokens_dir: str | Path) -> float:
+    """The unigram entropy (nats per token) of a token folder's training stream: the loss a model that
+    learned only token frequencies would reach."""
+    from deepkiln.data import TokenWindows
+
+    ids = np.concatenate([np.asarray(s) for s in TokenWindows(tokens_dir, 128).shards])
+    p = np.bincount(ids) / len(ids)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
 @functools.cache
 def meta_model(preset: str) -> Transformer:
     """The preset's model on the meta device, built once per process (V3's 46,000 modules take ~7 s)."""

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,6 +72,9 @@ def initialize(model: torch.nn.Module, params, *, lr: float, weight_decay: float
 
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    # DeepSpeed 0.19 calls torch.distributed.all_gather_into_tensor and reduce_scatter_tensor (ZeRO-2
+    # and 3), which torch 2.13 deprecates: a FutureWarning in every rank that a user can do nothing about.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     with _stdout_without("built successfully"):  # DeepSpeed prints it in every rank, every run
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     return engine
