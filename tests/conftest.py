@@ -84,10 +84,24 @@ def _ray_up() -> bool:
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: two OpenMP threads on a busy 2-core machine ran many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+# The torch threads a shared artifact is built with, whichever worker builds it: its weights depend on
+# the thread count (the order of reductions), and the thresholds of the tests that read it were set on
+# builds of two threads (these 2-core machines' default).
+BUILD_THREADS = 2
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _shutdown_session_ray() -> None:
@@ -156,7 +170,7 @@ def served_run(tmp_path_factory):
     else:
         root = tmp_path_factory.mktemp("served")
     done = root / "quantize_report.json"
-    with FileLock(f"{root}.lock"):
+    with FileLock(f"{root}.lock"), torch_threads(BUILD_THREADS):
         if not done.is_file():
             root.mkdir(exist_ok=True)
             make_run(root)
