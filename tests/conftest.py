@@ -28,7 +28,7 @@ from tests.ray_cluster import RAY_CLI, Head
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 LAST = ("own_ray", "ray_head")  # fixtures of tests that run with a Ray of their own, in this order
-NICE = 10  # the Ray-free worker's niceness under pytest-xdist: the CPU it gets is what the Ray tests leave
+NICE = 19  # the Ray-free worker's niceness under pytest-xdist: the CPU it gets is what the Ray tests leave
 RAY = ("ray_local", *LAST)  # a test that uses one of these (directly or through another fixture) needs Ray
 
 
