@@ -67,13 +67,17 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(autouse=True)
-def _seed(request):
+def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_ray(request):
+    """Under pytest-xdist, a Ray-free test that started Ray (e.g. an actor call without the ray_local
+    fixture) would run a second cluster beside the Ray worker's: a test that needs Ray must say so."""
     beside_ray = "PYTEST_XDIST_WORKER" in os.environ and not needs_ray(request.node)
     had_ray = _ray_up()
     yield
-    # A Ray-free test that started Ray (e.g. an actor call without the ray_local fixture) would run a
-    # second cluster beside the Ray worker's: a test that needs Ray must say so.
     assert not beside_ray or had_ray or not _ray_up(), f"{request.node.nodeid} started Ray: give it ray_local"
 
 
@@ -169,13 +173,13 @@ def served_run(tmp_path_factory):
         root = tmp_path_factory.getbasetemp().parent / "served"
     else:
         root = tmp_path_factory.mktemp("served")
-    done = root / "quantize_report.json"
+    argv, done = run_args(root, "served"), root / "quantize_report.json"
     with FileLock(f"{root}.lock"), torch_threads(BUILD_THREADS):
         if not done.is_file():
             root.mkdir(exist_ok=True)
             make_run(root)
-            done.write_text(json.dumps(quantize.main(run_args(root, "served"))))
-    return {"root": root, "argv": run_args(root, "served"), "report": json.loads(done.read_text()),
+            done.write_text(json.dumps(quantize.main(argv)))
+    return {"root": root, "argv": argv, "report": json.loads(done.read_text()),
             "tokenizer": Tokenizer.load(root / "served" / "tokenizer" / "tokenizer.model")}
 
 
