@@ -255,28 +255,30 @@ def _stdlib_modules() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
 
 
-ZH_TEXT = Path(__file__).with_name("builtin_zh.txt")
-"""The built-in corpus's Chinese: Tang poems (public domain; the file names its source), a document
-per group of poems (blank lines between them; lines starting with # are comments)."""
+ZH_TEXTS = Path(__file__).with_name("builtin_zh")
+"""The built-in corpus's Chinese, about 300 KB: the Analects, the Classic of Poetry, the Songs of Chu
+and Tang poems (public domain; each file names its source), one file each, documents separated by
+blank lines (lines starting with # are comments)."""
 
 
 def _builtin_files() -> list[tuple[str, str, int]]:
     """Python's language reference topics and the standard library's docstrings, on every machine,
-    and Tang poems shipped with deepkiln: the built-in corpus is bilingual."""
+    and classical Chinese shipped with deepkiln: the built-in corpus is bilingual."""
     from pydoc_data import topics
 
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [(f"{BUILTIN}:pydoc_data", "pydoc_data/topics", Path(topics.__file__).stat().st_size)]
     files += [(f"{BUILTIN}:stdlib/{p.relative_to(root)}", f"stdlib/{p.relative_to(root)}", p.stat().st_size)
               for p in _stdlib_modules()]
-    files.append((f"{BUILTIN}:zh/tang-poems", "zh/tang-poems", ZH_TEXT.stat().st_size))
+    files += [(f"{BUILTIN}:zh/{p.stem}", f"zh/{p.stem}", p.stat().st_size) for p in sorted(ZH_TEXTS.glob("*.txt"))]
     return files
 
 
 def _builtin_records(uri: str) -> Iterator[tuple[int, str]]:
     name = uri.split(":", 1)[1]
-    if name == "zh/tang-poems":
-        text = "\n".join(line for line in ZH_TEXT.read_text(encoding="utf-8").splitlines() if not line.startswith("#"))
+    if name.startswith("zh/"):
+        lines = (ZH_TEXTS / f"{name.removeprefix('zh/')}.txt").read_text(encoding="utf-8").splitlines()
+        text = "\n".join(line for line in lines if not line.startswith("#"))
         yield from enumerate((d.strip() for d in text.split("\n\n") if d.strip()), start=1)
         return
     if name == "pydoc_data":

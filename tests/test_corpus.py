@@ -75,6 +75,15 @@ def test_builtin_corpus_has_real_text_ids_and_sources():
     docs = [d for s in first for d in read_split(s)]
     assert len(docs) > 50 and all(d["source"] and d["text"].strip() for d in docs)
     assert len({d["id"] for d in docs}) == len(docs)
+    # its Chinese: four classical texts shipped with deepkiln, about 300 KB, a file each
+    zh = [f for f in files if f[1].startswith("zh/")]
+    assert [f[1] for f in zh] == ["zh/chuci", "zh/lunyu", "zh/shijing", "zh/tang-poems"]
+    assert 250_000 < sum(f[2] for f in zh) < 400_000
+    docs = {f[1]: [d["text"] for s in plan_shards([f], 0, 1)[0] for d in read_split(s)] for f in zh}
+    assert {k: len(v) for k, v in docs.items()} == {"zh/chuci": 65, "zh/lunyu": 20, "zh/shijing": 30,
+                                                    "zh/tang-poems": 28}
+    assert docs["zh/lunyu"][0].startswith("《论语·学而篇》\n子曰：“学而时习之，不亦说乎？")
+    assert not any("#" in t or "\n\n" in t for texts in docs.values() for t in texts)  # comments and breaks gone
 
 
 def test_write_atomic_replaces_whole_files(tmp_path):

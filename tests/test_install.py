@@ -32,7 +32,9 @@ def test_benchmarks_run_from_a_non_editable_install(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
                     "--target", str(target), str(tmp_path / "src")], check=True, capture_output=True)
     assert not (target / "tests").exists() and (target / "bench" / "serve.py").is_file()
-    assert (target / "deepkiln" / "builtin_zh.txt").is_file()  # the built-in corpus's Chinese travels with it
+    shipped = {p.name for p in (REPO / "deepkiln" / "builtin_zh").iterdir()}
+    assert {p.name for p in (target / "deepkiln" / "builtin_zh").iterdir()} == shipped  # the built-in corpus's
+    assert {"LICENSE-chinese-poetry", "lunyu.txt", "tang-poems.txt"} <= shipped        # Chinese, and its licence
     assert not [p for p in (target / "bench").glob("*.py") if "from tests" in p.read_text()]
     env = {**os.environ, "PYTHONPATH": str(target)}
     for bench in ("bench.serve", "bench.online", "bench.model"):
