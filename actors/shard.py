@@ -25,6 +25,7 @@ from deepkiln.config import Config
 from deepkiln.corpus import Split, list_inputs, plan_shards, read_bytes, read_split, read_table, write_atomic
 from deepkiln.faults import kill_once
 from deepkiln.ngram import KneserNey
+from deepkiln.splits import source_file
 
 MINHASH_BATCH = 512  # documents per vectorised MinHash call
 
@@ -191,8 +192,11 @@ class ShardOwner:
     def kept(self, drop: np.ndarray, cutoffs: dict[str, dict[str, float]] | None, split_by: str) -> tuple:
         """(ids, strata) of the documents finalize will keep: what the driver assigns splits to."""
         keep = self._verdicts(drop, cutoffs)[0]
-        column = {"lang": "lang", "source": "source"}.get(split_by)
-        strata = self.table.column(column).to_pylist() if column else ["all"] * len(self.table)
+        if split_by == "none":
+            strata = ["all"] * len(self.table)
+        else:  # a language, or a source file (a document's source is "<file>:<record>")
+            strata = self.table.column(split_by).to_pylist()
+            strata = [source_file(s) for s in strata] if split_by == "source" else strata
         return self.table.column("id").to_numpy()[keep], [s for s, k in zip(strata, keep) if k]
 
     def finalize(self, drop: np.ndarray, cutoffs: dict[str, dict[str, float]] | None = None,
@@ -216,14 +220,18 @@ class ShardOwner:
 
     def final_texts(self) -> dict[str, list[str]]:
         """The final shard's texts by split (a shard prepared before splits existed is all train)."""
+        return {split: table.column("text").to_pylist() for split, table in self._final_by_split().items()}
+
+    def _final_by_split(self) -> dict[str, pa.Table]:
+        """The final shard's rows by split, in shard order."""
         table = read_table(self.final_uri)
         if table is None:
             raise ValueError(f"{self.final_uri} is missing: run pipelines.prepare first")
         splits = table.column("split").to_pylist() if "split" in table.column_names else ["train"] * table.num_rows
-        by_split = {}
-        for t, s in zip(table.column("text").to_pylist(), splits):
-            by_split.setdefault(s, []).append(t)
-        return by_split
+        rows: dict[str, list[int]] = {}
+        for i, s in enumerate(splits):
+            rows.setdefault(s, []).append(i)
+        return {s: table.take(pa.array(r, pa.int64())) for s, r in rows.items()}
 
     def sample(self, n: int, seed: int) -> list[str]:
         """Up to n documents of the final shard, drawn without replacement, for tokenizer training."""
@@ -240,22 +248,39 @@ class ShardOwner:
 
         tok = tokenizer_from_files(tokenizer)
         dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-        entries, by_split = [], self.final_texts()
+        entries, by_split = [], self._final_by_split()
         for split in ("train", "validation", "test"):
-            texts = by_split.get(split, [])
-            if not texts and split != "train":
+            table = by_split.get(split)
+            if table is None and split != "train":
                 continue
+            texts = table.column("text").to_pylist() if table is not None else []
             stem = self.name if split == "train" else f"{self.name}.{split}"
             docs = [ids + [tok.eos_id] for ids in tok.encode_batch(texts)]
             lengths = np.array([len(d) for d in docs], dtype=np.int64)
             packed = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
             write_atomic(f"{tokens_dir}/{stem}.bin", packed.tobytes())
-            buf = io.BytesIO()
-            np.save(buf, np.concatenate([[0], np.cumsum(lengths)]))
-            write_atomic(f"{tokens_dir}/{stem}.idx.npy", buf.getvalue())
+            write_atomic(f"{tokens_dir}/{stem}.idx.npy", _npy(np.concatenate([[0], np.cumsum(lengths)])))
+            labels = {}
+            for column in ("lang", "source"):  # what train.mixture strata are made of, a code per document
+                values = table.column(column).to_pylist() if table is not None else []
+                if column == "source":
+                    values = [source_file(v) for v in values]
+                legend = sorted(set(values))
+                code = {x: k for k, x in enumerate(legend)}
+                codes = np.array([code[v] for v in values], dtype=np.int64)
+                write_atomic(f"{tokens_dir}/{stem}.{column}.npy", _npy(codes.astype(np.int32)))
+                labels[column] = {"legend": legend, "codes": f"{stem}.{column}.npy",
+                                  "tokens": {x: int(lengths[codes == k].sum()) for k, x in enumerate(legend)}}
             entries.append({"shard": self.name, "split": split, "docs": len(docs), "tokens": int(lengths.sum()),
-                            "dtype": np.dtype(dtype).name, "bin": f"{stem}.bin", "idx": f"{stem}.idx.npy"})
+                            "dtype": np.dtype(dtype).name, "bin": f"{stem}.bin", "idx": f"{stem}.idx.npy",
+                            "labels": labels})
         return entries
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 def clean_text(raw: str, d) -> tuple[str, Counter, int]:

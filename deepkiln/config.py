@@ -126,7 +126,8 @@ class DataArgs(Section):
     later generation continues the counts without moving any earlier document. Training trains on
     `train` and validates on `validation`; `test` is left for you."""
     split_by: Literal["lang", "source", "none"] = "lang"
-    """The strata the splits are balanced within: the document's language, its source file, or none."""
+    """The strata the splits are balanced within: the document's language, its source file (the
+    input file it was read from), or none."""
     shingle_size: int = Field(5, ge=1)
     """MinHash shingle: this many consecutive words (CJK: characters)."""
     num_perm: int = Field(128, ge=1)
@@ -240,6 +241,15 @@ class TrainArgs(Section):
     """Stop (with a checkpoint) after this many steps, keeping the schedule of `steps`; 0 runs to the end."""
     resume: bool = False
     """Continue the run of the same name from its last checkpoint instead of starting fresh."""
+    mixture: dict[str, float] = {}
+    """Training mixture: {stratum: weight} (normalised), e.g. {zh: 0.45, en: 0.35, other: 0.2}. A
+    stratum is a language code or a source file (train.mixture_by), or a glob of them ("wiki/*");
+    `other` takes every document no other key names; without it, those are left out. Every batch
+    keeps each stratum within one sample of its share; a small stratum repeats, a large one is
+    subsampled. Training reports `loss/<stratum>` and `val_loss/<stratum>`. Empty: the token stream
+    as it comes."""
+    mixture_by: Literal["lang", "source"] = "lang"
+    """What train.mixture's keys name: the document's language, or its source file (its path under data.input)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainArgs:
@@ -250,6 +260,10 @@ class TrainArgs(Section):
                              "ZeRO offloads the optimizer state it partitions")
         if self.seq_len_start and not 8 <= self.seq_len_start <= self.seq_len:
             raise ValueError(f"train.seq_len_start={self.seq_len_start} must be in 8..train.seq_len={self.seq_len}")
+        bad = {k: w for k, w in self.mixture.items() if not (w > 0 and math.isfinite(w)) or not k}
+        if bad:
+            raise ValueError(f"train.mixture={self.mixture}: every key must be a non-empty stratum name and every "
+                             f"weight a finite number > 0 (got {bad})")
         if self.seq_len_start and self.curriculum_steps < 1:
             raise ValueError(f"train.curriculum_steps={self.curriculum_steps} must be >= 1 with train.seq_len_start set")
         return self

@@ -26,7 +26,8 @@ def windows(cfg) -> TokenWindows:
     """The run's token shards as training windows (held-out ones last), as every stage splits them."""
     from deepkiln.paths import RunPaths
 
-    return TokenWindows(RunPaths.of(cfg).tokens, cfg.train.seq_len, cfg.train.val_fraction, cfg.run.seed)
+    t = cfg.train
+    return TokenWindows(RunPaths.of(cfg).tokens, t.seq_len, t.val_fraction, cfg.run.seed, t.mixture, t.mixture_by)
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -55,12 +56,13 @@ def pad_rows(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def mean_loss(model, data: TokenWindows, batch: int, max_batches: int) -> float:
-    """Mean next-token loss over the held-out windows (at most `max_batches` batches of `batch`)."""
+def mean_loss(model, data: TokenWindows, batch: int, max_batches: int, stratum: str | None = None) -> float:
+    """Mean next-token loss over the held-out windows (at most `max_batches` batches of `batch`; of
+    one train.mixture stratum: `stratum`)."""
     was = model.training
     model.eval()
     losses = [F.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE).item()
-              for x, y in data.val_batches(batch, max_batches)]
+              for x, y in data.val_batches(batch, max_batches, stratum)]
     model.train(was)
     if not losses:
         raise ValueError("the token shards hold no held-out window: lower train.seq_len or raise train.val_fraction")

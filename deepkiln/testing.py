@@ -175,8 +175,7 @@ def loss_curves(config: dict) -> None:
         data, (engine, _) = windows(cfg), build_engine(cfg, world)
         curve = []
         for step in range(cfg.train.steps):
-            lm, _, _ = train_step(engine, data, step, cfg, rank, world)
-            loss = lm.detach().clone()
+            loss = train_step(engine, data, step, cfg, rank, world).lm.detach().clone()
             dist.all_reduce(loss)
             curve.append(loss.item() / world)
         curves[name] = curve

@@ -38,7 +38,10 @@ def check_inputs(cfg: Config, world: int):
     if data.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer's vocabulary ({data.vocab_size}, {RunPaths.of(cfg).tokens}/index.json) "
                          f"exceeds model.vocab_size={cfg.model.vocab_size}")
+    if data.mixture:
+        print(f"train: {data.mixture_summary(t.steps * t.batch_size)}", flush=True)
     return data
+
 
 
 class TrainRank:
@@ -163,7 +166,7 @@ def train_loop(config: dict, rank_of: TrainRank | TrialRank | None = None) -> No
     while step < stop:
         engine.train()
         length = seq_len_at(step, t)
-        lm, grad_norm, imbalance = train_step(engine, data, step, cfg, rank, world)
+        lm, grad_norm, imbalance, strata = train_step(engine, data, step, cfg, rank, world)
         step += 1
         if rank == world - 1 and step == max(1, t.steps // 2):
             kill_once()  # no-op unless a kill test armed it
@@ -175,9 +178,14 @@ def train_loop(config: dict, rank_of: TrainRank | TrialRank | None = None) -> No
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "tokens_per_s": tokens_done / (time.perf_counter() - start), "expert_imbalance": imbalance,
                    "elapsed": time.perf_counter() - start}
+        if strata is not None:  # train.mixture: each stratum's mean loss over this step's rows of it
+            dist.all_reduce(strata)
+            metrics |= {f"loss/{s}": (total / n).item() for s, total, n in zip(data.strata, *strata) if n}
         last = step == stop
         if step % t.eval_every == 0 or last:
             metrics["val_loss"] = mean_loss(engine, data, micro, t.eval_batches)
+            for s in data.strata if data.mixture else ():
+                metrics[f"val_loss/{s}"] = mean_loss(engine, data, micro, t.eval_batches, s)
         if rank == 0:
             metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak
             for k, g in gauges.items():

@@ -18,6 +18,7 @@ import math
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -120,26 +121,40 @@ def build_engine(cfg: Config, world: int):
     return engine, dtype
 
 
-def train_step(engine, data, step: int, cfg: Config, rank: int, world: int) -> tuple[torch.Tensor, float | None, float]:
+class Step(NamedTuple):
+    lm: torch.Tensor              # the last micro-batch's LM loss
+    grad_norm: float | None       # the global gradient norm before clipping, where DeepSpeed keeps none
+    imbalance: float              # the busiest expert's load over the mean, worst layer
+    strata: torch.Tensor | None   # with train.mixture: (2, strata) LM-loss sums and row counts of this rank
+
+
+def train_step(engine, data, step: int, cfg: Config, rank: int, world: int) -> Step:
     """One pretraining optimizer step on this rank's share of batch `step` (train.grad_accum
-    micro-batches, the curriculum's length), then the balancing step. Returns the last micro-batch's
-    LM loss, the global gradient norm before clipping where DeepSpeed keeps none (fp32 at ZeRO-0,
-    where every rank holds whole gradients; else None: ask the engine), and the expert imbalance."""
+    micro-batches, the curriculum's length), then the balancing step. The gradient norm is measured
+    here at ZeRO-0 in fp32 (every rank holds whole gradients); elsewhere it is None: ask the engine."""
+    from deepkiln.evaluate import sequence_losses
     from deepkiln.model import lm_losses
 
     t = cfg.train
     micro = t.batch_size // (world * t.grad_accum)
     length = seq_len_at(step, t)
     own_norm, grad_norm = t.zero_stage == 0 and not engine.bfloat16_enabled(), None
+    strata = torch.zeros(2, len(data.strata)) if data.mixture else None
     for m in range(t.grad_accum):
-        x, y = data.train_batch(step * t.batch_size + (m * world + rank) * micro, micro)
-        losses = lm_losses(engine(x[:, :length], mtp=True), y[:, :length], cfg.model)
+        first = step * t.batch_size + (m * world + rank) * micro
+        x, y = data.train_batch(first, micro)
+        out = engine(x[:, :length], mtp=True)
+        losses = lm_losses(out, y[:, :length], cfg.model)
+        if strata is not None:  # each row's loss, to its stratum
+            rows = torch.tensor([data.stratum(i) for i in range(first, first + micro)])
+            strata[0].index_add_(0, rows, sequence_losses(out.logits.detach(), y[:, :length]).cpu())
+            strata[1].index_add_(0, rows, torch.ones(micro))
         engine.backward(losses["loss"])
         if own_norm and m == t.grad_accum - 1:  # gradients are all-reduced by now, not yet clipped
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
                                                              if p.grad is not None]))
         engine.step()
-    return losses["lm"], grad_norm, update_expert_bias(engine.module)
+    return Step(losses["lm"], grad_norm, update_expert_bias(engine.module), strata)
 
 
 class _NotCounting(contextlib.AbstractContextManager):

@@ -133,6 +133,11 @@ def summary_rows(cfg: Config, times: dict, url: str | None, samples: dict[str, s
         last = read_json(done_marker(cfg, "train"))["history"][-1]
         rows.append(("training loss", f"{last['loss']:.3f} (validation {last.get('val_loss', float('nan')):.3f}) "
                                       f"after {last['step']} steps"))
+        strata = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_loss/")}
+        if strata:  # train.mixture: each stratum's own validation loss
+            rows.append(("validation by " + cfg.train.mixture_by,
+                         ", ".join(f"{s} {v:.3f} ({cfg.train.mixture[s] / sum(cfg.train.mixture.values()):.0%} "
+                                   f"of training)" for s, v in strata.items())))
         p = read_json(done_marker(cfg, "train")).get("precision") or {}
         if p:
             rows.append(("compute", f"{p['dtype']} (CPU capability {p['cpu_capability']}, "

@@ -23,7 +23,7 @@ from tests.ray_cluster import REPO
 # a checkpoint every 100 (the rest of the story is as short as it goes).
 FAST = ["--config", "configs/tiny.yaml", "--train.steps=200", "--train.zero_stage=2", "--train.checkpoint_every=100",
         "--train.eval_every=1000", "--train.eval_batches=8", "--train.log_every=20", "--online.steps=4",
-        "--serve.replica_cpus=0.5"]
+        "--serve.replica_cpus=0.5", "--train.mixture={en: 0.6, zh: 0.4}"]
 
 
 def test_a_stage_is_done_only_when_its_last_file_is_there(tmp_path):
@@ -72,6 +72,7 @@ def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path, capf
         # printed it (Ray prefixes a worker's lines with its name and pid).
         lines = list(console_lines(console.out + console.err))
         assert "[3/8] train ..." in lines and any(line.startswith("online: update 1:") for line in lines)
+        assert any(line.startswith("train: mixture by lang: en 60% (") and "zh 40% (" in line for line in lines)
         repeated = {line: n for line, n in collections.Counter(lines).items() if n > 1}
         assert not repeated, repeated
         assert not [line for line in lines if "ERROR" in line or "Traceback" in line], lines
@@ -88,6 +89,8 @@ def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path, capf
         assert result["sample"].startswith("The for statement")
         # The built-in corpus is bilingual (Tang poems beside Python's docs): a Chinese prompt is answered.
         assert re.search(r"(^|, )zh \d", out["languages"]), out["languages"]
+        assert re.fullmatch(r"en \d+\.\d+ \(60% of training\), zh \d+\.\d+ \(40% of training\)",
+                            out["validation by lang"])
         assert result["sample_zh"].startswith(quickstart.SAMPLES["sample (zh)"])
         assert out["sample (zh)"] and len(result["sample_zh"]) > len(quickstart.SAMPLES["sample (zh)"])
 
@@ -119,3 +122,10 @@ def learned(run):
     assert summary["precision"]["dtype"] == "float32"  # configs/tiny.yaml's train.dtype
     ckpt = load_checkpoint(out / "model")
     assert ckpt.manifest["step"] == 200 and ckpt.config["train"]["zero_stage"] == 2
+    # train.mixture {en: 0.6, zh: 0.4}: every step's loss per language (the two ranks' rows summed),
+    # and each language's validation loss beside the mixed one, which lies between them
+    steps = [h for h in summary["history"] if "loss/en" in h and "loss/zh" in h]
+    assert len(steps) == len(summary["history"]) == 200
+    assert min(last["val_loss/en"], last["val_loss/zh"]) < val < max(last["val_loss/en"], last["val_loss/zh"])
+    first, end = np.mean([h["loss/zh"] for h in steps[:10]]), np.mean([h["loss/zh"] for h in steps[-10:]])
+    assert end < first - 1, (first, end)  # the Chinese stratum was learned, not drowned by the English one
