@@ -39,11 +39,19 @@ def test_tokenizer_stage_trains_and_packs_every_shard(builtin_run):
     assert per_split == {p: sum(r["split"] == p for r in rows) for p in per_split} and min(per_split.values()) > 10
     data = TokenWindows(out / "tokens", 128)
     train_tokens = sum(s["tokens"] for s in index["shards"] if s["split"] == "train")
-    assert data.val_start == train_tokens and data.n_val == (total - train_tokens - 1 - sum(
-        s["tokens"] for s in index["shards"] if s["split"] == "test")) // 128
+    val_tokens = total - train_tokens - sum(s["tokens"] for s in index["shards"] if s["split"] == "test")
+    stream, first = data.held[0]
+    assert first == 0 and len(stream) == val_tokens and data.n_val == (val_tokens - 1) // 128
     first_val = data.window(data.n_train)[:-1].tolist()
     val_files = [s for s in index["shards"] if s["split"] == "validation"]
     assert first_val == np.fromfile(out / "tokens" / val_files[0]["bin"], dtype=np.uint16)[:128].tolist()
+    # Each document's language and source file, for train.mixture: the built-in corpus's two languages,
+    # and its Chinese files as sources of their own
+    langs = {x for s in index["shards"] for x in s["labels"]["lang"]["legend"]}
+    sources = {x for s in index["shards"] for x in s["labels"]["source"]["legend"]}
+    assert {"en", "zh"} <= langs and {"zh/lunyu", "zh/shijing", "pydoc_data/topics"} <= sources
+    mixed = TokenWindows(out / "tokens", 128, mixture={"zh/*": 1, "other": 1}, mixture_by="source")
+    assert mixed.n_train + mixed.n_val <= data.n_train + data.n_val and mixed.describe()["left_out"]["docs"] == 0
 
 
 def test_tokenizer_stage_needs_prepared_shards(tmp_path):
