@@ -32,6 +32,11 @@ def units(text: str) -> list[str]:
     return _UNIT_RE.findall(text)
 
 
+def unit_ends(text: str) -> list[int]:
+    """Where each of units(text) ends in `text`: text[:unit_ends(text)[5]] is its first six units."""
+    return [m.end() for m in _UNIT_RE.finditer(text)]
+
+
 # ------------------------------------------------------------------------------------ markup
 
 # Terminal escape sequences, whole: CSI (colours, cursor moves: ESC [ parameters, final byte), OSC

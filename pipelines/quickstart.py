@@ -30,7 +30,7 @@ import requests
 
 from deepkiln.config import Config, load_config
 from deepkiln.paths import RunPaths
-from deepkiln.text import language_mix
+from deepkiln.text import language_mix, unit_ends
 
 STAGES = ["prepare", "tokenizer", "train", "dp_finetune", "audit", "quantize", "serve", "feedback", "online"]
 APP = "deepkiln"
@@ -70,16 +70,17 @@ def feedback_round(cfg: Config, url: str) -> dict:
     document's real continuation."""
     shards = sorted(Path(RunPaths.of(cfg).shards).glob("*.parquet"))
     texts = [t for t in pq.read_table(shards[-1], columns=["text"]).column("text").to_pylist()[::-1]
-             if len(t.split()) >= 20][:cfg.online.min_feedback]
+             if len(unit_ends(t)) >= 20][:cfg.online.min_feedback]
     if len(texts) < cfg.online.min_feedback:
         raise ValueError(f"the prepared shards hold {len(texts)} documents of 20+ words; "
                          f"online.min_feedback={cfg.online.min_feedback} are needed for the feedback round")
     for i, text in enumerate(texts):
-        words = text.split()
-        answer = complete(url, cfg, " ".join(words[:6]), max_tokens=12)
+        # six words to start from and the next twelve as the correction (a CJK character is a word)
+        ends = unit_ends(text)
+        answer = complete(url, cfg, " ".join(text[:ends[5]].split()), max_tokens=12)
         r = requests.post(f"{url}/v1/feedback", timeout=60, json={
             "feedback_id": f"quickstart-{int(time.time())}-{i}", "completion_id": answer["id"], "rating": 1,
-            "correction": " ".join(words[6:18])})
+            "correction": " ".join(text[ends[5]:ends[17]].split())})
         r.raise_for_status()
     return {"feedback": len(texts)}
 
