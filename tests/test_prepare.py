@@ -131,22 +131,6 @@ def test_incremental_run_dedups_new_files_against_prepared_ones(tmp_path):
     assert third["generation"] == 1
 
 
-def test_splits_by_source_are_balanced_within_each_input_file(tmp_path):
-    """data.split_by=source: a stratum is the file a document came from, not the document itself
-    (its source is "<file>:<record>"), so every file's documents spread over the splits."""
-    rng = random.Random(2)
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    write_jsonl(raw / "a.jsonl", [paragraph(rng) for _ in range(12)])
-    write_jsonl(raw / "b.jsonl", [paragraph(rng) for _ in range(8)])
-    report = run(tmp_path, raw, "t", "--data.splits={train: 0.5, validation: 0.25, test: 0.25}",
-                 "--data.split_by=source")
-    counts = report["splits"]["every_generation"]
-    assert set(counts) == {"a.jsonl", "b.jsonl"}, counts
-    assert counts["a.jsonl"] == {"train": 6, "validation": 3, "test": 3}
-    assert counts["b.jsonl"] == {"train": 4, "validation": 2, "test": 2}
-
-
 def test_missing_or_empty_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no such file or directory"):
         run(tmp_path, tmp_path / "nope")

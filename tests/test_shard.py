@@ -118,3 +118,27 @@ def test_a_missing_or_empty_quality_reference_is_refused_naming_the_field(tmp_pa
         reference_model(d.model_copy(update={"quality_reference": [str(tmp_path / "blank.txt")]}))
     assert reference_model(d) is None
 
+
+
+def test_source_strata_are_input_files_and_each_spreads_over_the_splits(tmp_path):
+    """data.split_by=source: a stratum is the file a document came from, not the document itself
+    (its source is "<file>:<record>"), so every file's documents spread over the splits."""
+    import random
+
+    from deepkiln.splits import assign_splits
+    from tests.corpus_factory import paragraph, write_jsonl
+
+    rng = random.Random(2)
+    (tmp_path / "raw" / "web").mkdir(parents=True)
+    write_jsonl(tmp_path / "raw" / "a.jsonl", [paragraph(rng) for _ in range(12)])
+    write_jsonl(tmp_path / "raw" / "web" / "b.jsonl", [paragraph(rng) for _ in range(8)])
+    owner = owner_for(tmp_path, tmp_path / "raw", num_shards=1)
+    owner.curate()
+    ids, strata = owner.kept(np.array([], dtype=np.int64), None, "source")
+    assert sorted(set(strata)) == ["a.jsonl", "web/b.jsonl"] and len(ids) == 20
+    targets = {"train": 0.5, "validation": 0.25, "test": 0.25}
+    _, counts = assign_splits(ids.tolist(), strata, targets, {}, b"key")
+    assert counts == {"a.jsonl": {"train": 6, "validation": 3, "test": 3},
+                      "web/b.jsonl": {"train": 4, "validation": 2, "test": 2}}
+    assert set(owner.kept(np.array([], dtype=np.int64), None, "lang")[1]) == {"en"}
+    assert set(owner.kept(np.array([], dtype=np.int64), None, "none")[1]) == {"all"}
