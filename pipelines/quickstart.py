@@ -112,7 +112,7 @@ def run_stage(stage: str, cfg: Config, argv: list[str], url: str | None) -> dict
 
 
 SAMPLES = {"sample": "The for statement", "sample (zh)": "床前明月光，"}
-"""What the summary asks the served model: the built-in corpus's two languages (Python's docs, Tang poems)."""
+"""What the summary asks the served model: the built-in corpus's two languages (Python's docs, classical Chinese)."""
 
 
 def summary_rows(cfg: Config, times: dict, url: str | None, samples: dict[str, str]) -> list[tuple[str, str]]:

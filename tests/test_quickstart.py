@@ -87,7 +87,7 @@ def test_killed_during_training_then_run_again_to_a_live_endpoint(tmp_path, capf
                           json={"model": "deepkiln", "prompt": "The for statement", "max_tokens": 8})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
         assert result["sample"].startswith("The for statement")
-        # The built-in corpus is bilingual (Tang poems beside Python's docs): a Chinese prompt is answered.
+        # The built-in corpus is bilingual (classical Chinese beside Python's docs): a Chinese prompt is answered.
         assert re.search(r"(^|, )zh \d", out["languages"]), out["languages"]
         assert re.fullmatch(r"en \d+\.\d+ \(60% of training\), zh \d+\.\d+ \(40% of training\)",
                             out["validation by lang"])
