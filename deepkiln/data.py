@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepkiln.splits import OTHER, Blend, blend_finite, source_file, stratum_of
+from deepkiln.splits import OTHER, Blend, blend_finite, stratum_of
 
 
 class Stream:
@@ -102,7 +102,7 @@ class TokenWindows:
             if labels is None:
                 raise ValueError(f"{self.dir}/index.json has no per-document {by} labels (tokenized before "
                                  "train.mixture existed): re-run pipelines.tokenizer to train with train.mixture")
-            legend = [source_file(x) for x in labels["legend"]] if by == "source" else labels["legend"]
+            legend = labels["legend"]  # a source's legend is already its files (the tokenizer stage cut the record)
             codes = np.load(self.dir / labels["codes"])
             of_code = np.array([keys.index(s) if (s := stratum_of(x, keys)) else -1 for x in legend], dtype=np.int64)
             doc_strata = of_code[codes]

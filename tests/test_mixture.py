@@ -41,7 +41,7 @@ def tokens(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixture")
     prep, out = root / "prepare", root / "tokens"
     (prep / "shards").mkdir(parents=True)
-    kinds = [("zh", ZH, "books/zh.txt", 120), ("en", EN, "web/en.jsonl", 40), ("ru", RU, "web/ru.jsonl", 24)]
+    kinds = [("zh", ZH, "books/zh:tang.txt", 120), ("en", EN, "web/en.jsonl", 40), ("ru", RU, "web/ru.jsonl", 24)]
     texts = [doc(rng, letters, 30) for _, letters, _, n in kinds for _ in range(n)]
     tok = Tokenizer(train_tokenizer(texts, 400))
     cfg = load_config(["--config", "configs/tiny.yaml"]).to_dict()
@@ -82,8 +82,8 @@ def test_encode_writes_each_documents_language_and_source_file(tokens):
         source = np.load(out / e["labels"]["source"]["codes"])
         assert len(lang) == len(source) == len(bounds) - 1 == e["docs"]
         assert e["labels"]["lang"]["legend"] == ["en", "ru", "zh"]
-        # a source is the file, not the record
-        assert e["labels"]["source"]["legend"] == ["books/zh.txt", "web/en.jsonl", "web/ru.jsonl"]
+        # a source is the file, not the record (a file name may hold a colon)
+        assert e["labels"]["source"]["legend"] == ["books/zh:tang.txt", "web/en.jsonl", "web/ru.jsonl"]
         lengths = np.diff(bounds)
         assert e["labels"]["lang"]["tokens"] == {x: int(lengths[lang == k].sum())
                                                  for k, x in enumerate(["en", "ru", "zh"])}
@@ -132,10 +132,10 @@ def test_other_takes_the_rest_and_source_globs_name_files(tokens):
     for i in range(200):
         seen[data.strata[data.stratum(i)]] |= script_of(tok, data.window(data.train_window_id(i)))
     assert seen == {"zh": {"zh"}, "other": {"en", "ru"}}
-    by_source = TokenWindows(out, SEQ, mixture={"web/*": 1, "books/zh.txt": 1}, mixture_by="source")
+    by_source = TokenWindows(out, SEQ, mixture={"web/*": 1, "books/zh:tang.txt": 1}, mixture_by="source")
     web = trained_on(docs, "en") + trained_on(docs, "ru")
     assert by_source.describe()["web/*"]["docs"] == web
-    assert by_source.describe()["books/zh.txt"]["docs"] == trained_on(docs, "zh")
+    assert by_source.describe()["books/zh:tang.txt"]["docs"] == trained_on(docs, "zh")
     # without `other`, documents no key names are left out, and said to be
     only_zh = TokenWindows(out, SEQ, mixture={"zh": 1})
     assert only_zh.describe()["left_out"]["docs"] == web
