@@ -267,10 +267,11 @@ class ShardOwner:
                     values = [source_file(v) for v in values]
                 legend = sorted(set(values))
                 code = {x: k for k, x in enumerate(legend)}
-                codes = np.array([code[v] for v in values], dtype=np.int64)
-                write_atomic(f"{tokens_dir}/{stem}.{column}.npy", _npy(codes.astype(np.int32)))
+                codes = np.array([code[v] for v in values], dtype=np.int32)
+                write_atomic(f"{tokens_dir}/{stem}.{column}.npy", _npy(codes))
+                tokens = np.bincount(codes, weights=lengths, minlength=len(legend))  # one pass, not one per label
                 labels[column] = {"legend": legend, "codes": f"{stem}.{column}.npy",
-                                  "tokens": {x: int(lengths[codes == k].sum()) for k, x in enumerate(legend)}}
+                                  "tokens": {x: int(n) for x, n in zip(legend, tokens)}}
             entries.append({"shard": self.name, "split": split, "docs": len(docs), "tokens": int(lengths.sum()),
                             "dtype": np.dtype(dtype).name, "bin": f"{stem}.bin", "idx": f"{stem}.idx.npy",
                             "labels": labels})

@@ -69,7 +69,7 @@ class TokenWindows:
             vals = self._mixed(held, self.shards[len(train):], mixture_by, training=False)
         else:
             trains, vals = [Stream(self.shards[:len(train)])], [Stream(self.shards[len(train):])]
-        self.parts, self.held = [], []  # (stream, first window) of each stratum's training and held-out windows
+        self.parts, self.held = [], []  # each stratum's training stream; (stream, first window) of its held-out ones
         n_train, n_val = [], []
         for name, tr, va in zip(self.strata, trains, vals):
             n, v = (len(tr) - 1) // seq_len, (len(va) - 1) // seq_len
@@ -83,7 +83,7 @@ class TokenWindows:
                 where = f" in stratum {name!r} of train.mixture" if self.mixture else ""
                 raise ValueError(f"{tokens_dir} holds {len(tr)} training tokens{where}: too few for one training "
                                  f"and one validation window of train.seq_len={seq_len}")
-            self.parts.append((tr, 0))
+            self.parts.append(tr)
             n_train.append(n)
             n_val.append(v)
         self.train_windows, self.val_windows = dict(zip(self.strata, n_train)), dict(zip(self.strata, n_val))
@@ -134,8 +134,7 @@ class TokenWindows:
         stratum), then the held-out ones (in blend order with a mixture)."""
         if k < self.n_train:
             s = int(np.searchsorted(self.offsets, k, side="right")) - 1
-            stream, first = self.parts[s]
-            local = first + k - int(self.offsets[s])
+            stream, local = self.parts[s], k - int(self.offsets[s])
         else:
             v = k - self.n_train
             s, v = self.val_order[v] if self.val_order is not None else (0, v)

@@ -43,7 +43,6 @@ def check_inputs(cfg: Config, world: int):
     return data
 
 
-
 class TrainRank:
     """A rank of a Ray Train worker group: its place, the checkpoint Ray Train registered, and
     reports (with the checkpoint folder) that Ray Train persists to the run's storage."""
